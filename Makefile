@@ -1,0 +1,39 @@
+# Two commands set everything up on a fresh machine: `make smoke` and `make verify`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch goes in first, so that no dependency pulls a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
+PYTEST_WORKERS ?= 2
+
+.PHONY: install verify verify-deep test smoke clean
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+	touch $@
+
+# The whole suite (derandomized hypothesis), then the verification report in reports/.
+verify: install
+	@mkdir -p reports
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -q -n $(PYTEST_WORKERS) \
+		--junitxml=reports/junit.xml; status=$$?; \
+	$(PY) -m grpo_harness.report reports/junit.xml --out reports; exit $$status
+
+# Same suite with many more hypothesis examples per property.
+verify-deep:
+	$(MAKE) verify HYPOTHESIS_PROFILE=deep
+
+# Fast tests only (skips the end-to-end ones marked slow).
+test: install
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-dev} $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
+
+# Train CartPole-v1 on the default config.
+smoke: install
+	$(PY) -m grpo_harness.cli train cartpole --out runs/smoke
+
+clean:
+	rm -rf $(VENV) reports runs .pytest_cache .hypothesis

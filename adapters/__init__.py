@@ -1,0 +1,1 @@
+"""Task adapters: CartPole (gymnasium) and Qwen2-VL (transformers); heavy imports stay inside each adapter."""

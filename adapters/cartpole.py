@@ -1,0 +1,133 @@
+"""CartPole-v1 adapter: B groups of G episodes rolled out in lockstep, one policy forward per step.
+
+Conventions shared with the oracle ``reference/cartpole_grpo.py`` (which re-implements them
+independently, so that the same seed gives the same trajectories):
+
+- Row ``n = b * G + i`` is episode ``i`` of group ``b``.
+- Every episode of group ``b`` at iteration ``it`` starts from the state that
+  ``gymnasium.make("CartPole-v1").reset(seed=group_start_seed(seed, it, b))`` gives.
+- Episode ``(b, i)`` samples its actions by inverting the CDF with the uniforms
+  ``action_uniforms(seed, it, b, i)``: at step ``t`` the action is 0 if ``u[t] < p(0 | s_t)``,
+  else 1, with ``p`` the policy's softmax in the policy's dtype.
+- Episodes run until termination or the 500-step truncation, reward 1 per step; a truncated
+  episode is treated like any other end (no bootstrap), as the plain CartPole GRPO does.
+- The old log-prob of each step is the log-softmax of the rollout-time forward.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from grpo_core.adapter import Rollout
+from grpo_core.refmodel import frozen_copy
+
+from .cartpole_env import MAX_STEPS, BatchedCartPole, initial_states
+
+OBS_DIM, N_ACTIONS = 4, 2
+
+
+class CartPolePolicy(nn.Module):
+    """MLP ``4 -> hidden -> hidden -> 2`` with tanh; outputs action logits."""
+
+    def __init__(self, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(OBS_DIM, hidden), nn.Tanh(), nn.Linear(hidden, hidden),
+                                 nn.Tanh(), nn.Linear(hidden, N_ACTIONS))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)
+
+
+def group_start_seed(seed: int, iteration: int, group: int) -> int:
+    """The ``reset`` seed shared by the episodes of one group."""
+    return int(np.random.SeedSequence([seed, 0, iteration, group]).generate_state(1)[0])
+
+
+def action_uniforms(seed: int, iteration: int, group: int, sample: int) -> np.ndarray:
+    """The 500 uniforms in [0, 1) that drive one episode's action sampling."""
+    return np.random.default_rng([seed, 1, iteration, group, sample]).random(MAX_STEPS)
+
+
+def eval_start_seed(seed: int, round_: int, episode: int) -> int:
+    """Start seeds of greedy evaluation episodes (a stream apart from the training seeds)."""
+    return int(np.random.SeedSequence([seed, 3, round_, episode]).generate_state(1)[0])
+
+
+class CartPoleAdapter:
+    """Implements ``grpo_core.adapter.Adapter`` for CartPole-v1."""
+
+    def __init__(self, *, seed: int = 0, hidden: int = 64, dtype: torch.dtype = torch.float32,
+                 policy: nn.Module | None = None):
+        self.seed = seed
+        self.dtype = dtype
+        if policy is None:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                policy = CartPolePolicy(hidden)
+        self.policy = policy.to(dtype)
+
+    def make_reference(self) -> nn.Module:
+        return frozen_copy(self.policy)
+
+    @torch.no_grad()
+    def collect(self, *, num_groups: int, group_size: int, iteration: int) -> Rollout:
+        n = num_groups * group_size
+        starts = [group_start_seed(self.seed, iteration, b) for b in range(num_groups)]
+        env = BatchedCartPole()
+        env.reset(np.repeat(initial_states(starts), group_size, axis=0))
+        u = np.stack([action_uniforms(self.seed, iteration, r // group_size, r % group_size)
+                      for r in range(n)])
+        obs = np.zeros((n, MAX_STEPS, OBS_DIM))
+        actions = np.zeros((n, MAX_STEPS), dtype=np.int64)
+        old_logp = torch.zeros(n, MAX_STEPS, dtype=self.dtype)
+        mask = np.zeros((n, MAX_STEPS), dtype=bool)
+        active = np.ones(n, dtype=bool)
+        for t in range(MAX_STEPS):
+            rows = np.flatnonzero(active)
+            obs[rows, t] = env.states[rows]
+            logp_all = torch.log_softmax(self.policy(torch.from_numpy(obs[rows, t]).to(self.dtype)), -1)
+            a = (u[rows, t] >= logp_all[:, 0].exp().double().numpy()).astype(np.int64)
+            actions[rows, t] = a
+            old_logp[rows, t] = logp_all[torch.arange(len(rows)), torch.from_numpy(a)]
+            mask[rows, t] = True
+            _, terminated = env.step(actions[:, t], active)
+            active &= ~terminated
+            if not active.any():
+                break
+        length = mask.sum(1)
+        t_len = int(length.max())
+        m = torch.from_numpy(mask[:, :t_len])
+        return Rollout(
+            rewards=m.to(self.dtype), mask=m, old_logp=old_logp[:, :t_len],
+            inputs={"obs": torch.from_numpy(obs[:, :t_len]).to(self.dtype),
+                    "actions": torch.from_numpy(actions[:, :t_len])},
+            info={"mean_return": float(length.mean()), "mean_length": float(length.mean()),
+                  "min_return": float(length.min()), "max_return": float(length.max()),
+                  "env_steps": int(length.sum())},
+        )
+
+    def logp_and_entropy(self, model: nn.Module, rollout: Rollout, rows: torch.Tensor):
+        logits = model(rollout.inputs["obs"][rows])
+        logp_all = torch.log_softmax(logits, -1)
+        logp = logp_all.gather(-1, rollout.inputs["actions"][rows].unsqueeze(-1)).squeeze(-1)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp, entropy
+
+    @torch.no_grad()
+    def evaluate(self, episodes: int = 100, round_: int = 0) -> np.ndarray:
+        """Greedy (argmax) returns of ``episodes`` episodes from evaluation start seeds."""
+        env = BatchedCartPole()
+        env.reset(initial_states([eval_start_seed(self.seed, round_, k) for k in range(episodes)]))
+        active = np.ones(episodes, dtype=bool)
+        returns = np.zeros(episodes)
+        for _ in range(MAX_STEPS):
+            logits = self.policy(torch.from_numpy(env.states).to(self.dtype))
+            a = logits.argmax(-1).numpy()
+            returns += active
+            _, terminated = env.step(a, active)
+            active &= ~terminated
+            if not active.any():
+                break
+        return returns

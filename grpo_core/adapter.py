@@ -1,0 +1,76 @@
+"""What the training loop needs from a task, and nothing more.
+
+An adapter turns an environment or a model into padded tensors plus masks, and back. The loop
+never sees gymnasium or transformers types: only ``Rollout`` tensors and ``torch.nn.Module``s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ._checks import as_mask, check_finite
+
+
+@dataclass
+class Rollout:
+    """One rollout batch of ``N = B * G`` sequences; group ``b`` is rows ``b*G .. b*G+G-1``.
+
+    Shapes: rewards, mask, old_logp (N, T).
+    """
+
+    rewards: torch.Tensor
+    """Per-step rewards; only valid steps are read."""
+    mask: torch.Tensor
+    """1 on valid steps (actions or completion tokens), 0 on padding."""
+    old_logp: torch.Tensor
+    """Log-prob of each taken action under the policy that sampled it, taken at rollout time
+    and frozen for all epochs of the iteration."""
+    inputs: Any = None
+    """Whatever the adapter needs to recompute log-probs (observations, token ids...)."""
+    info: dict[str, float] = field(default_factory=dict)
+    """Task metrics for logging (mean return, episode length, env steps...)."""
+
+    def validate(self, group_size: int, num_groups: int) -> None:
+        """Raise ValueError naming the culprit if shapes, mask or rewards are unusable."""
+        n = group_size * num_groups
+        for name in ("rewards", "mask", "old_logp"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != n:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"adapter returned Rollout.{name} of shape {shape}; expected "
+                                 f"({n}, T) for {num_groups} groups of {group_size}")
+            if t.shape != self.rewards.shape:
+                raise ValueError(f"adapter returned Rollout.{name} of shape {tuple(t.shape)} but "
+                                 f"rewards has shape {tuple(self.rewards.shape)}")
+        m = as_mask(self.mask, self.rewards, "Rollout.mask")
+        check_finite("Rollout.rewards", self.rewards, m)
+        check_finite("Rollout.old_logp", self.old_logp, m)
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """The task side of GRPO. ``policy`` is the trained module; the loop owns the optimizer."""
+
+    policy: torch.nn.Module
+
+    def collect(self, *, num_groups: int, group_size: int, iteration: int) -> Rollout:
+        """Sample ``group_size`` sequences for each of ``num_groups`` groups from ``policy``
+        (all samples of a group share a start state or prompt); fill ``old_logp``."""
+        ...
+
+    def logp_and_entropy(
+        self, model: torch.nn.Module, rollout: Rollout, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-step log-prob of the taken action and entropy of the action distribution under
+        ``model``, for the rollout rows ``rows`` (a 1-D index tensor).
+
+        Shapes: rows (n,) -> logp (n, T), entropy (n, T), gradient flowing to ``model``.
+        """
+        ...
+
+    def make_reference(self) -> torch.nn.Module:
+        """A frozen copy of ``policy`` (eval mode, requires_grad False)."""
+        ...

@@ -1,0 +1,141 @@
+"""GRPOConfig: every option of the training loop, documented once, here."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+from .advantages import SCALES, STATS_OVER
+from .kl import KL_ESTIMATORS
+from .losses import AGGS
+
+REF_UPDATES = ("hard", "soft")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    group_size: int = 8
+    """G, samples per group (episodes from one start state, or completions of one prompt).
+    >= 1; a group of 1 has no relative signal (its advantages are 0)."""
+    groups_per_iteration: int = 4
+    """B, groups collected per iteration; N = B * G sequences per rollout batch. >= 1."""
+    gamma: float = 0.99
+    """Discount of the returns G_t = r_t + gamma G_{t+1} (plan item 3), in [0, 1]. 1 with an
+    outcome-only reward is standard GRPO; the plan suggests 0.995..0.999 for the VLM."""
+    grpo_epochs: int = 10
+    """Passes over each rollout batch with the old log-probs frozen at rollout time (plan
+    item 4). >= 1; 1 makes the PPO ratio exactly 1 (no clipping)."""
+    minibatches: int = 1
+    """Minibatches per epoch; the batch's sequences are shuffled and split (1..N)."""
+    update_ref_model_freq: int = 1
+    """Refresh the reference from the policy when iteration % freq == 0, after computing
+    advantages and before the updates (plan item 1). 0 keeps the initial policy forever."""
+    ref_update: str = "hard"
+    """"hard": copy the policy (load_state_dict, eval, no grad); "soft": ref = alpha*policy +
+    (1 - alpha)*ref, as TRL's sync_ref_model (Rafailov et al., 2024)."""
+    ref_mix_alpha: float = 0.6
+    """alpha of the soft refresh, in [0, 1] (TRL's ref_model_mixup_alpha)."""
+    clip_eps_low: float = 0.2
+    """Lower PPO clip: the ratio is clipped at 1 - eps_low (Schulman et al., 2017), in [0, 1)."""
+    clip_eps_high: float = 0.2
+    """Upper PPO clip, 1 + eps_high; a larger value is DAPO's "clip-higher". >= 0."""
+    beta: float = 0.04
+    """KL coefficient; the KL term is added to the loss, beta * agg(kl). >= 0 (0: no reference
+    log-probs are computed)."""
+    kl_estimator: str = "k3"
+    """Per-token KL estimator (plan item 2): k1, k2, k3 or k3_is; see grpo_core.kl."""
+    scale: str = "group"
+    """Advantage scaling (plan item 5): "group" std, "batch" std (Dr. GRPO / TRL
+    scale_rewards="batch") or "none" (mean only)."""
+    stats_over: str = "steps"
+    """Pool the group statistics over every valid "steps" (CartPole GRPO) or one G_0 per
+    sample, "sequences" (standard GRPO)."""
+    adv_eps: float = 1e-8
+    """Added to the std in the advantage denominator. >= 0."""
+    loss_agg: str = "token-mean"
+    """How per-token terms become one loss: token-mean, seq-mean-token-mean,
+    seq-mean-token-sum, seq-mean-token-sum-norm (see grpo_core.losses.agg_loss)."""
+    max_len: int | None = None
+    """Constant length of seq-mean-token-sum-norm (Dr. GRPO); None: the batch's padded T."""
+    ent_coef: float = 0.0
+    """Entropy bonus coefficient (plan item 6); the loss subtracts ent_coef * agg(entropy). >= 0."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (plan item 7); 0 disables clipping. >= 0."""
+    lr: float = 1e-3
+    """Adam learning rate. > 0."""
+    seed: int = 0
+    """Seeds rollouts, start states and minibatch shuffles. >= 0."""
+
+    def __post_init__(self) -> None:
+        _check_int(self, "group_size", 1)
+        _check_int(self, "groups_per_iteration", 1)
+        _check_int(self, "grpo_epochs", 1)
+        _check_int(self, "minibatches", 1)
+        _check_int(self, "update_ref_model_freq", 0)
+        _check_int(self, "seed", 0)
+        if self.max_len is not None:
+            _check_int(self, "max_len", 1)
+        n = self.group_size * self.groups_per_iteration
+        if self.minibatches > n:
+            raise ValueError(f"minibatches={self.minibatches} exceeds the {n} sequences per batch "
+                             "(group_size * groups_per_iteration)")
+        _check_float(self, "gamma", 0.0, 1.0)
+        _check_float(self, "ref_mix_alpha", 0.0, 1.0)
+        _check_float(self, "clip_eps_low", 0.0, 1.0, high_open=True)
+        _check_float(self, "clip_eps_high", 0.0, float("inf"))
+        _check_float(self, "beta", 0.0, float("inf"))
+        _check_float(self, "adv_eps", 0.0, float("inf"))
+        _check_float(self, "ent_coef", 0.0, float("inf"))
+        _check_float(self, "max_grad_norm", 0.0, float("inf"))
+        _check_float(self, "lr", 0.0, float("inf"), low_open=True)
+        _check_choice(self, "ref_update", REF_UPDATES)
+        _check_choice(self, "kl_estimator", tuple(KL_ESTIMATORS))
+        _check_choice(self, "scale", SCALES)
+        _check_choice(self, "stats_over", STATS_OVER)
+        _check_choice(self, "loss_agg", AGGS)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "GRPOConfig":
+        """Build from a mapping; an unknown key raises ValueError naming the closest field."""
+        names = cls.field_names()
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown GRPOConfig key {key!r}{hint}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "GRPOConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(cfg: GRPOConfig, name: str, low: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r} is invalid: expected an int >= {low}")
+
+
+def _check_float(cfg, name, low, high, *, low_open=False, high_open=False) -> None:
+    value = getattr(cfg, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        value = float(value)
+        ok = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ValueError(f"{name}={getattr(cfg, name)!r} is outside the valid range {lo}{low}, {high}{hi}")
+
+
+def _check_choice(cfg: GRPOConfig, name: str, valid: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(valid)}")

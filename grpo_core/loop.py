@@ -1,0 +1,162 @@
+"""The one GRPO training loop; it drives any ``Adapter``.
+
+Per iteration, in the plan's order:
+
+1. ``adapter.collect`` samples B groups of G sequences from the policy (old log-probs frozen).
+2. ``discounted_returns`` (gamma) and ``group_advantages`` (scale, stats_over).
+3. Reference refresh when ``update_ref_model_freq > 0`` and ``iteration % freq == 0``. It
+   happens after the rollout and before any update, so during iteration ``i``'s updates a
+   hard-refreshed reference equals the policy that collected iteration ``i``'s rollouts: the
+   KL term is exactly 0 at the start of every iteration with freq 1 and grows only with the
+   drift of the ``grpo_epochs`` updates. At iteration 0 the reference is the initial policy
+   whatever the setting.
+4. Reference log-probs, once per iteration (no grad).
+5. ``grpo_epochs`` passes; each shuffles the N sequences and splits them into
+   ``minibatches`` (``_seeding.minibatch_order``) and, per minibatch: clipped loss + beta*KL - ent_coef*entropy,
+   backward, global gradient-norm clip, optimizer step.
+
+``GRPOTrainer.step()`` returns the iteration's metrics as a flat dict of floats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from ._seeding import minibatch_order
+from .adapter import Adapter, Rollout
+from .advantages import group_advantages
+from .config import GRPOConfig
+from .losses import grpo_loss
+from .refmodel import hard_refresh, soft_refresh
+from .returns import discounted_returns
+
+_MEAN_STATS = ("loss", "policy_loss", "kl", "entropy", "clip_frac_low", "clip_frac_high",
+               "approx_kl", "grad_norm")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised instead of stepping the optimizer on a NaN or infinite loss or gradient."""
+
+
+class GRPOTrainer:
+    """Holds the policy's optimizer, the reference model and the iteration counter."""
+
+    def __init__(self, adapter: Adapter, config: GRPOConfig, optimizer: torch.optim.Optimizer | None = None):
+        self.adapter = adapter
+        self.config = config
+        self.policy = adapter.policy
+        self.reference = adapter.make_reference()
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = optimizer or torch.optim.Adam(self.params, lr=config.lr)
+        self.iteration = 0
+
+    def step(self) -> dict[str, float]:
+        """Run one full iteration and return its metrics."""
+        cfg, it = self.config, self.iteration
+        rollout = self._collect()
+        returns = discounted_returns(rollout.rewards, rollout.mask, cfg.gamma)
+        adv = group_advantages(returns, rollout.mask, cfg.group_size, scale=cfg.scale,
+                               stats_over=cfg.stats_over, eps=cfg.adv_eps)
+        self.refresh_reference(it)
+        ref_logp = self._reference_logp(rollout) if cfg.beta != 0 else None
+        stats = self._update(rollout, adv, ref_logp)
+        valid = rollout.mask.bool()
+        stats["adv_abs_mean"] = float(adv[valid].abs().mean()) if valid.any() else 0.0
+        stats["iteration"] = it
+        stats.update(rollout.info)
+        self.iteration += 1
+        return stats
+
+    def refresh_reference(self, iteration: int) -> bool:
+        """Refresh the reference if ``iteration`` is a refresh iteration; True if it did."""
+        freq = self.config.update_ref_model_freq
+        if freq == 0 or iteration % freq != 0:
+            return False
+        custom = getattr(self.adapter, "refresh_reference", None)
+        if custom is not None:
+            custom(self.reference, self.config)
+        elif self.config.ref_update == "hard":
+            hard_refresh(self.reference, self.policy)
+        else:
+            soft_refresh(self.reference, self.policy, self.config.ref_mix_alpha)
+        return True
+
+    def _collect(self) -> Rollout:
+        cfg = self.config
+        with torch.no_grad():
+            rollout = self.adapter.collect(num_groups=cfg.groups_per_iteration,
+                                           group_size=cfg.group_size, iteration=self.iteration)
+        rollout.validate(cfg.group_size, cfg.groups_per_iteration)
+        return rollout
+
+    @torch.no_grad()
+    def _reference_logp(self, rollout: Rollout) -> torch.Tensor:
+        n = rollout.rewards.shape[0]
+        parts = []
+        for rows in torch.arange(n).tensor_split(self.config.minibatches):
+            logp, _ = self.adapter.logp_and_entropy(self.reference, rollout, rows)
+            parts.append(logp)
+        return torch.cat(parts)
+
+    def _update(self, rollout: Rollout, adv: torch.Tensor, ref_logp: torch.Tensor | None) -> dict:
+        cfg = self.config
+        n = rollout.rewards.shape[0]
+        acc: dict[str, list[float]] = defaultdict(list)
+        for epoch in range(cfg.grpo_epochs):
+            for rows in minibatch_order(cfg.seed, self.iteration, epoch, n, cfg.minibatches):
+                st = self._minibatch_step(rollout, adv, ref_logp, rows)
+                for k, v in st.items():
+                    acc[k].append(v)
+        out = {k: sum(acc[k]) / len(acc[k]) for k in _MEAN_STATS if k in acc}
+        out["grad_norm_max"] = max(acc["grad_norm"])
+        out["ratio_min"] = min(acc["ratio_min"])
+        out["ratio_max"] = max(acc["ratio_max"])
+        return out
+
+    def _minibatch_step(self, rollout, adv, ref_logp, rows) -> dict[str, float]:
+        cfg = self.config
+        logp, entropy = self.adapter.logp_and_entropy(self.policy, rollout, rows)
+        loss, stats = grpo_loss(
+            logp, rollout.old_logp[rows], None if ref_logp is None else ref_logp[rows],
+            adv[rows], rollout.mask[rows], entropy=entropy, beta=cfg.beta,
+            ent_coef=cfg.ent_coef, kl_estimator=cfg.kl_estimator, eps_low=cfg.clip_eps_low,
+            eps_high=cfg.clip_eps_high, agg=cfg.loss_agg,
+            max_len=cfg.max_len or rollout.mask.shape[1],
+        )
+        if not math.isfinite(stats["loss"]):
+            raise NonFiniteLossError(f"iteration {self.iteration}: loss is {stats['loss']} "
+                                     f"(parts: {stats}); refusing to step the optimizer")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        stats["grad_norm"] = self._clip_gradients()
+        self.optimizer.step()
+        return stats
+
+    def _clip_gradients(self) -> float:
+        """Global L2 norm of the gradient before clipping; clips when max_grad_norm > 0."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if not torch.isfinite(norm):
+            raise NonFiniteLossError(f"iteration {self.iteration}: gradient norm is {float(norm)}")
+        if self.config.max_grad_norm > 0:
+            coef = self.config.max_grad_norm / (norm + 1e-6)
+            if coef < 1:
+                for g in grads:
+                    g.mul_(coef)
+        return float(norm)
+
+    def state_dict(self) -> dict:
+        return {"policy": self.policy.state_dict(), "reference": self.reference.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
+                "config": self.config.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.reference.load_state_dict(state["reference"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])

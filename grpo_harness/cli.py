@@ -1,0 +1,41 @@
+"""``grpo-harness`` command line: ``train``, ``check-estimator``, ``report``.
+
+Each subcommand lives in its own module and registers itself through ``add_parser(subparsers)``;
+heavy imports (torch, transformers) happen only when a subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand name -> module that defines add_parser(subparsers) and run(args) -> int
+SUBCOMMANDS = {
+    "train": "grpo_harness.train",
+    "check-estimator": "grpo_harness.check_cmd",
+    "report": "grpo_harness.report",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grpo-harness",
+        description="GRPO verification harness: train with a verified GRPO core, and "
+        "property-test new estimators.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in SUBCOMMANDS.items():
+        mod = importlib.import_module(module)
+        mod.add_parser(sub, name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Verification report: turns the test run (JUnit XML) into ``verify.md`` and ``verify.json``.
+
+``make verify`` runs pytest with ``--junitxml`` and then this module, which also merges any
+JSON fragments that tests dropped in ``reports/fragments/`` (estimator checks, oracle parity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter, defaultdict
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("torch", "numpy", "gymnasium", "hypothesis", "pytest", "transformers")
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help="write reports/verify.md and verify.json from a JUnit XML file")
+    p.add_argument("junit", type=Path, help="pytest --junitxml output")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="report folder")
+    p.set_defaults(run=run)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def parse_junit(path: Path) -> list[dict]:
+    """One record per test case: module, name, outcome, seconds, message."""
+    cases = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                message = (node.get("message") or "").splitlines()[0][:200] if node.get("message") else ""
+        cases.append({"module": case.get("classname", ""), "name": case.get("name", ""),
+                      "outcome": outcome, "seconds": float(case.get("time") or 0), "message": message})
+    return cases
+
+
+def _fragments(folder: Path) -> dict:
+    merged = {}
+    if folder.is_dir():
+        for f in sorted(folder.glob("*.json")):
+            merged[f.stem] = json.loads(f.read_text())
+    return merged
+
+
+def build(junit: Path, out: Path) -> dict:
+    cases = parse_junit(junit)
+    counts = Counter(c["outcome"] for c in cases)
+    by_module = defaultdict(Counter)
+    for c in cases:
+        by_module[c["module"].rsplit(".", 1)[0] if "." in c["module"] else c["module"]][c["outcome"]] += 1
+    fragments = _fragments(out / "fragments")
+    examples = sum(v.get("examples", 0) for k, v in fragments.items() if k.startswith("hypothesis"))
+    report = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions(),
+              "counts": dict(counts), "total": len(cases), "hypothesis_examples": examples,
+              "modules": {m: dict(c) for m, c in sorted(by_module.items())},
+              "failures": [c for c in cases if c["outcome"] in ("failed", "error")],
+              "sections": {k: v for k, v in fragments.items() if not k.startswith("hypothesis")}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "verify.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "verify.md").write_text(to_markdown(report))
+    return report
+
+
+def to_markdown(report: dict) -> str:
+    c = report["counts"]
+    lines = ["# Verification report", "", f"Created {report['created']}.", "",
+             f"**{c.get('passed', 0)} passed, {c.get('failed', 0) + c.get('error', 0)} failed, "
+             f"{c.get('skipped', 0)} skipped** of {report['total']} tests; "
+             f"{report['hypothesis_examples']} hypothesis examples.", "",
+             "| test module | passed | failed | skipped |", "|---|---:|---:|---:|"]
+    for mod, mc in report["modules"].items():
+        lines.append(f"| {mod} | {mc.get('passed', 0)} | {mc.get('failed', 0) + mc.get('error', 0)} "
+                     f"| {mc.get('skipped', 0)} |")
+    if report["failures"]:
+        lines += ["", "## Failures", ""]
+        lines += [f"- `{f['module']}::{f['name']}`: {f['message']}" for f in report["failures"]]
+    for name, section in report["sections"].items():
+        lines += ["", f"## {name}", ""]
+        if isinstance(section, dict) and "markdown" in section:
+            lines.append(section["markdown"])
+        else:
+            lines += ["```json", json.dumps(section, indent=2, default=str)[:4000], "```"]
+    lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in report["versions"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    if not args.junit.exists():
+        print(f"report: no test results at {args.junit}", file=sys.stderr)
+        return 2
+    report = build(args.junit, args.out)
+    c = report["counts"]
+    print(f"verify: {c.get('passed', 0)} passed, {c.get('failed', 0) + c.get('error', 0)} failed, "
+          f"{c.get('skipped', 0)} skipped; {report['hypothesis_examples']} hypothesis examples; "
+          f"report in {args.out / 'verify.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m grpo_harness.report")
+    sub = parser.add_subparsers(dest="cmd")
+    add_parser(sub, "build")
+    args = parser.parse_args(["build", *(argv if argv is not None else sys.argv[1:])])
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
