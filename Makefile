@@ -18,7 +18,7 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 
 # The whole suite (derandomized hypothesis), then the verification report in reports/.
 verify: install
-	@mkdir -p reports
+	@rm -rf reports/fragments; mkdir -p reports
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -q -n $(PYTEST_WORKERS) \
 		--junitxml=reports/junit.xml; status=$$?; \
 	$(PY) -m grpo_harness.report reports/junit.xml --out reports; exit $$status

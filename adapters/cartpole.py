@@ -11,7 +11,8 @@ independently, so that the same seed gives the same trajectories):
   else 1, with ``p`` the policy's softmax in the policy's dtype.
 - Episodes run until termination or the 500-step truncation, reward 1 per step; a truncated
   episode is treated like any other end (no bootstrap), as the plain CartPole GRPO does.
-- The old log-prob of each step is the log-softmax of the rollout-time forward.
+- The old log-probs are recomputed after the episodes end, before any update, by one batched
+  forward of the same policy over the padded batch (the layout the updates use).
 """
 
 from __future__ import annotations
@@ -81,7 +82,6 @@ class CartPoleAdapter:
                       for r in range(n)])
         obs = np.zeros((n, MAX_STEPS, OBS_DIM))
         actions = np.zeros((n, MAX_STEPS), dtype=np.int64)
-        old_logp = torch.zeros(n, MAX_STEPS, dtype=self.dtype)
         mask = np.zeros((n, MAX_STEPS), dtype=bool)
         active = np.ones(n, dtype=bool)
         for t in range(MAX_STEPS):
@@ -90,7 +90,6 @@ class CartPoleAdapter:
             logp_all = torch.log_softmax(self.policy(torch.from_numpy(obs[rows, t]).to(self.dtype)), -1)
             a = (u[rows, t] >= logp_all[:, 0].exp().double().numpy()).astype(np.int64)
             actions[rows, t] = a
-            old_logp[rows, t] = logp_all[torch.arange(len(rows)), torch.from_numpy(a)]
             mask[rows, t] = True
             _, terminated = env.step(actions[:, t], active)
             active &= ~terminated
@@ -99,14 +98,18 @@ class CartPoleAdapter:
         length = mask.sum(1)
         t_len = int(length.max())
         m = torch.from_numpy(mask[:, :t_len])
-        return Rollout(
-            rewards=m.to(self.dtype), mask=m, old_logp=old_logp[:, :t_len],
+        rollout = Rollout(
+            rewards=m.to(self.dtype), mask=m, old_logp=torch.empty(0),
             inputs={"obs": torch.from_numpy(obs[:, :t_len]).to(self.dtype),
                     "actions": torch.from_numpy(actions[:, :t_len])},
             info={"mean_return": float(length.mean()), "mean_length": float(length.mean()),
                   "min_return": float(length.min()), "max_return": float(length.max()),
                   "env_steps": int(length.sum())},
         )
+        # Old log-probs: one batched forward of the rollout policy over the whole batch, in the
+        # layout the updates use, so that the first update's ratio is exactly 1.
+        rollout.old_logp = self.logp_and_entropy(self.policy, rollout, torch.arange(n))[0]
+        return rollout
 
     def logp_and_entropy(self, model: nn.Module, rollout: Rollout, rows: torch.Tensor):
         logits = model(rollout.inputs["obs"][rows])

@@ -111,6 +111,8 @@ class GRPOTrainer:
                 for k, v in st.items():
                     acc[k].append(v)
         out = {k: sum(acc[k]) / len(acc[k]) for k in _MEAN_STATS if k in acc}
+        if "kl" in acc:
+            out["kl_start"] = acc["kl"][0]  # first update of the iteration, before any step
         out["grad_norm_max"] = max(acc["grad_norm"])
         out["ratio_min"] = min(acc["ratio_min"])
         out["ratio_max"] = max(acc["ratio_max"])

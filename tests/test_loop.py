@@ -1,0 +1,190 @@
+"""The training loop: identities the plan implies, reference timing, and bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from adapters.cartpole import CartPoleAdapter
+from grpo_core.adapter import Rollout
+from grpo_core.config import GRPOConfig
+from grpo_core.loop import GRPOTrainer, NonFiniteLossError
+from grpo_core.refmodel import hard_refresh, soft_refresh
+from tests.toy_adapter import ToyAdapter
+
+SMALL = dict(group_size=4, groups_per_iteration=2, grpo_epochs=3, minibatches=2, lr=1e-2)
+
+
+def cartpole_trainer(**overrides) -> GRPOTrainer:
+    cfg = GRPOConfig(**{**SMALL, **overrides})
+    return GRPOTrainer(CartPoleAdapter(seed=cfg.seed, hidden=16, dtype=torch.float64), cfg)
+
+
+def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_epoch_one_minibatch_ratio_is_exactly_one():
+    tr = cartpole_trainer(grpo_epochs=1, minibatches=1)
+    for _ in range(3):
+        m = tr.step()
+        assert m["ratio_min"] == 1.0 and m["ratio_max"] == 1.0
+        assert m["clip_frac_low"] == 0.0 and m["clip_frac_high"] == 0.0
+
+
+def test_later_epochs_move_the_ratio():
+    """The counterpart of the identity above: with several epochs the ratio leaves 1."""
+    m = cartpole_trainer(grpo_epochs=4, minibatches=1).step()
+    assert m["ratio_min"] < 1.0 < m["ratio_max"]
+
+
+def test_beta_zero_makes_the_reference_irrelevant():
+    def run(perturb: bool, beta: float):
+        tr = cartpole_trainer(beta=beta, update_ref_model_freq=0)
+        if perturb:
+            with torch.no_grad():
+                for p in tr.reference.parameters():
+                    p.add_(torch.randn_like(p))
+        for _ in range(3):
+            tr.step()
+        return params(tr.policy)
+
+    assert same(run(False, 0.0), run(True, 0.0))
+    assert not same(run(False, 0.1), run(True, 0.1))  # the same check can fail when beta > 0
+
+
+def test_hard_refresh_every_iteration_zeroes_kl_at_start():
+    tr = cartpole_trainer(beta=0.1, update_ref_model_freq=1)
+    for _ in range(3):
+        assert tr.step()["kl_start"] == 0.0
+    frozen = cartpole_trainer(beta=0.1, update_ref_model_freq=0)
+    kls = [frozen.step()["kl_start"] for _ in range(3)]
+    assert kls[0] == 0.0 and kls[1] > 0 and kls[2] > 0
+
+
+@pytest.mark.parametrize("freq", [1, 2, 3])
+def test_reference_refresh_timing(freq):
+    """Refreshed after the rollout and before the updates of iterations 0, freq, 2*freq...:
+    the reference then equals the policy that existed when the iteration started."""
+    tr = cartpole_trainer(beta=0.1, update_ref_model_freq=freq)
+    initial = params(tr.policy)
+    assert same(params(tr.reference), initial)
+    last_refresh = initial
+    for it in range(5):
+        start = params(tr.policy)
+        tr.step()
+        if it % freq == 0:
+            last_refresh = start
+        assert same(params(tr.reference), last_refresh), f"iteration {it}"
+
+
+def test_soft_refresh_alpha_one_is_a_copy_and_zero_does_nothing():
+    policy, ref = torch.nn.Linear(3, 2).double(), torch.nn.Linear(3, 2).double()
+    before = params(ref)
+    soft_refresh(ref, policy, 0.0)
+    assert same(params(ref), before)
+    soft_refresh(ref, policy, 1.0)
+    assert same(params(ref), params(policy))
+    ref2 = torch.nn.Linear(3, 2).double()
+    mixed = {k: 0.25 * params(policy)[k] + 0.75 * v for k, v in params(ref2).items()}
+    soft_refresh(ref2, policy, 0.25)
+    assert all(torch.allclose(params(ref2)[k], mixed[k], rtol=1e-15, atol=1e-15) for k in mixed)
+    hard_refresh(ref2, policy)
+    assert same(params(ref2), params(policy)) and not ref2.training
+    assert not any(p.requires_grad for p in ref2.parameters())
+
+
+def test_outcome_reward_with_gamma_one_is_standard_grpo():
+    """gamma = 1, final reward only, statistics over sequences: one update of the loop equals
+    the textbook GRPO step written out here with plain formulas."""
+    cfg = GRPOConfig(group_size=5, groups_per_iteration=3, gamma=1.0, grpo_epochs=1, minibatches=1,
+                     beta=0.0, ent_coef=0.0, max_grad_norm=0.0, stats_over="sequences",
+                     scale="group", loss_agg="seq-mean-token-mean", lr=0.05)
+    adapter = ToyAdapter(seed=3)
+    start = copy.deepcopy(adapter.policy)
+    tr = GRPOTrainer(adapter, cfg)
+    rollout = adapter.collect(num_groups=3, group_size=5, iteration=0)
+    tr.step()
+
+    # textbook GRPO: A_i = (R_i - mean_group) / (std_group + 1e-8), loss = -mean_i mean_t A_i logp_it
+    outcome = rollout.inputs["outcome"].view(3, 5)
+    adv = ((outcome - outcome.mean(1, keepdim=True)) / (outcome.std(1, keepdim=True) + 1e-8)).flatten()
+    logp_all = torch.log_softmax(start.logits, -1)
+    loss = 0.0
+    for i in range(15):
+        steps = torch.nonzero(rollout.mask[i]).flatten()
+        logps = torch.stack([logp_all[t, rollout.inputs["tokens"][i, t]] for t in steps])
+        loss = loss - adv[i] * logps.mean() / 15
+    opt = torch.optim.Adam(start.parameters(), lr=0.05)
+    loss.backward()
+    opt.step()
+    torch.testing.assert_close(adapter.policy.logits, start.logits, rtol=1e-12, atol=1e-14)
+
+
+class _BadAdapter(ToyAdapter):
+    def __init__(self, fault: str):
+        super().__init__()
+        self.fault = fault
+
+    def collect(self, **kw) -> Rollout:
+        r = super().collect(**kw)
+        if self.fault == "shape":
+            r.old_logp = r.old_logp[:, :-1]
+        elif self.fault == "rows":
+            r.rewards = r.rewards[:-1]
+        elif self.fault == "nan":
+            r.rewards[0, 0] = float("nan")
+        return r
+
+    def logp_and_entropy(self, model, rollout, rows):
+        logp, ent = super().logp_and_entropy(model, rollout, rows)
+        if self.fault == "nan_logp" and torch.is_grad_enabled():  # the update forward only
+            logp = logp * float("nan")
+        return logp, ent
+
+
+@pytest.mark.parametrize("fault,needle", [("shape", "Rollout.old_logp"), ("rows", "Rollout.rewards"),
+                                          ("nan", "Rollout.rewards")])
+def test_bad_rollouts_name_the_culprit(fault, needle):
+    tr = GRPOTrainer(_BadAdapter(fault), GRPOConfig(group_size=2, groups_per_iteration=2))
+    with pytest.raises(ValueError, match=needle):
+        tr.step()
+
+
+def test_nan_loss_stops_before_the_optimizer_steps():
+    adapter = _BadAdapter("nan_logp")
+    tr = GRPOTrainer(adapter, GRPOConfig(group_size=2, groups_per_iteration=2, grpo_epochs=2))
+    before = params(adapter.policy)
+    with pytest.raises(NonFiniteLossError, match="loss is nan"):
+        tr.step()
+    assert same(params(adapter.policy), before)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("group_size", 0), ("groups_per_iteration", -1), ("gamma", 1.5), ("gamma", float("nan")),
+    ("grpo_epochs", 0), ("minibatches", 0), ("update_ref_model_freq", -1), ("ref_update", "copy"),
+    ("ref_mix_alpha", 2.0), ("clip_eps_low", 1.0), ("clip_eps_high", -0.1), ("beta", -1.0),
+    ("kl_estimator", "k4"), ("scale", "std"), ("stats_over", "tokens"), ("loss_agg", "mean"),
+    ("ent_coef", -0.01), ("max_grad_norm", -1.0), ("lr", 0.0), ("seed", -3), ("group_size", 2.5),
+])
+def test_invalid_config_names_field_and_value(field, value):
+    with pytest.raises(ValueError, match=field) as err:
+        GRPOConfig(**{field: value})
+    assert repr(value) in str(err.value) or str(value) in str(err.value)
+
+
+def test_from_dict_suggests_the_closest_key():
+    with pytest.raises(ValueError, match="did you mean 'grpo_epochs'"):
+        GRPOConfig.from_dict({"grpo_epoch": 3})
+    assert GRPOConfig.from_dict({"beta": 0.0}).beta == 0.0
+
+
+def test_too_many_minibatches_is_rejected():
+    with pytest.raises(ValueError, match="minibatches=9"):
+        GRPOConfig(group_size=2, groups_per_iteration=4, minibatches=9)
