@@ -1,0 +1,1106 @@
+"""Property checks for KL, advantage and returns estimators: the rows of the estimator kit.
+
+Every check takes a :class:`Context` (the estimator, its kind, its claims, a seed) and returns
+one :class:`CheckResult` row. :func:`grpo_core.testing.kit.check_estimator` runs all rows of a
+kind; the functions here are public so that a test can call one row, or the measurements
+behind it (:func:`measure_bias`, :func:`classify_gradient`), directly.
+
+Row kinds:
+
+- ``"required"``: every estimator of the kind must pass (shape, finiteness, no in-place
+  writes, elementwise / group independence, the returns recursion, ...).
+- ``"claim"``: a property the estimator declares (``@declares(unbiased=True)``, or ``--expect``
+  on the command line). A claim of ``True`` passes when the property is measured to hold, a
+  claim of ``False`` when it is measured not to hold (``k2`` declares ``unbiased=False``).
+- ``"info"``: a property nobody claimed; it is measured and shown, ``passed`` is ``None``.
+
+The statistical rows run in float64 on CPU in well under a second each. Nothing here reads
+a table of known answers: unbiasedness is measured by sampling, the gradient direction by
+enumerating small categorical distributions exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+F64 = torch.float64
+KINDS = ("kl", "advantage", "returns")
+ROW_KINDS = ("required", "claim", "info")
+GRAD_CLASSES = ("kl_policy_ref", "kl_ref_policy", "zero")
+# claims each kind accepts, and the type of their value
+CLAIM_KEYS: dict[str, dict[str, type]] = {
+    "kl": {"unbiased": bool, "nonnegative": bool, "grad": str},
+    "advantage": {"std_scaled": bool, "bessel": bool},
+    "returns": {},
+}
+
+Z_BOUND = 5.0  # unbiasedness: |mean - KL| <= Z_BOUND standard errors (+ ABS_SLACK)
+ABS_SLACK = 1e-9
+GRAD_REL_TOL = 1e-6  # gradient direction: relative error to a target gradient
+GRAD_ZERO_TOL = 1e-9  # "zero": |g| below this fraction of the KL gradient norms
+DEFAULT_SAMPLES = 20_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Report rows
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckResult:
+    """One row of an estimator report.
+
+    ``passed`` is ``None`` exactly for ``kind="info"`` rows (measured, not judged).
+    ``value`` is what was measured, ``bound`` what it was compared against (either may be a
+    number, a string or ``None``), ``explanation`` one line saying what the row found.
+    ``details`` holds optional per-case numbers (JSON-ready), not shown in the table.
+    """
+
+    name: str
+    passed: bool | None
+    value: Any
+    bound: Any
+    explanation: str
+    kind: str = "required"
+    details: dict | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROW_KINDS:
+            raise ValueError(f"kind={self.kind!r} is not valid; choose one of {ROW_KINDS}")
+        if (self.passed is None) != (self.kind == "info"):
+            raise ValueError(f"row {self.name!r}: passed is None exactly for info rows")
+        self.explanation = _one_line(self.explanation)
+
+    @property
+    def failed(self) -> bool:
+        return self.passed is False
+
+    @property
+    def status(self) -> str:
+        return "info" if self.passed is None else ("PASS" if self.passed else "FAIL")
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "passed": self.passed,
+            "kind": self.kind,
+            "value": _jsonable(self.value),
+            "bound": _jsonable(self.bound),
+            "explanation": self.explanation,
+            "details": _jsonable(self.details),
+        }
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.tolist())
+    return x
+
+
+def fmt(x: Any) -> str:
+    """Compact text for a value or bound."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x).lower()
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    return str(x)
+
+
+@dataclass
+class Context:
+    """What every check needs: the estimator and how to call it."""
+
+    fn: Callable
+    kind: str
+    claims: dict = field(default_factory=dict)
+    seed: int = 0
+    samples: int = DEFAULT_SAMPLES
+    arity: int = 2  # kl only: 2 -> fn(logp, ref_logp); 3 -> fn(logp, ref_logp, old_logp)
+    cache: dict = field(default_factory=dict, repr=False)  # measurements shared by rows
+
+    def gen(self, salt: int) -> torch.Generator:
+        """A generator seeded from the run's seed and a per-check salt."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + salt) % (2**63))
+
+    def row_kind(self, claim: str) -> str:
+        return "claim" if claim in self.claims else "info"
+
+
+def _judge(ctx: Context, claim: str, holds: bool) -> bool | None:
+    """``passed`` of a claimable row: None when unclaimed, else claim == measurement."""
+    if claim not in ctx.claims:
+        return None
+    return bool(ctx.claims[claim]) == bool(holds)
+
+
+def _claim_text(ctx: Context, claim: str) -> str:
+    if claim not in ctx.claims:
+        return "not claimed"
+    return f"claimed {claim}={fmt(ctx.claims[claim])}"
+
+
+def _tensor_out(out: Any, what: str) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{what} returned {type(out).__name__}, expected a torch.Tensor")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Signatures
+# ---------------------------------------------------------------------------------------------
+
+
+def positional_arity(fn: Callable) -> tuple[int, float]:
+    """(required positional parameters, most positional arguments accepted; inf for *args).
+
+    Raises ``TypeError`` when the signature cannot be read.
+    """
+    sig = inspect.signature(fn)
+    required, accepted = 0, 0.0
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            accepted += 1
+            if p.default is p.empty:
+                required += 1
+        elif p.kind == p.VAR_POSITIONAL:
+            accepted = math.inf
+        elif p.kind == p.KEYWORD_ONLY and p.default is p.empty:
+            raise TypeError(f"keyword-only parameter {p.name!r} has no default")
+    return required, accepted
+
+
+def call_arity(fn: Callable, kind: str) -> int:
+    """How many positional arguments the kit passes ``fn`` for ``kind``.
+
+    kl: 3 when ``fn`` requires exactly three positional parameters (``logp, ref_logp,
+    old_logp``), else 2. advantage: 1 (``scores``). returns: 3 (``rewards, mask, gamma``).
+    Raises ``TypeError`` naming the expected signature when ``fn`` cannot take them.
+    """
+    expected = {
+        "kl": "fn(logp, ref_logp) or fn(logp, ref_logp, old_logp)",
+        "advantage": "fn(scores)",
+        "returns": "fn(rewards, mask, gamma)",
+    }[kind]
+    try:
+        required, accepted = positional_arity(fn)
+    except ValueError:  # no signature available (some builtins): trust the caller
+        return {"kl": 2, "advantage": 1, "returns": 3}[kind]
+    except TypeError as e:
+        raise TypeError(f"wrong signature for a {kind} estimator ({e}); expected {expected}")
+    if kind == "kl":
+        if required == 3:
+            return 3
+        if required <= 2 <= accepted:
+            return 2
+    elif kind == "advantage":
+        if required <= 1 <= accepted:
+            return 1
+    elif required <= 3 <= accepted:
+        return 3
+    params = str(inspect.signature(fn))
+    raise TypeError(f"wrong signature for a {kind} estimator: {params}; expected {expected}")
+
+
+# ---------------------------------------------------------------------------------------------
+# KL: calling, categorical pairs, measurements
+# ---------------------------------------------------------------------------------------------
+
+
+def kl_call(ctx: Context, logp, ref_logp, old_logp=None) -> torch.Tensor:
+    """Call a KL estimator; 3-argument ones get ``old_logp`` (default ``logp.detach()``)."""
+    if ctx.arity == 3:
+        old = logp.detach() if old_logp is None else old_logp
+        return _tensor_out(ctx.fn(logp, ref_logp, old), "the estimator")
+    return _tensor_out(ctx.fn(logp, ref_logp), "the estimator")
+
+
+# (support size, policy logit scale, reference: "near" = policy + noise of this size,
+#  "far" = independent logits of this scale). The reference's logits are scaled up in the far
+# pairs (KL(pi||ref) up to ~10 nats) while the policy keeps every outcome above ~1e-3, so
+# 20k samples see every outcome that carries the expectation.
+PAIR_SPECS: tuple[tuple[int, float, str, float], ...] = (
+    (4, 1.0, "near", 0.1),
+    (3, 1.0, "far", 1.0),
+    (8, 1.0, "far", 1.0),
+    (16, 1.0, "far", 2.0),
+    (16, 1.0, "far", 4.0),
+    (6, 0.5, "far", 6.0),
+    (2, 1.0, "far", 3.0),
+    (12, 1.5, "near", 2.0),
+)
+
+
+def categorical_pairs(seed: int = 0, specs=PAIR_SPECS) -> list[tuple[torch.Tensor, ...]]:
+    """Random (policy logits, reference logits) pairs, float64, one per spec."""
+    gen = torch.Generator().manual_seed(seed)
+    pairs = []
+    for k, s_pi, how, s_ref in specs:
+        pi = torch.randn(k, generator=gen, dtype=F64) * s_pi
+        if how == "near":
+            ref = pi + torch.randn(k, generator=gen, dtype=F64) * s_ref
+        else:
+            ref = torch.randn(k, generator=gen, dtype=F64) * s_ref
+        pairs.append((pi, ref))
+    return pairs
+
+
+def exact_kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p||q) = sum p log(p/q) over the support (log-prob vectors)."""
+    return (p_logp.exp() * (p_logp - q_logp)).sum(-1)
+
+
+def measure_bias(
+    fn: Callable,
+    pi_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    old_logits: torch.Tensor | None = None,
+    arity: int | None = None,
+) -> dict:
+    """Sample-mean bias of a KL estimator on one categorical pair, next to k1's.
+
+    Tokens are drawn from the policy (or from ``old_logits`` when given: off-policy, for
+    3-argument estimators, whose value should then be the importance-weighted estimate) and
+    the sample mean is compared with the exact ``KL(pi||ref)``. The standard error uses the
+    larger of the sample variance and the exact variance over the support (the estimator
+    evaluated on every outcome), so a rare outcome that the sample missed cannot make it
+    look tight. k1 on the same samples is ``logp - ref_logp`` (importance-weighted
+    off-policy).
+
+    Returns a dict: kl, mean, bias, var, se, z (= |bias| / se), finite, and k1_bias, k1_var.
+    """
+    ctx = Context(fn=fn, kind="kl", samples=samples)
+    ctx.arity = call_arity(fn, "kl") if arity is None else arity
+    pi_logp = torch.log_softmax(pi_logits.to(F64), -1)
+    ref_logp = torch.log_softmax(ref_logits.to(F64), -1)
+    kl = float(exact_kl(pi_logp, ref_logp))
+    if old_logits is None:
+        sample_logp = pi_logp
+        old_logp = pi_logp
+    else:
+        old_logp = torch.log_softmax(old_logits.to(F64), -1)
+        sample_logp = old_logp
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.multinomial(sample_logp.exp(), samples, replacement=True, generator=gen)
+    with torch.no_grad():
+        vals = kl_call(ctx, pi_logp[idx], ref_logp[idx], old_logp[idx]).to(F64).reshape(-1)
+        support = kl_call(ctx, pi_logp, ref_logp, old_logp).to(F64).reshape(-1)
+    if vals.numel() != samples or support.numel() != pi_logp.numel():
+        raise ValueError("the estimator did not return one value per token")
+    weight = (pi_logp[idx] - old_logp[idx]).exp()
+    k1 = weight * (pi_logp[idx] - ref_logp[idx])
+    finite = bool(torch.isfinite(vals).all()) and bool(torch.isfinite(support).all())
+    mean = float(vals.mean())
+    var = float(vals.var()) if samples > 1 else 0.0
+    q = sample_logp.exp()
+    exact_mean = float((q * support).sum())
+    exact_var = float((q * (support - exact_mean) ** 2).sum())
+    se = math.sqrt(max(var, exact_var) / samples) if finite else math.nan
+    bias = mean - kl
+    slack = ABS_SLACK * (1.0 + abs(kl))
+    z = abs(bias) / (se + slack) if finite else math.inf
+    return {
+        "kl": kl,
+        "mean": mean,
+        "bias": bias,
+        "var": var,
+        "se": se,
+        "z": z,
+        "ok": finite and abs(bias) <= Z_BOUND * se + slack,
+        "finite": finite,
+        "k1_bias": float(k1.mean()) - kl,
+        "k1_var": float(k1.var()) if samples > 1 else 0.0,
+    }
+
+
+@dataclass
+class GradientReport:
+    """Expected loss gradient of a KL estimator compared with the two KL gradients.
+
+    ``label``: kl_policy_ref (grad KL(pi||ref)), kl_ref_policy (grad KL(ref||pi)), zero, or
+    neither. ``pairs`` holds per-pair cosines and relative errors to each target and the
+    norm of the gradient relative to the KL gradients.
+    """
+
+    label: str
+    pairs: list[dict]
+
+    def worst(self, key: str, fn=max) -> float:
+        return fn(p[key] for p in self.pairs)
+
+    def summary(self) -> str:
+        return (
+            f"vs grad KL(pi||ref): cos>={self.worst('cos_policy_ref', min):.3g} "
+            f"rel<={self.worst('rel_policy_ref'):.2g}; "
+            f"vs grad KL(ref||pi): cos>={self.worst('cos_ref_policy', min):.3g} "
+            f"rel<={self.worst('rel_ref_policy'):.2g}; "
+            f"|g|/|grad KL|<={self.worst('norm_ratio'):.2g}"
+        )
+
+
+def _grad_of(loss: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    if not loss.requires_grad:
+        return torch.zeros_like(theta)
+    (g,) = torch.autograd.grad(loss, theta, allow_unused=True)
+    return torch.zeros_like(theta) if g is None else g
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = float(a.norm()), float(b.norm())
+    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0
+
+
+def classify_gradient(fn: Callable, *, seed: int = 0, arity: int | None = None) -> GradientReport:
+    """Classify the gradient a KL estimator gives as a loss term, by exact enumeration.
+
+    For each categorical pair, with policy logits ``theta`` requiring grad and
+    ``logp = log_softmax(theta)``, the expected loss gradient is
+    ``g = sum_x pi(x).detach() * grad_theta fn(logp[x], ref_logp[x])`` (3-argument
+    estimators get ``old_logp = logp.detach()``: tokens drawn from the current policy). It is
+    compared with ``grad_theta KL(pi||ref)`` and ``grad_theta KL(ref||pi)``, both by autograd
+    over the support: a match is a relative error below 1e-6 on every pair; ``zero`` is
+    ``|g|`` below 1e-9 of the KL gradient norms on every pair.
+    """
+    ctx = Context(fn=fn, kind="kl")
+    ctx.arity = call_arity(fn, "kl") if arity is None else arity
+    rows = []
+    for pi_logits, ref_logits in categorical_pairs(seed + 7919):
+        ref_logp = torch.log_softmax(ref_logits, -1)
+        theta = pi_logits.clone().requires_grad_(True)
+        logp = torch.log_softmax(theta, -1)
+        vals = kl_call(ctx, logp, ref_logp).reshape(-1)
+        if vals.numel() != logp.numel():
+            raise ValueError("the estimator did not return one value per token")
+        g = _grad_of((logp.detach().exp() * vals.to(F64)).sum(), theta).to(F64)
+        t = pi_logits.clone().requires_grad_(True)
+        lp = torch.log_softmax(t, -1)
+        g_pr = _grad_of(exact_kl(lp, ref_logp), t)
+        t = pi_logits.clone().requires_grad_(True)
+        lp = torch.log_softmax(t, -1)
+        g_rp = _grad_of(exact_kl(ref_logp, lp), t)
+        scale = max(float(g_pr.norm()), float(g_rp.norm()))
+        rows.append(
+            {
+                "cos_policy_ref": _cos(g, g_pr),
+                "rel_policy_ref": float((g - g_pr).norm()) / float(g_pr.norm()),
+                "cos_ref_policy": _cos(g, g_rp),
+                "rel_ref_policy": float((g - g_rp).norm()) / float(g_rp.norm()),
+                "norm_ratio": float(g.norm()) / scale,
+                "finite": bool(torch.isfinite(g).all()),
+            }
+        )
+    label = "neither"
+    if all(r["finite"] for r in rows):
+        if all(r["norm_ratio"] < GRAD_ZERO_TOL for r in rows):
+            label = "zero"
+        elif all(r["rel_policy_ref"] < GRAD_REL_TOL for r in rows):
+            label = "kl_policy_ref"
+        elif all(r["rel_ref_policy"] < GRAD_REL_TOL for r in rows):
+            label = "kl_ref_policy"
+    return GradientReport(label=label, pairs=rows)
+
+
+def _rand_logp(gen: torch.Generator, shape, low: float, dtype=F64) -> torch.Tensor:
+    """Log-prob-like values uniform in [low, 0]."""
+    return (torch.rand(shape, generator=gen, dtype=F64) * low).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# KL rows
+# ---------------------------------------------------------------------------------------------
+
+
+def kl_zero_when_equal(ctx: Context) -> CheckResult:
+    """fn(x, x) == 0 when policy and reference agree (and old == policy)."""
+    worst = 0.0
+    for dtype, tol in ((F64, 1e-12), (torch.float32, 1e-6)):
+        x = _rand_logp(ctx.gen(1), (4, 16), -30.0, dtype)
+        x[0, :3] = torch.tensor([0.0, -1e-8, -50.0], dtype=dtype)
+        out = kl_call(ctx, x, x.clone())
+        err = float(out.detach().abs().max().to(F64))
+        if not err <= tol:
+            return CheckResult("zero_when_equal", False, err, tol,
+                               f"fn(x, x) is not 0 in {str(dtype)[6:]}: max |value| {err:.3g}")
+        worst = max(worst, err)
+    return CheckResult("zero_when_equal", True, worst, "1e-12 (f64), 1e-6 (f32)",
+                       "fn(x, x) = 0 when policy and reference agree (float64 and float32)")
+
+
+def _gap_grid(dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """All pairs of log-probs from a grid on [-50, 0]: gaps up to +-50."""
+    grid = torch.cat([torch.linspace(-50.0, 0.0, 41, dtype=F64),
+                      torch.tensor([-1e-6, -1e-12, -49.999], dtype=F64)])
+    a, b = torch.meshgrid(grid, grid, indexing="ij")
+    return a.reshape(-1).to(dtype), b.reshape(-1).to(dtype)
+
+
+def kl_finite_gaps(ctx: Context) -> CheckResult:
+    """Finite values and gradients for log-prob gaps up to +-50 in float32 and float64."""
+    for dtype in (torch.float32, F64):
+        a, b = _gap_grid(dtype)
+        logp = a.clone().requires_grad_(True)
+        out = kl_call(ctx, logp, b)
+        bad = int((~torch.isfinite(out.detach())).sum())
+        if bad:
+            i = int((~torch.isfinite(out.detach())).nonzero()[0])
+            return CheckResult("finite_gaps", False, bad, 0,
+                               f"{bad} non-finite values in {str(dtype)[6:]}, e.g. logp="
+                               f"{float(a[i]):.3g} ref_logp={float(b[i]):.3g} -> {float(out[i])}")
+        g = _grad_of(out.sum(), logp)
+        bad = int((~torch.isfinite(g)).sum())
+        if bad:
+            return CheckResult("finite_gaps", False, bad, 0,
+                               f"{bad} non-finite gradients in {str(dtype)[6:]} "
+                               "for gaps up to +-50")
+    return CheckResult("finite_gaps", True, 0, 0,
+                       "values and gradients finite for log-prob gaps up to +-50 "
+                       "(float32 and float64)")
+
+
+def kl_shape_dtype(ctx: Context) -> CheckResult:
+    for shape in ((7,), (3, 5), (2, 3, 4)):
+        for dtype in (torch.float32, F64):
+            g = ctx.gen(3)
+            out = kl_call(ctx, _rand_logp(g, shape, -5.0, dtype), _rand_logp(g, shape, -5.0, dtype))
+            if out.shape != torch.Size(shape) or out.dtype != dtype:
+                return CheckResult("shape_dtype", False, f"{tuple(out.shape)} {out.dtype}",
+                                   f"{shape} {dtype}",
+                                   "output shape or dtype differs from the input's")
+    return CheckResult("shape_dtype", True, "kept", "same as input",
+                       "output keeps the input's shape and dtype (1-3 dims, float32/float64)")
+
+
+def _inplace_check(name: str, call: Callable[[list], Any], inputs: list) -> CheckResult:
+    before = [t.clone() for t in inputs]
+    versions = [t._version for t in inputs]
+    call(inputs)
+    for i, (t, b, v) in enumerate(zip(inputs, before, versions)):
+        if t._version != v or not torch.equal(torch.nan_to_num(t), torch.nan_to_num(b)):
+            return CheckResult(name, False, f"argument {i}", "untouched",
+                               f"argument {i} was modified in place")
+    return CheckResult(name, True, "untouched", "untouched", "inputs are not modified in place")
+
+
+def kl_no_inplace(ctx: Context) -> CheckResult:
+    g = ctx.gen(4)
+    args = [_rand_logp(g, (3, 6), -8.0), _rand_logp(g, (3, 6), -8.0)]
+    if ctx.arity == 3:
+        args.append(_rand_logp(g, (3, 6), -8.0))
+    return _inplace_check("no_inplace", lambda a: ctx.fn(*a), args)
+
+
+def _same_except(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> bool:
+    """a and b agree (to 1e-12 relative, NaN == NaN) wherever ``keep`` is true."""
+    a, b = a.detach().to(F64)[keep], b.detach().to(F64)[keep]
+    return bool(torch.allclose(a, b, rtol=1e-12, atol=1e-300, equal_nan=True))
+
+
+def kl_elementwise(ctx: Context) -> CheckResult:
+    """Changing one position's inputs changes no other position's output."""
+    g = ctx.gen(5)
+    args = [_rand_logp(g, (3, 7), -10.0) for _ in range(ctx.arity)]
+    base = ctx.fn(*args)
+    for pos in ((0, 0), (1, 3), (2, 6)):
+        for arg in range(ctx.arity):
+            for value in (-0.5, -25.0, 0.0):
+                changed = [a.clone() for a in args]
+                changed[arg][pos] = value
+                keep = torch.ones(3, 7, dtype=torch.bool)
+                keep[pos] = False
+                if not _same_except(ctx.fn(*changed), base, keep):
+                    return CheckResult("elementwise", False, f"input {arg} at {pos}", "no effect",
+                                       f"changing argument {arg} at {pos} changed other positions")
+    return CheckResult("elementwise", True, "independent", "no effect",
+                       "each output position depends only on the inputs at that position")
+
+
+def kl_padding_no_leak(ctx: Context) -> CheckResult:
+    """Junk in padded positions (0, +-inf, NaN, 1e30) does not reach valid positions."""
+    g = ctx.gen(6)
+    args = [_rand_logp(g, (3, 8), -10.0) for _ in range(ctx.arity)]
+    valid = torch.ones(3, 8, dtype=torch.bool)
+    valid[0, 5:] = False
+    valid[2, 2:] = False
+    base = ctx.fn(*args)
+    for junk in (0.0, math.nan, -math.inf, math.inf, 1e30, -1e30):
+        padded = [torch.where(valid, a, torch.full_like(a, junk)) for a in args]
+        if not _same_except(ctx.fn(*padded), base, valid):
+            return CheckResult("padding_no_leak", False, junk, "no effect",
+                               f"padding value {junk} changed outputs at valid positions")
+    return CheckResult("padding_no_leak", True, "no effect", "no effect",
+                       "junk under padding (0, +-inf, NaN, +-1e30) leaves valid outputs unchanged")
+
+
+def kl_grad_reaches_logp(ctx: Context) -> CheckResult:
+    g = ctx.gen(7)
+    logp = _rand_logp(g, (4, 6), -6.0).requires_grad_(True)
+    ref = _rand_logp(g, (4, 6), -6.0)
+    out = kl_call(ctx, logp, ref)
+    if not out.requires_grad:
+        return CheckResult("grad_reaches_logp", False, "no graph", "nonzero grad",
+                           "output carries no gradient: logp is detached inside the estimator")
+    (grad,) = torch.autograd.grad(out.sum(), logp, allow_unused=True)
+    if grad is None or not bool((grad != 0).any()):
+        return CheckResult("grad_reaches_logp", False, 0.0, "nonzero grad",
+                           "gradient w.r.t. logp is " + ("None" if grad is None else "all zero"))
+    extra = " (old_logp = logp.detach())" if ctx.arity == 3 else ""
+    return CheckResult("grad_reaches_logp", True, float(grad.norm()), "nonzero grad",
+                       f"gradient flows back to logp{extra}")
+
+
+def kl_nonnegative(ctx: Context) -> CheckResult:
+    a, b = _gap_grid(F64)
+    vals = [kl_call(ctx, a, b).detach()]
+    g = ctx.gen(8)
+    for pi_logits, ref_logits in categorical_pairs(ctx.seed):
+        pl, rl = torch.log_softmax(pi_logits, -1), torch.log_softmax(ref_logits, -1)
+        vals.append(kl_call(ctx, pl, rl).detach())
+        if ctx.arity == 3:
+            old = torch.log_softmax(pi_logits + torch.randn(pl.shape, generator=g, dtype=F64), -1)
+            vals.append(kl_call(ctx, pl, rl, old).detach())
+    vals = torch.cat([v.reshape(-1).to(F64) for v in vals])
+    vals = vals[~torch.isnan(vals)]
+    low = float(vals.min()) if vals.numel() else math.nan
+    holds = low >= -1e-12
+    passed = _judge(ctx, "nonnegative", holds)
+    how = "never negative" if holds else f"negative values (min {low:.3g})"
+    return CheckResult("nonnegative", passed, low, ">= 0", f"{how} over gaps in [-50, 50] and "
+                       f"sampled pairs; {_claim_text(ctx, 'nonnegative')}",
+                       ctx.row_kind("nonnegative"))
+
+
+def _bias_rows(ctx: Context, off_policy: bool) -> list[dict]:
+    key = ("bias", off_policy)
+    if key not in ctx.cache:
+        ctx.cache[key] = _measure_bias_rows(ctx, off_policy)
+    return ctx.cache[key]
+
+
+def _measure_bias_rows(ctx: Context, off_policy: bool) -> list[dict]:
+    out = []
+    g = ctx.gen(9 if off_policy else 10)
+    for i, (pi_logits, ref_logits) in enumerate(categorical_pairs(ctx.seed)):
+        old = None
+        if off_policy:
+            old = pi_logits + 0.5 * torch.randn(pi_logits.shape, generator=g, dtype=F64)
+        r = measure_bias(ctx.fn, pi_logits, ref_logits, samples=ctx.samples,
+                         seed=ctx.seed * 7907 + i, old_logits=old, arity=ctx.arity)
+        r["support"] = int(pi_logits.numel())
+        out.append(r)
+    return out
+
+
+def _unbiased_row(ctx: Context, off_policy: bool) -> CheckResult:
+    name = "unbiased_off_policy" if off_policy else "unbiased"
+    rows = _bias_rows(ctx, off_policy)
+    holds = all(r["ok"] for r in rows)
+    worst = max(rows, key=lambda r: r["z"])
+    passed = _judge(ctx, "unbiased", holds)
+    where = "tokens from a third policy old, estimate of KL(pi||ref)" if off_policy else \
+        "tokens from pi"
+    text = (f"{len(rows)} pairs x {ctx.samples} samples ({where}); "
+            f"worst pair KL={worst['kl']:.3g}: "
+            f"bias={worst['bias']:.3g} (k1 {worst['k1_bias']:.3g}), var={worst['var']:.3g} "
+            f"(k1 {worst['k1_var']:.3g}), |bias|/SE={worst['z']:.3g}; "
+            f"{'unbiased' if holds else 'BIASED'}; {_claim_text(ctx, 'unbiased')}")
+    details = {"pairs": [{k: r[k] for k in ("support", "kl", "mean", "bias", "se", "z", "var",
+                                            "k1_bias", "k1_var")} for r in rows]}
+    return CheckResult(name, passed, worst["z"], Z_BOUND, text, ctx.row_kind("unbiased"), details)
+
+
+def kl_unbiased(ctx: Context) -> CheckResult:
+    return _unbiased_row(ctx, off_policy=False)
+
+
+def kl_unbiased_off_policy(ctx: Context) -> CheckResult:
+    return _unbiased_row(ctx, off_policy=True)
+
+
+def kl_variance_vs_k1(ctx: Context) -> CheckResult:
+    rows = _bias_rows(ctx, off_policy=False)
+    ratios = [r["var"] / r["k1_var"] if r["k1_var"] > 0 else math.nan for r in rows]
+    text = ", ".join(f"KL={r['kl']:.2g}: {q:.3g}" for r, q in zip(rows, ratios))
+    finite = [q for q in ratios if math.isfinite(q)]
+    value = max(finite) if finite else math.nan
+    return CheckResult("variance_vs_k1", None, value, None,
+                       f"sample variance / k1's on the same samples, per pair: {text}", "info",
+                       {"ratios": ratios, "kl": [r["kl"] for r in rows]})
+
+
+def kl_grad_direction(ctx: Context) -> CheckResult:
+    rep = classify_gradient(ctx.fn, seed=ctx.seed, arity=ctx.arity)
+    passed = None
+    claim = ctx.claims.get("grad")
+    if claim is not None:
+        passed = rep.label == claim
+    flag = "; NEITHER KL gradient nor zero" if rep.label == "neither" else ""
+    text = f"expected loss gradient is {rep.label}{flag} ({rep.summary()}); " + (
+        f"claimed grad={claim}" if claim else "not claimed")
+    return CheckResult("grad_direction", passed, rep.label, claim or "measured", text,
+                       ctx.row_kind("grad"), {"pairs": rep.pairs})
+
+
+def kl_uses_old_logp(ctx: Context) -> CheckResult:
+    g = ctx.gen(11)
+    logp, ref = _rand_logp(g, (16,), -5.0), _rand_logp(g, (16,), -5.0)
+    a = kl_call(ctx, logp, ref, logp.clone())
+    b = kl_call(ctx, logp, ref, logp - 0.3)
+    used = not torch.allclose(a.detach(), b.detach(), equal_nan=True)
+    return CheckResult("uses_old_logp", None, used, None,
+                       "the value depends on old_logp" if used else
+                       "the value ignores old_logp", "info")
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantage rows (scores (B, G), groups along the last dim)
+# ---------------------------------------------------------------------------------------------
+
+SCALE_TOL = 1e-4  # unit scale: |std(A) - 1| within this (room for an eps added to the std)
+
+
+def _scores(ctx: Context, salt: int, b: int = 5, g: int = 8, dtype=F64) -> torch.Tensor:
+    return (torch.randn(b, g, generator=ctx.gen(salt), dtype=F64) * 3.0 + 2.0).to(dtype)
+
+
+def _adv(ctx: Context, scores: torch.Tensor) -> torch.Tensor:
+    return _tensor_out(ctx.fn(scores), "the estimator")
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    d = (a.detach().to(F64) - b.detach().to(F64)).abs()
+    return float(d.max()) if d.numel() else 0.0
+
+
+def adv_shape_dtype(ctx: Context) -> CheckResult:
+    for shape in ((5, 8), (1, 3), (3, 2)):
+        for dtype in (torch.float32, F64):
+            out = _adv(ctx, _scores(ctx, 20, *shape, dtype=dtype))
+            if out.shape != torch.Size(shape) or out.dtype != dtype:
+                return CheckResult("shape_dtype", False, f"{tuple(out.shape)} {out.dtype}",
+                                   f"{shape} {dtype}",
+                                   "output shape or dtype differs from the input's")
+    return CheckResult("shape_dtype", True, "kept", "same as input",
+                       "output keeps the (B, G) shape and the dtype (float32/float64)")
+
+
+def adv_no_inplace(ctx: Context) -> CheckResult:
+    return _inplace_check("no_inplace", lambda a: ctx.fn(*a), [_scores(ctx, 21)])
+
+
+def adv_finite(ctx: Context) -> CheckResult:
+    bad = 0
+    for g in (2, 3, 8, 16):
+        bad += int((~torch.isfinite(_adv(ctx, _scores(ctx, 22, 4, g)))).sum())
+    return CheckResult("finite", bad == 0, bad, 0,
+                       "finite on random scores" if bad == 0 else f"{bad} non-finite advantages")
+
+
+def adv_zero_mean(ctx: Context) -> CheckResult:
+    worst = 0.0
+    for g in (2, 3, 8, 16):
+        a = _adv(ctx, _scores(ctx, 23, 4, g)).detach().to(F64)
+        scale = a.abs().amax(-1).clamp(min=1.0)
+        worst = max(worst, float((a.mean(-1).abs() / scale).max()))
+    ok = worst <= 1e-9
+    return CheckResult("zero_mean", ok, worst, 1e-9,
+                       "every group's advantages average to 0" if ok else
+                       f"a group's mean advantage is {worst:.3g} (relative to its largest)")
+
+
+def _std_convention(ctx: Context) -> tuple[str, float, float, dict]:
+    """Which std the advantages have per group: 'n-1', 'n' or 'neither' (worst deviations)."""
+    dev_b, dev_p = 0.0, 0.0
+    for g in (2, 3, 8, 16):
+        a = _adv(ctx, _scores(ctx, 24, 4, g)).detach().to(F64)
+        dev_b = max(dev_b, float((a.std(-1, correction=1) - 1).abs().max()))
+        dev_p = max(dev_p, float((a.std(-1, correction=0) - 1).abs().max()))
+    conv = "n-1" if dev_b <= SCALE_TOL else ("n" if dev_p <= SCALE_TOL else "neither")
+    return conv, dev_b, dev_p, {"dev_bessel": dev_b, "dev_population": dev_p}
+
+
+def adv_unit_scale(ctx: Context) -> CheckResult:
+    conv, dev_b, dev_p, details = _std_convention(ctx)
+    holds = conv != "neither"
+    passed = _judge(ctx, "std_scaled", holds)
+    text = (f"per-group std of the advantages: |std_(n-1) - 1| <= {dev_b:.3g}, "
+            f"|std_n - 1| <= {dev_p:.3g} ({'unit scale' if holds else 'NOT unit scale'}); "
+            f"{_claim_text(ctx, 'std_scaled')}")
+    return CheckResult("unit_scale", passed, min(dev_b, dev_p), SCALE_TOL, text,
+                       ctx.row_kind("std_scaled"), details)
+
+
+def adv_bessel(ctx: Context) -> CheckResult:
+    conv, dev_b, dev_p, details = _std_convention(ctx)
+    passed = None
+    if "bessel" in ctx.claims:
+        passed = conv == ("n-1" if ctx.claims["bessel"] else "n")
+    return CheckResult("bessel", passed, conv, "n-1" if ctx.claims.get("bessel", True) else "n",
+                       f"the group std that equals 1 divides by {conv} "
+                       f"(n-1: {dev_b:.3g} off, n: {dev_p:.3g} off); {_claim_text(ctx, 'bessel')}",
+                       ctx.row_kind("bessel"), details)
+
+
+def adv_shift_invariance(ctx: Context) -> CheckResult:
+    s = _scores(ctx, 25)
+    base = _adv(ctx, s).detach()
+    scale = max(1.0, float(base.abs().max()))
+    worst = max(_max_abs_diff(_adv(ctx, s + b), base) for b in (-7.0, 0.5, 1e3)) / scale
+    ok = worst <= 1e-8
+    return CheckResult("shift_invariance", ok, worst, 1e-8,
+                       "A(s + b) = A(s)" if ok else f"adding a constant changes the advantages "
+                       f"by {worst:.3g}")
+
+
+def adv_affine_invariance(ctx: Context) -> CheckResult:
+    s = _scores(ctx, 26)
+    base = _adv(ctx, s).detach()
+    scale = max(1.0, float(base.abs().max()))
+    inv, equi = 0.0, 0.0
+    for a, b in ((0.5, -7.0), (4.0, 1e3), (1e3, 3.0)):
+        inv = max(inv, _max_abs_diff(_adv(ctx, a * s + b), base) / scale)
+        equi = max(equi, _max_abs_diff(_adv(ctx, a * s) / a, base) / scale)
+    invariant = inv <= 1e-6
+    how = "invariant" if invariant else (
+        "equivariant: A(a s) = a A(s)" if equi <= 1e-8 else "neither")
+    claimed = ctx.claims.get("std_scaled")
+    if claimed:
+        passed, kind = invariant, "claim"
+    else:
+        passed, kind = None, "info"
+    return CheckResult("affine_invariance", passed, inv, 1e-6,
+                       f"under s -> a s + b (a > 0) the advantages are {how} "
+                       f"(max change {inv:.3g}); "
+                       + ("required by std_scaled" if claimed else "measured"), kind)
+
+
+def adv_permutation(ctx: Context) -> CheckResult:
+    s = _scores(ctx, 27)
+    base = _adv(ctx, s).detach()
+    gen = ctx.gen(28)
+    perm = torch.stack([torch.randperm(s.shape[1], generator=gen) for _ in range(s.shape[0])])
+    out = _adv(ctx, s.gather(1, perm)).detach()
+    err = _max_abs_diff(out, base.gather(1, perm)) / max(1.0, float(base.abs().max()))
+    ok = err <= 1e-10
+    return CheckResult("permutation_equivariance", ok, err, 1e-10,
+                       "permuting a group's scores permutes its advantages" if ok else
+                       f"permuting within groups changed the advantages by {err:.3g}")
+
+
+def adv_groups_independent(ctx: Context) -> CheckResult:
+    s = _scores(ctx, 29)
+    base = _adv(ctx, s).detach()
+    gen = ctx.gen(30)
+    for j, new in ((1, torch.randn(s.shape[1], generator=gen, dtype=F64) * 100 + 50),
+                   (0, torch.full((s.shape[1],), 4.0, dtype=F64)),
+                   (4, torch.randn(s.shape[1], generator=gen, dtype=F64) * 1e6)):
+        s2 = s.clone()
+        s2[j] = new
+        out = _adv(ctx, s2).detach()
+        keep = torch.ones_like(s, dtype=torch.bool)
+        keep[j] = False
+        if not _same_except(out, base, keep):
+            err = _max_abs_diff(out[keep], base[keep])
+            return CheckResult("groups_independent", False, err, 0.0,
+                               f"changing group {j}'s scores changed other groups' advantages "
+                               f"(by up to {err:.3g})")
+    return CheckResult("groups_independent", True, 0.0, 0.0,
+                       "changing one group's scores changes no other group's advantages")
+
+
+def adv_group_size_one(ctx: Context) -> CheckResult:
+    for dtype in (F64, torch.float32):
+        out = _adv(ctx, _scores(ctx, 31, 6, 1, dtype)).detach()
+        if out.shape != (6, 1) or not bool(torch.isfinite(out).all()) or bool((out != 0).any()):
+            bad = out.reshape(-1)[0].item() if out.numel() else "empty"
+            return CheckResult("group_size_one", False, bad, 0.0,
+                               f"a group of one sample must give exactly 0, got {bad} "
+                               f"({str(dtype)[6:]})")
+    return CheckResult("group_size_one", True, 0.0, 0.0,
+                       "groups of size 1 give exactly 0 (finite)")
+
+
+def adv_ties(ctx: Context) -> CheckResult:
+    for dtype in (F64, torch.float32):
+        s = _scores(ctx, 32, 4, 6, dtype)
+        s[0] = 3.7
+        s[1] = 0.0
+        s[3] = -1e6
+        out = _adv(ctx, s).detach()
+        if not bool(torch.isfinite(out).all()):
+            return CheckResult("ties", False, "non-finite", 0.0,
+                               f"all-equal groups give non-finite advantages ({str(dtype)[6:]})")
+        worst = float(out[[0, 1, 3]].abs().max())
+        if worst != 0.0:
+            return CheckResult("ties", False, worst, 0.0,
+                               f"all-equal groups must give exactly 0, got up to {worst:.3g}")
+    return CheckResult("ties", True, 0.0, 0.0, "all-equal groups give exactly 0 (finite)")
+
+
+def adv_extreme(ctx: Context) -> CheckResult:
+    for dtype in (F64, torch.float32):
+        for mag in (1e30, 1e-30):
+            out = _adv(ctx, (_scores(ctx, 33, 4, 8, F64) * mag).to(dtype)).detach()
+            bad = int((~torch.isfinite(out)).sum())
+            if bad:
+                return CheckResult("extreme_magnitudes", False, bad, 0,
+                                   f"{bad} NaN/inf advantages for scores of magnitude {mag:g} "
+                                   f"({str(dtype)[6:]})")
+    return CheckResult("extreme_magnitudes", True, 0, 0,
+                       "finite for scores of magnitude 1e30 and 1e-30 (float32 and float64)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Returns rows (rewards (N, T), mask (N, T), gamma)
+# ---------------------------------------------------------------------------------------------
+
+RET_TOL = 1e-10
+GAMMAS = (0.5, 0.9, 0.99)
+
+
+def _ret_batch(ctx: Context, salt: int, t_len: int = 9, junk: float = 5.0, dtype=F64):
+    """Right-padded rewards (padding holds ``junk``), their mask and the lengths."""
+    gen = ctx.gen(salt)
+    lengths = [t_len, t_len, 1, 4, 7, 3, max(1, t_len - 1)]
+    r = torch.randn(len(lengths), t_len, generator=gen, dtype=F64)
+    mask = torch.zeros(len(lengths), t_len, dtype=F64)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1.0
+    r = torch.where(mask.bool(), r, torch.full_like(r, junk))
+    return r.to(dtype), mask.to(dtype), lengths
+
+
+def _returns(ctx: Context, r, m, gamma) -> torch.Tensor:
+    return _tensor_out(ctx.fn(r, m, gamma), "the estimator")
+
+
+def ret_shape_dtype(ctx: Context) -> CheckResult:
+    for dtype in (torch.float32, F64):
+        for t_len in (1, 9):
+            r, m, _ = _ret_batch(ctx, 40, t_len, dtype=dtype)
+            out = _returns(ctx, r, m, 0.9)
+            if out.shape != r.shape or out.dtype != dtype:
+                return CheckResult("shape_dtype", False, f"{tuple(out.shape)} {out.dtype}",
+                                   f"{tuple(r.shape)} {dtype}",
+                                   "output shape or dtype differs from the rewards'")
+    return CheckResult("shape_dtype", True, "kept", "same as rewards",
+                       "output keeps the (N, T) shape and the dtype (float32/float64)")
+
+
+def ret_no_inplace(ctx: Context) -> CheckResult:
+    r, m, _ = _ret_batch(ctx, 41)
+    return _inplace_check("no_inplace", lambda a: ctx.fn(a[0], a[1], 0.9), [r, m])
+
+
+def ret_recursion(ctx: Context) -> CheckResult:
+    worst, where = 0.0, ""
+    for t_len in (9, 70):
+        r, m, lengths = _ret_batch(ctx, 42, t_len)
+        for gamma in GAMMAS:
+            out = _returns(ctx, r, m, gamma).detach().to(F64)
+            for i, n in enumerate(lengths):
+                g, rr = out[i, :n], r[i, :n]
+                nxt = torch.cat([g[1:], g.new_zeros(1)])  # G after the last valid step is 0
+                err = float(((g - (rr + gamma * nxt)).abs() / g.abs().clamp(min=1.0)).max())
+                if not err <= worst:
+                    worst, where = err, f"row {i} (length {n}, T={t_len}), gamma={gamma}"
+    ok = worst <= RET_TOL
+    return CheckResult("recursion", ok, worst, RET_TOL,
+                       "G_t = r_t + gamma G_(t+1) at every valid step, G = 0 after the last" if ok
+                       else f"G_t != r_t + gamma G_(t+1) (G = 0 after the last valid step): "
+                       f"relative error {worst:.3g} at {where}")
+
+
+def _valid_err(out: torch.Tensor, want: torch.Tensor, m: torch.Tensor) -> float:
+    v = m.bool()
+    err = (out.detach().to(F64)[v] - want.to(F64)[v]).abs() / want.to(F64)[v].abs().clamp(min=1.0)
+    return float(err.max()) if err.numel() else 0.0
+
+
+def ret_gamma_zero(ctx: Context) -> CheckResult:
+    r, m, _ = _ret_batch(ctx, 43)
+    err = _valid_err(_returns(ctx, r, m, 0.0), r, m)
+    return CheckResult("gamma_zero", err <= RET_TOL, err, RET_TOL,
+                       "gamma = 0 gives the rewards" if err <= RET_TOL else
+                       f"gamma = 0 should give the rewards; off by {err:.3g}")
+
+
+def ret_gamma_one(ctx: Context) -> CheckResult:
+    r, m, _ = _ret_batch(ctx, 44)
+    rz = r * m
+    want = torch.flip(torch.cumsum(torch.flip(rz, [1]), 1), [1])
+    err = _valid_err(_returns(ctx, r, m, 1.0), want, m)
+    return CheckResult("gamma_one", err <= RET_TOL, err, RET_TOL,
+                       "gamma = 1 gives the reverse cumulative sum" if err <= RET_TOL else
+                       f"gamma = 1 should give the reverse cumulative sum; off by {err:.3g}")
+
+
+def ret_linearity(ctx: Context) -> CheckResult:
+    r1, m, _ = _ret_batch(ctx, 45, junk=0.0)
+    r2, _, _ = _ret_batch(ctx, 46, junk=0.0)
+    a, b = 2.5, -0.7
+    worst = 0.0
+    for gamma in GAMMAS:
+        lhs = _returns(ctx, a * r1 + b * r2, m, gamma)
+        rhs = a * _returns(ctx, r1, m, gamma).detach() + b * _returns(ctx, r2, m, gamma).detach()
+        worst = max(worst, _valid_err(lhs, rhs, m))
+    return CheckResult("linearity", worst <= RET_TOL, worst, RET_TOL,
+                       "returns are linear in the rewards" if worst <= RET_TOL else
+                       f"f(a r1 + b r2) != a f(r1) + b f(r2), off by {worst:.3g}")
+
+
+def ret_padding_invariance(ctx: Context) -> CheckResult:
+    r0, m, _ = _ret_batch(ctx, 47, junk=0.0)
+    worst, bad_junk = 0.0, None
+    for gamma in GAMMAS + (1.0,):
+        base = _returns(ctx, r0, m, gamma).detach()
+        for junk in (1e6, -3.25, 1.0):
+            rj = torch.where(m.bool(), r0, torch.full_like(r0, junk))
+            err = _valid_err(_returns(ctx, rj, m, gamma), base, m)
+            if err > worst:
+                worst, bad_junk = err, junk
+    ok = worst <= RET_TOL
+    return CheckResult("padding_invariance", ok, worst, RET_TOL,
+                       "junk rewards under mask = 0 change no valid return" if ok else
+                       f"junk reward {bad_junk} under mask = 0 changed valid returns "
+                       f"by {worst:.3g}")
+
+
+def ret_padding_nonfinite(ctx: Context) -> CheckResult:
+    r0, m, _ = _ret_batch(ctx, 48, junk=0.0)
+    base = _returns(ctx, r0, m, 0.9).detach()
+    ok = True
+    for junk in (math.nan, math.inf):
+        out = _returns(ctx, torch.where(m.bool(), r0, torch.full_like(r0, junk)), m, 0.9)
+        ok = ok and _same_except(out, base, m.bool())
+    return CheckResult("padding_nonfinite", None, ok, None,
+                       "NaN/inf under mask = 0 " + ("leave valid returns unchanged" if ok
+                                                    else "reach valid returns"), "info")
+
+
+def ret_masked_zero(ctx: Context) -> CheckResult:
+    r, m, _ = _ret_batch(ctx, 49)
+    out = _returns(ctx, r, m, 0.9).detach()
+    zero = bool((out[~m.bool()] == 0).all())
+    return CheckResult("masked_outputs_zero", None, zero, None,
+                       "masked positions of the output are " + ("exactly 0" if zero else "not 0"),
+                       "info")
+
+
+def ret_oracle(ctx: Context) -> CheckResult:
+    try:
+        from reference.grpo_math import discounted_returns as oracle  # lazy: optional
+    except Exception as e:  # the reference package is not part of an installed grpo_core
+        return CheckResult("oracle", None, None, RET_TOL,
+                           f"reference.grpo_math not importable ({type(e).__name__}: {e}); "
+                           "oracle comparison skipped", "info")
+    worst, where = 0.0, ""
+    for t_len in (9, 70, 130):
+        r, m, lengths = _ret_batch(ctx, 50 + t_len, t_len, junk=-2.0)
+        for gamma in (0.0, 0.5, 0.9, 0.99, 1.0):
+            out = _returns(ctx, r, m, gamma).detach().to(F64)
+            for i, n in enumerate(lengths):
+                want = torch.tensor(oracle(r[i, :n].tolist(), gamma), dtype=F64)
+                err = float(((out[i, :n] - want).abs() / want.abs().clamp(min=1.0)).max())
+                if err > worst:
+                    worst, where = err, f"row {i} (length {n}, T={t_len}), gamma={gamma}"
+    ok = worst <= RET_TOL
+    return CheckResult("oracle", ok, worst, RET_TOL,
+                       "matches reference.grpo_math.discounted_returns row by row (float64)" if ok
+                       else f"differs from reference.grpo_math.discounted_returns by {worst:.3g} "
+                       f"at {where}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry of rows per kind: (row name, row kind or claim key, check)
+# ---------------------------------------------------------------------------------------------
+
+KL_ROWS = (
+    ("zero_when_equal", "required", kl_zero_when_equal),
+    ("finite_gaps", "required", kl_finite_gaps),
+    ("shape_dtype", "required", kl_shape_dtype),
+    ("no_inplace", "required", kl_no_inplace),
+    ("elementwise", "required", kl_elementwise),
+    ("padding_no_leak", "required", kl_padding_no_leak),
+    ("grad_reaches_logp", "required", kl_grad_reaches_logp),
+    ("nonnegative", "nonnegative", kl_nonnegative),
+    ("unbiased", "unbiased", kl_unbiased),
+    ("variance_vs_k1", "info", kl_variance_vs_k1),
+    ("grad_direction", "grad", kl_grad_direction),
+)
+KL3_ROWS = (
+    ("unbiased_off_policy", "unbiased", kl_unbiased_off_policy),
+    ("uses_old_logp", "info", kl_uses_old_logp),
+)
+ADV_ROWS = (
+    ("shape_dtype", "required", adv_shape_dtype),
+    ("no_inplace", "required", adv_no_inplace),
+    ("finite", "required", adv_finite),
+    ("zero_mean", "required", adv_zero_mean),
+    ("unit_scale", "std_scaled", adv_unit_scale),
+    ("bessel", "bessel", adv_bessel),
+    ("shift_invariance", "required", adv_shift_invariance),
+    ("affine_invariance", "std_scaled", adv_affine_invariance),
+    ("permutation_equivariance", "required", adv_permutation),
+    ("groups_independent", "required", adv_groups_independent),
+    ("group_size_one", "required", adv_group_size_one),
+    ("ties", "required", adv_ties),
+    ("extreme_magnitudes", "required", adv_extreme),
+)
+RET_ROWS = (
+    ("shape_dtype", "required", ret_shape_dtype),
+    ("no_inplace", "required", ret_no_inplace),
+    ("recursion", "required", ret_recursion),
+    ("gamma_zero", "required", ret_gamma_zero),
+    ("gamma_one", "required", ret_gamma_one),
+    ("linearity", "required", ret_linearity),
+    ("padding_invariance", "required", ret_padding_invariance),
+    ("padding_nonfinite", "info", ret_padding_nonfinite),
+    ("masked_outputs_zero", "info", ret_masked_zero),
+    ("oracle", "required", ret_oracle),
+)
+
+
+def rows_for(kind: str, arity: int = 2):
+    if kind == "kl":
+        return KL_ROWS + (KL3_ROWS if arity == 3 else ())
+    return {"advantage": ADV_ROWS, "returns": RET_ROWS}[kind]
+
+
+def run_rows(ctx: Context) -> list[CheckResult]:
+    """Run every row of ``ctx.kind``; a check that raises becomes a failed (or info) row."""
+    out = []
+    for name, role, check in rows_for(ctx.kind, ctx.arity):
+        try:
+            out.append(check(ctx))
+        except Exception as e:  # the estimator raised: report it on this row
+            if role in ("required", "info"):
+                kind = role
+            elif name == "affine_invariance":  # judged only when std_scaled=True is claimed
+                kind = "claim" if ctx.claims.get("std_scaled") else "info"
+            else:
+                kind = ctx.row_kind(role)
+            msg = str(e).splitlines()[0] if str(e) else ""
+            out.append(CheckResult(name, None if kind == "info" else False, "raised", None,
+                                   f"the estimator raised {type(e).__name__}: {msg}", kind))
+    return out

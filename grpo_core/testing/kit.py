@@ -1,0 +1,278 @@
+"""Estimator kit: property-test a new KL, advantage or returns estimator.
+
+Usage::
+
+    from grpo_core.testing.kit import check_estimator, declares
+
+    @declares(unbiased=True, nonnegative=True, grad="kl_ref_policy")
+    def my_kl(logp, ref_logp):
+        d = ref_logp - logp
+        return torch.expm1(d) - d
+
+    rows = check_estimator(my_kl, "kl")          # list[CheckResult]
+    assert not any(r.failed for r in rows)
+
+Signatures by kind:
+
+- ``"kl"``: ``fn(logp, ref_logp) -> per-token tensor`` of the same shape, tokens drawn from
+  the policy; or ``fn(logp, ref_logp, old_logp)`` (three required parameters) for estimators
+  that use the sampling policy (importance-corrected k3), checked on-policy
+  (``old_logp = logp.detach()``) and off-policy (tokens drawn from a third distribution).
+- ``"advantage"``: ``fn(scores) -> tensor``, scores ``(B, G)``, groups along the last dim.
+- ``"returns"``: ``fn(rewards, mask, gamma) -> tensor`` ``(N, T)``.
+
+Claims (:func:`declares`, or the ``claims`` argument, which overrides them): for kl
+``unbiased``, ``nonnegative`` (bools) and ``grad`` (``kl_policy_ref`` | ``kl_ref_policy`` |
+``zero``: which gradient the estimator follows as a loss term); for advantages
+``std_scaled`` and ``bessel`` (bools). A claimed property that the measurement contradicts
+fails; an unclaimed one is measured and shown as an info row.
+
+:data:`BUILTINS` wraps the estimators of ``grpo_core`` with their claims; the kit reaches
+every claim by computation (sampling and exact enumeration), and they all pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+
+from .. import discounted_returns, group_advantages, kl_k1, kl_k2, kl_k3, kl_k3_is
+from .checks import (
+    CLAIM_KEYS,
+    DEFAULT_SAMPLES,
+    GRAD_CLASSES,
+    KINDS,
+    CheckResult,
+    Context,
+    call_arity,
+    fmt,
+    run_rows,
+)
+
+__all__ = [
+    "BUILTINS",
+    "BUILTIN_KINDS",
+    "CheckResult",
+    "EstimatorUsageError",
+    "all_passed",
+    "check_estimator",
+    "declares",
+    "format_table",
+    "get_claims",
+    "parse_expect",
+    "validate_estimator",
+]
+
+CLAIMS_ATTR = "__grpo_claims__"
+_ALL_KEYS = {k: t for keys in CLAIM_KEYS.values() for k, t in keys.items()}
+
+
+class EstimatorUsageError(ValueError):
+    """The estimator cannot be checked at all (bad signature, raises on a basic call, ...)."""
+
+
+def _validate_claims(claims: dict, kind: str | None = None) -> dict:
+    keys = _ALL_KEYS if kind is None else CLAIM_KEYS[kind]
+    out = {}
+    for key, value in claims.items():
+        if key not in keys:
+            where = "any kind" if kind is None else f"a {kind} estimator"
+            valid = ", ".join(sorted(keys)) or "none"
+            raise EstimatorUsageError(f"unknown claim {key!r} for {where} (valid: {valid})")
+        if keys[key] is bool:
+            if not isinstance(value, bool):
+                raise EstimatorUsageError(f"claim {key} must be true or false, got {value!r}")
+        elif value not in GRAD_CLASSES:
+            raise EstimatorUsageError(
+                f"claim grad={value!r} is not valid; choose one of {', '.join(GRAD_CLASSES)}")
+        out[key] = value
+    return out
+
+
+def declares(**claims) -> Callable[[Callable], Callable]:
+    """Decorator recording what an estimator claims; the kit checks each claim.
+
+    ``@declares(unbiased=True, nonnegative=True, grad="kl_ref_policy")`` for a KL estimator,
+    ``@declares(std_scaled=True, bessel=True)`` for an advantage estimator. ``False`` claims
+    the opposite (``unbiased=False``: measured to be biased). Sets one attribute per claim on
+    the function and the dict ``__grpo_claims__``; returns the function itself.
+    """
+    checked = _validate_claims(claims)
+
+    def wrap(fn: Callable) -> Callable:
+        merged = {**getattr(fn, CLAIMS_ATTR, {}), **checked}
+        setattr(fn, CLAIMS_ATTR, merged)
+        for key, value in checked.items():
+            setattr(fn, key, value)
+        return fn
+
+    return wrap
+
+
+def get_claims(fn: Callable) -> dict:
+    """The claims recorded by :func:`declares` (empty dict if none)."""
+    return dict(getattr(fn, CLAIMS_ATTR, {}) or {})
+
+
+def parse_expect(text: str | None) -> dict:
+    """``"unbiased,nonnegative,grad=kl_policy_ref,bessel=false"`` -> claims dict.
+
+    A bare key means ``True``; booleans accept true/false, yes/no, 1/0.
+    """
+    out: dict = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key not in _ALL_KEYS:
+            raise EstimatorUsageError(
+                f"unknown claim {key!r} in --expect (valid: {', '.join(sorted(_ALL_KEYS))})")
+        if _ALL_KEYS[key] is bool:
+            if not sep:
+                out[key] = True
+            elif value.lower() in ("true", "yes", "1"):
+                out[key] = True
+            elif value.lower() in ("false", "no", "0"):
+                out[key] = False
+            else:
+                raise EstimatorUsageError(f"claim {key} must be true or false, got {value!r}")
+        else:
+            if not sep:
+                raise EstimatorUsageError(f"claim {key} needs a value: {key}=" +
+                                          "|".join(GRAD_CLASSES))
+            out[key] = value
+    return _validate_claims(out)
+
+
+def _basic_inputs(kind: str, arity: int):
+    gen = torch.Generator().manual_seed(12345)
+    if kind == "kl":
+        logp = torch.log_softmax(torch.randn(2, 3, 5, generator=gen, dtype=torch.float64), -1)
+        ref = torch.log_softmax(torch.randn(2, 3, 5, generator=gen, dtype=torch.float64), -1)
+        return (logp, ref, logp.clone())[:arity], (2, 3, 5)
+    if kind == "advantage":
+        return (torch.randn(3, 4, generator=gen, dtype=torch.float64),), (3, 4)
+    rewards = torch.randn(3, 6, generator=gen, dtype=torch.float64)
+    mask = torch.ones(3, 6, dtype=torch.float64)
+    mask[1, 4:] = 0
+    return (rewards, mask, 0.9), (3, 6)
+
+
+def validate_estimator(fn: Callable, kind: str) -> int:
+    """Check that ``fn`` can be checked as a ``kind`` estimator; returns its arity.
+
+    Raises :class:`EstimatorUsageError` (one line) when ``kind`` is unknown, ``fn`` is not
+    callable, its signature does not fit, or a basic call raises or returns no tensor.
+    """
+    if kind not in KINDS:
+        raise EstimatorUsageError(f"kind={kind!r} is not valid; choose one of {', '.join(KINDS)}")
+    if not callable(fn):
+        raise EstimatorUsageError(f"{type(fn).__name__} object is not callable")
+    try:
+        arity = call_arity(fn, kind)
+    except TypeError as e:
+        raise EstimatorUsageError(str(e)) from None
+    args, _ = _basic_inputs(kind, arity)
+    try:
+        out = fn(*args)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise EstimatorUsageError(
+            f"a basic call raised {type(e).__name__}: {msg}"[:300]) from None
+    if not isinstance(out, torch.Tensor):
+        raise EstimatorUsageError(f"a basic call returned {type(out).__name__}, "
+                                  "expected a torch.Tensor")
+    return arity
+
+
+def check_estimator(
+    fn: Callable,
+    kind: str,
+    *,
+    claims: dict | None = None,
+    seed: int = 0,
+    samples: int = DEFAULT_SAMPLES,
+) -> list[CheckResult]:
+    """Run every check of ``kind`` on ``fn``; one :class:`CheckResult` per row.
+
+    ``claims`` extends and overrides the claims from :func:`declares`. Raises
+    :class:`EstimatorUsageError` when the estimator cannot be checked at all (see
+    :func:`validate_estimator`); an estimator that raises inside a check gets a failed row.
+    """
+    arity = validate_estimator(fn, kind)
+    merged = {**get_claims(fn), **_validate_claims(dict(claims or {}))}
+    merged = _validate_claims(merged, kind)
+    if samples < 2:
+        raise EstimatorUsageError(f"samples must be at least 2, got {samples}")
+    ctx = Context(fn=fn, kind=kind, claims=merged, seed=int(seed), samples=int(samples),
+                  arity=arity)
+    return run_rows(ctx)
+
+
+def all_passed(rows: list[CheckResult]) -> bool:
+    """True when no required or claimed row failed (info rows never fail)."""
+    return not any(r.failed for r in rows)
+
+
+def format_table(rows: list[CheckResult]) -> str:
+    """A plain-text table: check, status, value, bound, explanation; then a summary line."""
+    head = ("check", "status", "value", "bound", "explanation")
+    body = [(r.name, r.status, fmt(r.value)[:24], fmt(r.bound)[:24], r.explanation) for r in rows]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(4)]
+    lines = []
+    for cells in [head, *body]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells[:4], widths)) + "  " + cells[4])
+    failed = [r.name for r in rows if r.failed]
+    n_pass = sum(r.passed is True for r in rows)
+    n_info = sum(r.passed is None for r in rows)
+    verdict = f"FAIL ({len(failed)} failed: {', '.join(failed)})" if failed else "PASS"
+    lines.append(f"result: {verdict}; {n_pass} passed, {len(failed)} failed, {n_info} info")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in estimators of grpo_core, wrapped with their claims (grpo_core itself is untouched)
+# ---------------------------------------------------------------------------------------------
+
+
+def _wrapped(fn: Callable, name: str) -> Callable:
+    @functools.wraps(fn)
+    def call(*args):
+        return fn(*args)
+
+    call.__name__ = call.__qualname__ = f"builtin_{name}"
+    return call
+
+
+def builtin_group_advantages(scores: torch.Tensor) -> torch.Tensor:
+    """``grpo_core.group_advantages`` on (B, G) scores: scale="group", stats_over="sequences".
+
+    Each score is a one-step sequence ``(B*G, 1)`` with a full mask and ``group_size=G``.
+    """
+    b, g = scores.shape
+    flat = scores.reshape(b * g, 1)
+    out = group_advantages(flat, torch.ones_like(flat), g, scale="group", stats_over="sequences")
+    return out.reshape(b, g)
+
+
+BUILTINS: dict[str, Callable] = {
+    "k1": declares(unbiased=True, nonnegative=False, grad="zero")(_wrapped(kl_k1, "k1")),
+    "k2": declares(unbiased=False, nonnegative=True, grad="kl_policy_ref")(_wrapped(kl_k2, "k2")),
+    "k3": declares(unbiased=True, nonnegative=True, grad="kl_ref_policy")(_wrapped(kl_k3, "k3")),
+    "k3_is": declares(unbiased=True, nonnegative=True, grad="kl_policy_ref")(
+        _wrapped(kl_k3_is, "k3_is")),
+    "group_advantages": declares(std_scaled=True, bessel=True)(builtin_group_advantages),
+    "discounted_returns": _wrapped(discounted_returns, "discounted_returns"),
+}
+BUILTIN_KINDS: dict[str, str] = {
+    "k1": "kl",
+    "k2": "kl",
+    "k3": "kl",
+    "k3_is": "kl",
+    "group_advantages": "advantage",
+    "discounted_returns": "returns",
+}

@@ -1,0 +1,116 @@
+"""``grpo-harness check-estimator`` end to end, one subprocess per target.
+
+Every deliberately wrong estimator of ``tests/wrong_estimators.py`` must exit 1 with the row
+that names its bug among the failed rows; the correct ones and the built-ins exit 0; usage
+errors exit 2 with one line on stderr. Each run costs about the torch import (1-2 s).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FILE = "tests/wrong_estimators.py"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run(
+        [sys.executable, "-m", "grpo_harness.cli", "check-estimator", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def rows_of(proc: subprocess.CompletedProcess) -> dict[str, dict]:
+    doc = json.loads(proc.stdout)
+    return {r["name"]: r for r in doc["rows"]}
+
+
+WRONG = [
+    ("kl_detached", "kl", ["grad_reaches_logp", "grad_direction"]),
+    ("kl_wrong_sign", "kl", ["nonnegative", "unbiased", "grad_direction"]),
+    ("kl_k3_inverted", "kl", ["unbiased", "grad_direction"]),
+    ("adv_biased_std_one_sample", "advantage", ["group_size_one"]),
+    ("adv_mean_only_claims_std", "advantage", ["unit_scale"]),
+    ("adv_leak_across_groups", "advantage", ["groups_independent", "zero_mean"]),
+    ("returns_off_by_one", "returns", ["recursion"]),
+    ("returns_padding_leak", "returns", ["padding_invariance"]),
+]
+
+
+@pytest.mark.parametrize("name,kind,failing", WRONG, ids=[w[0] for w in WRONG])
+def test_wrong_estimator_exits_1_naming_the_problem(name, kind, failing):
+    proc = cli(f"{FILE}:{name}", "--kind", kind, "--json")
+    assert proc.returncode == 1, proc.stderr
+    rows = rows_of(proc)
+    failed = {n for n, r in rows.items() if r["status"] == "FAIL"}
+    assert set(failing) <= failed, failed
+    for n in failing:
+        assert rows[n]["passed"] is False and rows[n]["explanation"]
+
+
+@pytest.mark.parametrize("name,kind", [("correct_k3", "kl"), ("correct_adv", "advantage"),
+                                       ("correct_returns", "returns")])
+def test_correct_estimator_exits_0(name, kind):
+    proc = cli(f"{FILE}:{name}", "--kind", kind, "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["passed"] is True and doc["kind"] == kind
+
+
+# k1 and k3 take the same path as k2 here (all six are checked in-process in test_kit.py);
+# k3 runs below with an overriding --expect.
+BUILTIN_NAMES = ["k2", "k3_is", "group_advantages", "discounted_returns"]
+
+
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
+def test_builtin_exits_0_with_a_readable_table(name):
+    proc = cli(f"builtin:{name}")  # --kind may be left out for built-ins
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].split()[:5] == ["check", "status", "value", "bound", "explanation"]
+    assert lines[-1].startswith("result: PASS")
+    assert not any(line.split()[1] == "FAIL" for line in lines[2:-1])
+
+
+def test_expect_overrides_decorator_claims():
+    proc = cli("builtin:k3", "--kind", "kl", "--expect", "grad=kl_policy_ref", "--json",
+               "--samples", "4000")
+    assert proc.returncode == 1
+    rows = rows_of(proc)
+    assert rows["grad_direction"]["status"] == "FAIL"
+    assert rows["grad_direction"]["value"] == "kl_ref_policy"
+
+
+# {plain}: a small file without imports, so that these runs skip the torch import
+USAGE = {
+    "missing_file": (["tests/no_such_file.py:f", "--kind", "kl"], "file not found"),
+    "missing_module": (["no_such_package.mod:f", "--kind", "kl"], "module not found"),
+    "missing_function": (["{plain}:no_such_function", "--kind", "kl"], "has no attribute"),
+    "not_callable": (["{plain}:answer", "--kind", "kl"], "not callable"),
+    "import_error": (["{broken}:f", "--kind", "kl"], "importing"),
+    "missing_kind": ([f"{FILE}:correct_k3"], "--kind is required"),
+    "unknown_builtin": (["builtin:k4"], "unknown builtin"),
+    "wrong_signature": ([f"{FILE}:kl_wrong_signature", "--kind", "kl"], "wrong signature"),
+    "raises_on_call": ([f"{FILE}:returns_raises", "--kind", "returns"],
+                       "basic call raised RuntimeError"),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE))
+def test_usage_error_exits_2_with_one_line(case, tmp_path):
+    plain = tmp_path / "plain.py"
+    plain.write_text("answer = 42\n\ndef f(a, b):\n    return a\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise ImportError('missing dependency')\n")
+    args, message = USAGE[case]
+    proc = cli(*(a.format(plain=plain, broken=broken) for a in args))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0], proc.stderr

@@ -1,0 +1,145 @@
+"""Deliberately wrong estimators (and three correct ones) for the estimator kit's own tests.
+
+Each wrong estimator declares the claims a correct estimator of its kind would make, so the
+kit must catch the bug by measurement. ``tests/test_kit_cli.py`` runs every one through
+``grpo-harness check-estimator tests/wrong_estimators.py:NAME`` and asserts which row fails.
+
+Not a test module (no ``test_`` prefix): pytest does not collect it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_core.testing.kit import declares
+
+# ---------------------------------------------------------------------------------------------
+# KL estimators: fn(logp, ref_logp) -> per-token tensor
+# ---------------------------------------------------------------------------------------------
+
+
+@declares(unbiased=True, nonnegative=True, grad="kl_ref_policy")
+def correct_k3(logp, ref_logp):
+    d = ref_logp - logp
+    return torch.expm1(d) - d
+
+
+@declares(unbiased=True, nonnegative=True, grad="kl_ref_policy")
+def kl_detached(logp, ref_logp):
+    """k3 computed on ``logp.detach()``: right values, no gradient reaches the policy."""
+    d = ref_logp - logp.detach()
+    return torch.expm1(d) - d
+
+
+@declares(unbiased=True, nonnegative=True, grad="kl_ref_policy")
+def kl_wrong_sign(logp, ref_logp):
+    """Negated k3: estimates -KL and pushes the policy away from the reference."""
+    d = ref_logp - logp
+    return -(torch.expm1(d) - d)
+
+
+@declares(unbiased=True, nonnegative=True, grad="kl_ref_policy")
+def kl_k3_inverted(logp, ref_logp):
+    """k3 with the ratio inverted, ``r = pi/ref`` instead of ``ref/pi``: biased."""
+    log_r = logp - ref_logp
+    return torch.expm1(log_r) - log_r
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantage estimators: fn(scores (B, G)) -> (B, G)
+# ---------------------------------------------------------------------------------------------
+
+
+@declares(std_scaled=True, bessel=True)
+def correct_adv(scores):
+    """(s - mean) / (Bessel std + eps) per group; 0 for a group of one or of ties."""
+    n = scores.shape[-1]
+    centered = scores - scores.mean(-1, keepdim=True)
+    if n < 2:
+        return torch.zeros_like(scores)
+    std = centered.pow(2).sum(-1, keepdim=True).div(n - 1).sqrt()
+    tied = (scores == scores[..., :1]).all(-1, keepdim=True)
+    out = centered / (std + 1e-8)
+    return torch.where(tied, torch.zeros_like(out), out)
+
+
+@declares(std_scaled=True, bessel=True)
+def adv_biased_std_one_sample(scores):
+    """The textbook one-liner: torch.std of a one-sample group is NaN (n - 1 = 0), and so is
+    its advantage. (It also leaves rounding noise / eps on all-equal groups, not exact 0.)"""
+    centered = scores - scores.mean(-1, keepdim=True)
+    return centered / (scores.std(-1, keepdim=True) + 1e-8)
+
+
+@declares(std_scaled=True, bessel=True)
+def adv_mean_only_claims_std(scores):
+    """Claims std scaling but only subtracts the group mean (ties handled correctly)."""
+    centered = scores - scores.mean(-1, keepdim=True)
+    tied = scores.amax(-1, keepdim=True) == scores.amin(-1, keepdim=True)
+    return torch.where(tied, torch.zeros_like(centered), centered)
+
+
+@declares(std_scaled=True, bessel=True)
+def adv_leak_across_groups(scores):
+    """correct_adv with the batch mean in place of the group mean: groups leak into each other."""
+    n = scores.shape[-1]
+    if n < 2:
+        return torch.zeros_like(scores)
+    centered = scores - scores.mean()
+    std = (scores - scores.mean(-1, keepdim=True)).pow(2).sum(-1, keepdim=True).div(n - 1).sqrt()
+    tied = (scores == scores[..., :1]).all(-1, keepdim=True)
+    out = centered / (std + 1e-8)
+    return torch.where(tied, torch.zeros_like(out), out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Returns: fn(rewards (N, T), mask (N, T), gamma) -> (N, T)
+# ---------------------------------------------------------------------------------------------
+
+
+def correct_returns(rewards, mask, gamma):
+    """Backward recursion over valid steps (right padding), G = 0 after the last one."""
+    valid = mask != 0
+    r = torch.where(valid, rewards, torch.zeros_like(rewards))
+    out = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])
+    for t in range(r.shape[1] - 1, -1, -1):
+        running = torch.where(valid[:, t], r[:, t] + gamma * running, running)
+        out[:, t] = running
+    return out * valid.to(r.dtype)
+
+
+def returns_off_by_one(rewards, mask, gamma):
+    """Discount applied one step late: ``G_t = r_t + r_(t+1) + gamma r_(t+2) + ...``."""
+    valid = mask != 0
+    r = torch.where(valid, rewards, torch.zeros_like(rewards))
+    out = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])  # discounted return from t+1 on
+    for t in range(r.shape[1] - 1, -1, -1):
+        out[:, t] = r[:, t] + running
+        running = torch.where(valid[:, t], gamma * running + r[:, t], running)
+    return out * valid.to(r.dtype)
+
+
+def returns_padding_leak(rewards, mask, gamma):
+    """Runs the recursion over padded steps too, so padded rewards flow into valid returns."""
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in range(rewards.shape[1] - 1, -1, -1):
+        running = rewards[:, t] + gamma * running
+        out[:, t] = running
+    return out * mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Usage-error targets for the CLI tests
+# ---------------------------------------------------------------------------------------------
+
+def kl_wrong_signature(logp):
+    """Takes one argument: not a KL estimator."""
+    return logp
+
+
+def returns_raises(rewards, mask, gamma):
+    """Raises on every call."""
+    raise RuntimeError("not implemented")
