@@ -33,7 +33,7 @@ test: install
 
 # Train CartPole-v1 on the default config.
 smoke: install
-	$(PY) -m grpo_harness.cli train cartpole --out runs/smoke
+	$(PY) -m grpo_harness.cli train cartpole --out runs/smoke-$$(date +%Y%m%d-%H%M%S)
 
 clean:
 	rm -rf $(VENV) reports runs .pytest_cache .hypothesis

@@ -1,0 +1,190 @@
+"""CartPole-v1 benchmark: GRPO (this project) vs SB3 PPO (RL-Zoo), rollout throughput, and the
+plan's ablation. One process, one torch thread, so the ratios compare like with like.
+
+    python -m benchmarks.cartpole [--seeds 5] [--budget 100000] [--out benchmarks/results]
+
+Prints markdown tables; writes ``cartpole.json`` and ``cartpole_curves.png`` in ``--out``.
+Needs the ``bench`` extra for PPO (``pip install -e .[bench]``); without it the PPO rows are
+skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adapters.cartpole import CartPoleAdapter
+from benchmarks.grpo_runs import grpo_until_solved
+from grpo_core.config import GRPOConfig
+from grpo_harness.train import CARTPOLE_DEFAULTS
+
+CARTPOLE_HIDDEN = CARTPOLE_DEFAULTS["train"]["hidden"]
+
+ABLATIONS = {
+    "reference refresh off (update_ref_model_freq=0)": {"update_ref_model_freq": 0},
+    "gamma = 1.0": {"gamma": 1.0},
+    "grpo_epochs = 1": {"grpo_epochs": 1},
+    "mean-only normalisation (scale=none)": {"scale": "none"},
+    "k1 instead of k3": {"kl_estimator": "k1"},
+    # the tuned default has no entropy bonus, so this row turns it on instead
+    "entropy bonus on (ent_coef=0.01)": {"ent_coef": 0.01},
+    "no gradient clipping (max_grad_norm=0)": {"max_grad_norm": 0.0},
+}
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    q = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def summarise(runs: list[dict], budget: int) -> dict:
+    """Median and IQR of steps and seconds to solve; an unsolved seed counts as the budget
+    (steps) or its full training time (seconds), and is reported as unsolved."""
+    steps = [r["steps"] if r["solved"] else budget for r in runs]
+    secs = [r["seconds"] if r["solved"] else r.get("total_seconds", float("nan")) for r in runs]
+    finals = [r["final_eval"] for r in runs]
+    return {"solved": sum(r["solved"] for r in runs), "seeds": len(runs),
+            "steps_q": quartiles(steps), "seconds_q": quartiles(secs),
+            "final_eval_median": statistics.median(finals),
+            "final_eval_std": float(np.std(finals)),
+            "kl_max": max((r.get("kl_max", 0.0) for r in runs), default=0.0)}
+
+
+def fmt_q(q, digits=0) -> str:
+    return f"{q[1]:,.{digits}f} [{q[0]:,.{digits}f}, {q[2]:,.{digits}f}]"
+
+
+def throughput(cfg: GRPOConfig, hidden: int, repeats: int = 5) -> dict:
+    """env steps/s of the GRPO collector (policy forward included) vs the raw vector env."""
+    import gymnasium as gym
+
+    adapter = CartPoleAdapter(seed=0, hidden=hidden)
+    steps = secs = 0.0
+    for it in range(repeats):
+        t0 = time.perf_counter()
+        r = adapter.collect(num_groups=cfg.groups_per_iteration, group_size=cfg.group_size, iteration=it)
+        secs += time.perf_counter() - t0
+        steps += r.info["env_steps"]
+    n = cfg.group_size * cfg.groups_per_iteration
+    env = gym.make_vec("CartPole-v1", num_envs=n, vectorization_mode="vector_entry_point")
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    actions = rng.integers(0, 2, size=(20_000 // n + 1, n))
+    t0 = time.perf_counter()
+    for a in actions:
+        env.step(a)
+    raw = len(actions) * n / (time.perf_counter() - t0)
+    env.close()
+    return {"n_envs": n, "collector_steps_per_s": steps / secs, "raw_vector_env_steps_per_s": raw,
+            "ratio": (steps / secs) / raw}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--budget", type=int, default=100_000, help="env-step cap for every run")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--skip-ablation", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cfg = GRPOConfig.from_dict(CARTPOLE_DEFAULTS["grpo"])
+    seeds = list(range(args.seeds))
+    results = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+               f"torch thread(s), Python {platform.python_version()}, torch {torch.__version__}",
+               "date": time.strftime("%Y-%m-%d"), "budget": args.budget, "seeds": seeds,
+               "config": cfg.to_dict(), "hidden": CARTPOLE_HIDDEN, "rows": {}}
+
+    def run_grpo(over: dict) -> list[dict]:
+        out = []
+        for s in seeds:
+            t0 = time.perf_counter()
+            r = grpo_until_solved(cfg.replace(**over, seed=s), hidden=CARTPOLE_HIDDEN,
+                                  max_env_steps=args.budget)
+            r["total_seconds"] = time.perf_counter() - t0
+            out.append(r)
+        return out
+
+    runs = {"GRPO (defaults)": run_grpo({})}
+    try:
+        from benchmarks.ppo_runs import ppo_until_solved
+        runs["PPO (SB3, RL-Zoo)"] = [ppo_until_solved(s, max_env_steps=args.budget) for s in seeds]
+    except ImportError as err:
+        results["ppo_skipped"] = f"stable-baselines3 not installed ({err}); pip install -e .[bench]"
+    if not args.skip_ablation:
+        for name, over in ABLATIONS.items():
+            runs[name] = run_grpo(over)
+    for name, rs in runs.items():
+        results["rows"][name] = summarise(rs, args.budget)
+    results["throughput"] = throughput(cfg, CARTPOLE_HIDDEN)
+    results["curves"] = {name: [r["curve"] for r in rs] for name, rs in runs.items()}
+    (args.out / "cartpole.json").write_text(json.dumps(results, indent=1))
+    print(markdown(results))
+    plot_curves(results, args.out / "cartpole_curves.png")
+    return 0
+
+
+def markdown(res: dict) -> str:
+    lines = [f"Machine: {res['machine']}; date {res['date']}; budget {res['budget']:,} env steps; "
+             f"seeds {res['seeds']}.", "",
+             "| run | solved | env steps to solve, median [IQR] | seconds to solve, median [IQR] "
+             "| final eval (median) | final eval std across seeds | max KL |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in res["rows"].items():
+        lines.append(f"| {name} | {row['solved']}/{row['seeds']} | {fmt_q(row['steps_q'])} | "
+                     f"{fmt_q(row['seconds_q'], 1)} | {row['final_eval_median']:.1f} | "
+                     f"{row['final_eval_std']:.1f} | {row['kl_max']:.4f} |")
+    t = res["throughput"]
+    lines += ["", f"Rollout throughput at {t['n_envs']} episodes in lockstep: collector "
+              f"{t['collector_steps_per_s']:,.0f} env steps/s (policy forward included) vs raw "
+              f"gymnasium vector env with random actions {t['raw_vector_env_steps_per_s']:,.0f} "
+              f"steps/s: ratio {t['ratio']:.2f}."]
+    if "ppo_skipped" in res:
+        lines += ["", f"PPO skipped: {res['ppo_skipped']}"]
+    return "\n".join(lines)
+
+
+def plot_curves(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.linspace(0, res["budget"], 101)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for name, curves in res["curves"].items():
+        ys = []
+        for curve in curves:
+            pts = [(c["env_steps"], c["eval"]) for c in curve if "eval" in c]
+            xs = np.array([0] + [x for x, _ in pts])
+            vs = np.array([np.nan] + [v for _, v in pts])
+            idx = np.searchsorted(xs, grid, side="right") - 1
+            y = vs[idx]
+            if pts and pts[-1][1] >= 475:  # solved runs stop: hold their last value
+                y[grid > pts[-1][0]] = pts[-1][1]
+            ys.append(y)
+        ys = np.array(ys)
+        med = np.nanmedian(ys, 0)
+        lo, hi = np.nanpercentile(ys, 25, 0), np.nanpercentile(ys, 75, 0)
+        style = "-" if name.startswith(("GRPO", "PPO")) else ":"
+        line, = ax.plot(grid, med, style, label=name, lw=2 if style == "-" else 1.2)
+        ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.12)
+    ax.axhline(475, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("training env steps")
+    ax.set_ylabel("greedy eval return (100 episodes)")
+    ax.set_title("CartPole-v1: median and IQR across seeds")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
