@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import as_mask, check_choice, check_same_shape
-from .kl import kl_estimate
+from .kl import KL_ESTIMATORS, kl_estimate
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -134,6 +134,9 @@ def grpo_loss(
     Shapes: logp, old_logp, ref_logp, adv, mask, entropy (N, T) -> scalar, stats.
     stats: the policy-loss stats plus ``policy_loss``, ``kl``, ``entropy``, ``loss``.
     """
+    check_same_shape(logp=logp, old_logp=old_logp, ref_logp=ref_logp, adv=adv, mask=mask,
+                     entropy=entropy)
+    check_choice("kl_estimator", kl_estimator, tuple(KL_ESTIMATORS))
     pg, stats = clipped_policy_loss(
         logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, agg=agg, max_len=max_len
     )
@@ -141,7 +144,6 @@ def grpo_loss(
     stats["policy_loss"] = float(pg.detach())
     m = as_mask(mask, logp)
     if ref_logp is not None:
-        check_same_shape(logp=logp, ref_logp=ref_logp)
         zero = torch.zeros_like(logp)
         kl_tok = kl_estimate(
             kl_estimator,

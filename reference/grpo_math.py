@@ -1,0 +1,348 @@
+"""Plain float64 reference ("oracle") for the GRPO math.
+
+Everything here works on Python floats and ragged Python lists: no padding,
+no masks, no tensors, explicit loops, one function per concept.  It is meant
+to read like the equations and to be obviously right, not to be fast.
+
+Conventions used throughout:
+
+* A *sequence* is a ``list[float]`` of per-step (or per-token) values; it may
+  be empty.
+* A *batch* is a ``list`` of sequences (samples -> tokens).
+* Grouped data is ``list`` of groups, each a ``list`` of sequences
+  (groups -> samples -> steps).
+
+Equation references (E1, E2, ...) point at the comments in each function.
+Only ``math`` is imported, on purpose.
+"""
+
+import math
+
+# ---------------------------------------------------------------------------
+# Returns
+# ---------------------------------------------------------------------------
+
+
+def discounted_returns(rewards, gamma):
+    """Discounted return of every step of one sequence.
+
+    (E1)  G_t = r_t + gamma * G_{t+1},   with G_T = 0 past the last step,
+    computed backwards from the last step.  ``gamma`` is used as given
+    (gamma = 0 gives the rewards, gamma = 1 gives reward-to-go sums).
+    """
+    returns = [0.0] * len(rewards)
+    running = 0.0  # G_T = 0
+    for t in range(len(rewards) - 1, -1, -1):
+        running = float(rewards[t]) + gamma * running  # (E1)
+        returns[t] = running
+    return returns
+
+
+# ---------------------------------------------------------------------------
+# Group-relative advantages
+# ---------------------------------------------------------------------------
+
+_SCALES = ("group", "batch", "none")
+_STATS_OVER = ("steps", "sequences")
+
+
+def _mean(values):
+    """Arithmetic mean (exactly rounded sum via math.fsum)."""
+    return math.fsum(values) / len(values)
+
+
+def _bessel_std(values):
+    """Sample standard deviation with Bessel's correction (divide by n - 1).
+
+    (E2)  s = sqrt( sum_i (x_i - mean)^2 / (n - 1) ).   Requires n >= 2.
+    """
+    m = _mean(values)
+    return math.sqrt(math.fsum((x - m) ** 2 for x in values) / (len(values) - 1))
+
+
+def _pooled_values(group, stats_over):
+    """The values a group's statistics are computed from.
+
+    stats_over="steps":     every step's return of every sample of the group.
+    stats_over="sequences": each non-empty sample's first return G_0
+                            (empty samples are skipped).
+    """
+    pooled = []
+    for sample in group:
+        if stats_over == "steps":
+            pooled.extend(sample)
+        elif len(sample) > 0:
+            pooled.append(sample[0])
+    return pooled
+
+
+def _is_degenerate(pooled):
+    """Fewer than two pooled values, or all of them exactly equal."""
+    return len(pooled) < 2 or all(x == pooled[0] for x in pooled)
+
+
+def group_advantages(returns, *, scale, stats_over, eps=1e-8):
+    """GRPO group-relative advantages.
+
+    ``returns`` is nested groups -> samples -> steps (a sample may be empty).
+
+    (E3)  A_t = (G_t - mean_g) / (std + eps)     scale="group" or "batch"
+    (E4)  A_t =  G_t - mean_g                    scale="none"
+
+    mean_g is the mean of the group's pooled values (see ``_pooled_values``).
+    std is the Bessel std (E2) of the group's pooled values (scale="group"),
+    or of all pooled values of the whole batch put together, around the
+    batch mean (scale="batch").
+
+    Special rule: a group with fewer than 2 pooled values, or whose pooled
+    values are all exactly equal, gets advantage exactly 0.0 everywhere.
+    """
+    if scale not in _SCALES:
+        raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
+    if stats_over not in _STATS_OVER:
+        raise ValueError(f"stats_over must be one of {_STATS_OVER}, got {stats_over!r}")
+
+    pooled_per_group = [_pooled_values(group, stats_over) for group in returns]
+
+    batch_std = None
+    if scale == "batch":
+        everything = [x for pooled in pooled_per_group for x in pooled]
+        if len(everything) >= 2:
+            batch_std = _bessel_std(everything)
+
+    advantages = []
+    for group, pooled in zip(returns, pooled_per_group):
+        if _is_degenerate(pooled):
+            advantages.append([[0.0] * len(sample) for sample in group])
+            continue
+        mean_g = _mean(pooled)
+        if scale == "none":
+            denom = 1.0  # (E4)
+        elif scale == "group":
+            denom = _bessel_std(pooled) + eps  # (E3)
+        else:
+            denom = batch_std + eps  # (E3); batch has >= 2 values here
+        advantages.append([[(g - mean_g) / denom for g in sample] for sample in group])
+    return advantages
+
+
+# ---------------------------------------------------------------------------
+# Per-token KL estimators, d = ref_logp - logp  (log ref(x) / pi(x))
+# ---------------------------------------------------------------------------
+
+
+def kl_k1(logp, ref_logp, old_logp=None):
+    """(K1)  k1 = -d = logp - ref_logp.  Unbiased for KL(pi||ref), high variance."""
+    d = ref_logp - logp
+    return -d
+
+
+def kl_k2(logp, ref_logp, old_logp=None):
+    """(K2)  k2 = d^2 / 2.  Biased for KL(pi||ref), never negative."""
+    d = ref_logp - logp
+    return d * d / 2.0
+
+
+def kl_k3(logp, ref_logp, old_logp=None):
+    """(K3)  k3 = exp(d) - d - 1, computed as expm1(d) - d.  Unbiased, >= 0."""
+    d = ref_logp - logp
+    return math.expm1(d) - d
+
+
+def kl_k3_is(logp, ref_logp, old_logp=None):
+    """(K4)  k3 weighted by the importance ratio exp(logp - old_logp)."""
+    ratio = math.exp(logp - old_logp)
+    return ratio * kl_k3(logp, ref_logp)
+
+
+def kl_k1_dlogp(logp, ref_logp, old_logp=None):
+    """d k1 / d logp = 1."""
+    return 1.0
+
+
+def kl_k2_dlogp(logp, ref_logp, old_logp=None):
+    """d k2 / d logp = d * (d d / d logp) = -d."""
+    d = ref_logp - logp
+    return -d
+
+
+def kl_k3_dlogp(logp, ref_logp, old_logp=None):
+    """d k3 / d logp = -exp(d) + 1 = -expm1(d)."""
+    d = ref_logp - logp
+    return -math.expm1(d)
+
+
+def kl_k3_is_dlogp(logp, ref_logp, old_logp=None):
+    """d (ratio * k3) / d logp = ratio * k3 + ratio * (1 - exp(d))  (product rule,
+    d ratio / d logp = ratio; old_logp and ref_logp are constants)."""
+    ratio = math.exp(logp - old_logp)
+    return ratio * kl_k3(logp, ref_logp) + ratio * kl_k3_dlogp(logp, ref_logp)
+
+
+KL = {
+    "k1": (kl_k1, kl_k1_dlogp),
+    "k2": (kl_k2, kl_k2_dlogp),
+    "k3": (kl_k3, kl_k3_dlogp),
+    "k3_is": (kl_k3_is, kl_k3_is_dlogp),
+}
+
+
+# ---------------------------------------------------------------------------
+# Clipped surrogate (PPO / GRPO) per token
+# ---------------------------------------------------------------------------
+
+
+def clipped_token_loss(logp, old_logp, adv, eps_low, eps_high):
+    """Clipped surrogate loss of one token and its derivative wrt logp.
+
+    (P1)  ratio     = exp(logp - old_logp)
+    (P2)  unclipped = ratio * adv
+          clipped   = clip(ratio, 1 - eps_low, 1 + eps_high) * adv
+    (P3)  loss      = -min(unclipped, clipped)
+
+    Derivative (d ratio / d logp = ratio):
+      d unclipped = ratio * adv
+      d clipped   = ratio * adv if 1 - eps_low <= ratio <= 1 + eps_high
+                    (bounds inclusive, as torch.clamp), else 0
+    min() picks the smaller branch; on an exact tie the derivative is the
+    average of the two branches' derivatives (as torch.minimum does).
+    """
+    ratio = math.exp(logp - old_logp)
+    lo, hi = 1.0 - eps_low, 1.0 + eps_high
+    clipped_ratio = min(max(ratio, lo), hi)
+    unclipped = ratio * adv
+    clipped = clipped_ratio * adv
+
+    d_unclipped = ratio * adv
+    d_clipped = ratio * adv if lo <= ratio <= hi else 0.0
+
+    if unclipped < clipped:
+        value, d_value = unclipped, d_unclipped
+    elif clipped < unclipped:
+        value, d_value = clipped, d_clipped
+    else:
+        value, d_value = unclipped, 0.5 * (d_unclipped + d_clipped)
+    return -value, -d_value
+
+
+# ---------------------------------------------------------------------------
+# Aggregation of per-token values into one scalar
+# ---------------------------------------------------------------------------
+
+AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def aggregate_weights(lengths, agg, max_len=None):
+    """Per-token weights w_it so that every aggregation is linear:
+
+    (A0)  loss = sum_i sum_t w_it * v_it
+
+    With S = number of sequences with len_i > 0 (empty sequences are left
+    out of every mean) and N = total number of tokens:
+      (A1) "token-mean"              w = 1 / N
+      (A2) "seq-mean-token-mean"     w = 1 / (S * len_i)
+      (A3) "seq-mean-token-sum"      w = 1 / S
+      (A4) "seq-mean-token-sum-norm" w = 1 / (S * max_len)   (max_len required)
+    With no token at all there is nothing to weigh and the loss is 0.
+    """
+    if agg not in AGGS:
+        raise ValueError(f"agg must be one of {AGGS}, got {agg!r}")
+    if agg == "seq-mean-token-sum-norm" and max_len is None:
+        raise ValueError("max_len is required for agg='seq-mean-token-sum-norm'")
+    total = sum(lengths)
+    n_seqs = sum(1 for n in lengths if n > 0)
+    weights = []
+    for n in lengths:
+        if n == 0:
+            weights.append([])
+            continue
+        if agg == "token-mean":
+            w = 1.0 / total  # (A1)
+        elif agg == "seq-mean-token-mean":
+            w = 1.0 / (n_seqs * n)  # (A2)
+        elif agg == "seq-mean-token-sum":
+            w = 1.0 / n_seqs  # (A3)
+        else:
+            w = 1.0 / (n_seqs * max_len)  # (A4)
+        weights.append([w] * n)
+    return weights
+
+
+def aggregate(values, agg, max_len=None):
+    """Aggregate ragged per-token ``values`` with the weights of (A0)-(A4)."""
+    weights = aggregate_weights([len(v) for v in values], agg, max_len)
+    return math.fsum(w * v for ws, vs in zip(weights, values) for w, v in zip(ws, vs))
+
+
+# ---------------------------------------------------------------------------
+# Full GRPO loss
+# ---------------------------------------------------------------------------
+
+
+def grpo_loss(
+    logp, old_logp, ref_logp, adv, entropy, *,
+    beta, ent_coef, kl_estimator, eps_low, eps_high, agg, max_len=None,
+):
+    """Full GRPO loss over ragged samples -> tokens, with its exact gradient.
+
+    (L1)  loss = agg(policy_t) + beta * agg(kl_t) - ent_coef * agg(entropy_t)
+
+    policy_t is (P3), kl_t is the chosen estimator (K1)-(K4), ``entropy`` is
+    a constant input.  Because every aggregation is linear (A0),
+
+    (L2)  d loss / d logp_it = w_it * (d policy_it + beta * d kl_it).
+
+    Returns ``(loss, parts, dloss_dlogp)``; ``parts`` holds "policy_loss",
+    "kl", "entropy" (each aggregated, unweighted by beta / ent_coef), "loss",
+    "clip_frac_low" (share of tokens with adv < 0 and ratio < 1 - eps_low),
+    "clip_frac_high" (adv > 0 and ratio > 1 + eps_high), "ratio_min",
+    "ratio_max" and "approx_kl" (token mean of (ratio - 1) - log ratio).
+    With no tokens at all, the shares and approx_kl are 0.0 and
+    ratio_min / ratio_max are NaN (there is no ratio to report).
+    """
+    if kl_estimator not in KL:
+        raise ValueError(f"kl_estimator must be one of {tuple(KL)}, got {kl_estimator!r}")
+    kl_fn, kl_dfn = KL[kl_estimator]
+    lengths = [len(seq) for seq in logp]
+    weights = aggregate_weights(lengths, agg, max_len)
+
+    policy, kl, d_loss = [], [], []
+    ratios, n_low, n_high, approx = [], 0, 0, []
+    for i in range(len(logp)):
+        pol_i, kl_i, d_i = [], [], []
+        for t in range(lengths[i]):
+            lp, olp, rlp, a = logp[i][t], old_logp[i][t], ref_logp[i][t], adv[i][t]
+            p, dp = clipped_token_loss(lp, olp, a, eps_low, eps_high)
+            k, dk = kl_fn(lp, rlp, olp), kl_dfn(lp, rlp, olp)
+            pol_i.append(p)
+            kl_i.append(k)
+            d_i.append(weights[i][t] * (dp + beta * dk))  # (L2)
+
+            log_ratio = lp - olp
+            ratio = math.exp(log_ratio)
+            ratios.append(ratio)
+            n_low += a < 0 and ratio < 1.0 - eps_low
+            n_high += a > 0 and ratio > 1.0 + eps_high
+            approx.append(math.expm1(log_ratio) - log_ratio)
+        policy.append(pol_i)
+        kl.append(kl_i)
+        d_loss.append(d_i)
+
+    policy_loss = aggregate(policy, agg, max_len)
+    kl_value = aggregate(kl, agg, max_len)
+    entropy_value = aggregate([list(e[:n]) for e, n in zip(entropy, lengths)], agg, max_len)
+    loss = policy_loss + beta * kl_value - ent_coef * entropy_value  # (L1)
+
+    n_tokens = len(ratios)
+    parts = {
+        "policy_loss": policy_loss,
+        "kl": kl_value,
+        "entropy": entropy_value,
+        "loss": loss,
+        "clip_frac_low": n_low / n_tokens if n_tokens else 0.0,
+        "clip_frac_high": n_high / n_tokens if n_tokens else 0.0,
+        "ratio_min": min(ratios) if n_tokens else math.nan,
+        "ratio_max": max(ratios) if n_tokens else math.nan,
+        "approx_kl": math.fsum(approx) / n_tokens if n_tokens else 0.0,
+    }
+    return loss, parts, d_loss
