@@ -65,6 +65,12 @@ class GRPOConfig:
     """Clip the global gradient norm to this (plan item 7); 0 disables clipping. >= 0."""
     lr: float = 1e-3
     """Adam learning rate. > 0."""
+    skip_zero_grad_steps: bool = True
+    """Skip the optimizer step when the whole gradient is exactly zero (every group without
+    reward variance and no KL or entropy gradient). Adam would still move the weights on its
+    momentum and let its second moment decay, so that the next rare signal makes an outsized
+    step; seen as a collapse on the tiny-VLM colours task. Skipped steps are counted in the
+    ``skipped_steps`` metric."""
     seed: int = 0
     """Seeds rollouts, start states and minibatch shuffles. >= 0."""
 
@@ -90,6 +96,9 @@ class GRPOConfig:
         _check_float(self, "ent_coef", 0.0, float("inf"))
         _check_float(self, "max_grad_norm", 0.0, float("inf"))
         _check_float(self, "lr", 0.0, float("inf"), low_open=True)
+        if not isinstance(self.skip_zero_grad_steps, bool):
+            raise ValueError(f"skip_zero_grad_steps={self.skip_zero_grad_steps!r} is invalid: "
+                             "expected true or false")
         _check_choice(self, "ref_update", REF_UPDATES)
         _check_choice(self, "kl_estimator", tuple(KL_ESTIMATORS))
         _check_choice(self, "scale", SCALES)

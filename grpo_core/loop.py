@@ -44,11 +44,19 @@ class NonFiniteLossError(RuntimeError):
 class GRPOTrainer:
     """Holds the policy's optimizer, the reference model and the iteration counter."""
 
-    def __init__(self, adapter: Adapter, config: GRPOConfig, optimizer: torch.optim.Optimizer | None = None):
+    def __init__(self, adapter: Adapter, config: GRPOConfig, optimizer: torch.optim.Optimizer | None = None,
+                 *, keep_reference: bool | None = None):
+        """``keep_reference``: hold a reference model; default only when ``beta != 0`` (with
+        ``beta = 0`` it is never read, and for a large model it would double the memory)."""
         self.adapter = adapter
         self.config = config
         self.policy = adapter.policy
-        self.reference = adapter.make_reference()
+        if keep_reference is None:
+            keep_reference = config.beta != 0
+        if not keep_reference and config.beta != 0:
+            raise ValueError(f"keep_reference=False needs beta=0 (the KL term reads the reference), "
+                             f"got beta={config.beta!r}")
+        self.reference = adapter.make_reference() if keep_reference else None
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = optimizer or torch.optim.Adam(self.params, lr=config.lr)
         self.iteration = 0
@@ -73,7 +81,7 @@ class GRPOTrainer:
     def refresh_reference(self, iteration: int) -> bool:
         """Refresh the reference if ``iteration`` is a refresh iteration; True if it did."""
         freq = self.config.update_ref_model_freq
-        if freq == 0 or iteration % freq != 0:
+        if self.reference is None or freq == 0 or iteration % freq != 0:
             return False
         custom = getattr(self.adapter, "refresh_reference", None)
         if custom is not None:
@@ -114,6 +122,7 @@ class GRPOTrainer:
         if "kl" in acc:
             out["kl_start"] = acc["kl"][0]  # first update of the iteration, before any step
         out["grad_norm_max"] = max(acc["grad_norm"])
+        out["skipped_steps"] = sum(acc["skipped_steps"])
         out["ratio_min"] = min(acc["ratio_min"])
         out["ratio_max"] = max(acc["ratio_max"])
         return out
@@ -134,7 +143,9 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         stats["grad_norm"] = self._clip_gradients()
-        self.optimizer.step()
+        stats["skipped_steps"] = float(stats["grad_norm"] == 0.0 and cfg.skip_zero_grad_steps)
+        if not stats["skipped_steps"]:
+            self.optimizer.step()
         return stats
 
     def _clip_gradients(self) -> float:
@@ -153,12 +164,14 @@ class GRPOTrainer:
         return float(norm)
 
     def state_dict(self) -> dict:
-        return {"policy": self.policy.state_dict(), "reference": self.reference.state_dict(),
+        ref = None if self.reference is None else self.reference.state_dict()
+        return {"policy": self.policy.state_dict(), "reference": ref,
                 "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
                 "config": self.config.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
-        self.reference.load_state_dict(state["reference"])
+        if self.reference is not None and state["reference"] is not None:
+            self.reference.load_state_dict(state["reference"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])

@@ -22,16 +22,15 @@ the same metrics as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from .trainlog import defer_sigint
 
 # ---------------------------------------------------------------------------------------------
 # CartPole defaults: the one place to tune them.
@@ -81,12 +80,19 @@ class UsageError(Exception):
 
 
 def add_parser(sub, name: str) -> None:
+    from .train_vlm import add_vlm_arguments
+
     d = CARTPOLE_DEFAULTS["train"]
-    p = sub.add_parser(
-        name, help="train a policy with GRPO (cartpole)",
-        description="Train a policy with the verified GRPO loop. Precedence: CartPole defaults < "
+    train = sub.add_parser(name, help="train with GRPO: cartpole, or vlm (Qwen2-VL family)",
+                           description="Train a policy with the verified GRPO loop.")
+    envs = train.add_subparsers(dest="env", required=True, metavar="ENV")
+    add_vlm_arguments(envs.add_parser(
+        "vlm", help="a Qwen2-VL / Qwen2.5-VL model (needs the vlm extra)",
+        description="GRPO on an image-text model; see grpo_harness/train_vlm.py for the options' story."))
+    p = envs.add_parser(
+        "cartpole", help="CartPole-v1 with a small MLP policy",
+        description="Train CartPole-v1 with the verified GRPO loop. Precedence: CartPole defaults < "
         "--config < --set < --seed.")
-    p.add_argument("env", choices=["cartpole"], help="environment to train on")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help="TOML or JSON file of GRPOConfig keys (flat, or [grpo]/[train] sections)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -282,21 +288,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-@contextlib.contextmanager
-def _defer_sigint():
-    """Hold Ctrl-C until the block ends, so that a metrics line and the in-memory snapshot
-    that a checkpoint is written from always describe the same iteration."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-        if pending:
-            raise KeyboardInterrupt
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -472,7 +463,7 @@ class _Run:
                 if newly_solved:
                     solved = {"iteration": stats["iteration"], "env_steps": env_steps,
                               "wall_time": record["wall_time"], "eval_mean": record["eval_mean"]}
-                with _defer_sigint():
+                with defer_sigint():
                     log.write(record)
                     self.state = _Progress(env_steps, record["wall_time"], eval_index, best, solved)
                     self.snapshot = self._snapshot()
@@ -499,7 +490,7 @@ class _Run:
             log.close()
 
         # Outputs; a second Ctrl-C is held until they are written.
-        with _defer_sigint():
+        with defer_sigint():
             ckpt_path = self._save_checkpoint()
             from .trainlog import plot_curve, read_metrics
 

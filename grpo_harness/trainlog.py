@@ -6,11 +6,14 @@ Heavy imports (tqdm, tensorboard, matplotlib) happen inside the functions that n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import IO, Any, Iterable
 
@@ -197,3 +200,20 @@ def plot_curve(records: Iterable[dict[str, Any]], path: Path, *, threshold: floa
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+@contextlib.contextmanager
+def defer_sigint():
+    """Hold Ctrl-C until the block ends, so that a metrics line and the in-memory snapshot
+    that a checkpoint is written from always describe the same iteration."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        if pending:
+            raise KeyboardInterrupt

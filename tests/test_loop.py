@@ -17,9 +17,10 @@ from tests.toy_adapter import ToyAdapter
 SMALL = dict(group_size=4, groups_per_iteration=2, grpo_epochs=3, minibatches=2, lr=1e-2)
 
 
-def cartpole_trainer(**overrides) -> GRPOTrainer:
+def cartpole_trainer(keep_reference=None, **overrides) -> GRPOTrainer:
     cfg = GRPOConfig(**{**SMALL, **overrides})
-    return GRPOTrainer(CartPoleAdapter(seed=cfg.seed, hidden=16, dtype=torch.float64), cfg)
+    return GRPOTrainer(CartPoleAdapter(seed=cfg.seed, hidden=16, dtype=torch.float64), cfg,
+                       keep_reference=keep_reference)
 
 
 def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -46,7 +47,7 @@ def test_later_epochs_move_the_ratio():
 
 def test_beta_zero_makes_the_reference_irrelevant():
     def run(perturb: bool, beta: float):
-        tr = cartpole_trainer(beta=beta, update_ref_model_freq=0)
+        tr = cartpole_trainer(beta=beta, update_ref_model_freq=0, keep_reference=True)
         if perturb:
             with torch.no_grad():
                 for p in tr.reference.parameters():
@@ -57,6 +58,39 @@ def test_beta_zero_makes_the_reference_irrelevant():
 
     assert same(run(False, 0.0), run(True, 0.0))
     assert not same(run(False, 0.1), run(True, 0.1))  # the same check can fail when beta > 0
+
+
+def test_no_reference_is_kept_when_beta_is_zero():
+    assert cartpole_trainer(beta=0.0).reference is None
+    assert cartpole_trainer(beta=0.1).reference is not None
+    with pytest.raises(ValueError, match="keep_reference=False needs beta=0"):
+        cartpole_trainer(beta=0.1, keep_reference=False)
+
+
+class _SignalThenSilence(ToyAdapter):
+    """Rewards with variance at iteration 0, then all zero (no group has signal)."""
+
+    def collect(self, *, iteration, **kw):
+        r = super().collect(iteration=iteration, **kw)
+        if iteration > 0:
+            r.rewards = torch.zeros_like(r.rewards)
+        return r
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_zero_gradient_steps_are_skipped(skip):
+    """With no signal the gradient is exactly 0; Adam would still move the weights on its
+    momentum. The guard keeps weights and optimizer state as they were."""
+    cfg = GRPOConfig(group_size=4, groups_per_iteration=2, beta=0.0, ent_coef=0.0, grpo_epochs=2,
+                     lr=0.05, skip_zero_grad_steps=skip)
+    tr = GRPOTrainer(_SignalThenSilence(seed=1), cfg)
+    first = tr.step()
+    assert first["skipped_steps"] == 0 and first["grad_norm"] > 0
+    before = params(tr.policy)
+    second = tr.step()
+    assert second["grad_norm_max"] == 0.0
+    assert second["skipped_steps"] == (2 if skip else 0)
+    assert same(params(tr.policy), before) == skip
 
 
 def test_hard_refresh_every_iteration_zeroes_kl_at_start():
