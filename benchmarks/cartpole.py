@@ -54,25 +54,29 @@ def summarise(runs: list[dict], budget: int) -> dict:
             "steps_q": quartiles(steps), "seconds_q": quartiles(secs),
             "final_eval_median": statistics.median(finals),
             "final_eval_std": float(np.std(finals)),
-            "kl_max": max((r.get("kl_max", 0.0) for r in runs), default=0.0)}
+            "kl_max": max((r["kl_max"] for r in runs if "kl_max" in r), default=None),
+            "kl_mean": (statistics.median(r["kl_mean"] for r in runs) if all("kl_mean" in r for r in runs)
+                        else None),
+            "grad_norm_max": max((r["grad_norm_max"] for r in runs if "grad_norm_max" in r), default=None)}
 
 
 def fmt_q(q, digits=0) -> str:
     return f"{q[1]:,.{digits}f} [{q[0]:,.{digits}f}, {q[2]:,.{digits}f}]"
 
 
-def throughput(cfg: GRPOConfig, hidden: int, repeats: int = 5) -> dict:
-    """env steps/s of the GRPO collector (policy forward included) vs the raw vector env."""
+def throughput(group_size: int, num_groups: int, hidden: int, repeats: int = 5) -> dict:
+    """env steps/s of the GRPO collector (policy forward included, untrained policy, so short
+    episodes) vs gymnasium's native vector env with random actions, at the same batch size."""
     import gymnasium as gym
 
     adapter = CartPoleAdapter(seed=0, hidden=hidden)
     steps = secs = 0.0
     for it in range(repeats):
         t0 = time.perf_counter()
-        r = adapter.collect(num_groups=cfg.groups_per_iteration, group_size=cfg.group_size, iteration=it)
+        r = adapter.collect(num_groups=num_groups, group_size=group_size, iteration=it)
         secs += time.perf_counter() - t0
         steps += r.info["env_steps"]
-    n = cfg.group_size * cfg.groups_per_iteration
+    n = group_size * num_groups
     env = gym.make_vec("CartPole-v1", num_envs=n, vectorization_mode="vector_entry_point")
     env.reset(seed=0)
     rng = np.random.default_rng(0)
@@ -123,7 +127,8 @@ def main(argv=None) -> int:
             runs[name] = run_grpo(over)
     for name, rs in runs.items():
         results["rows"][name] = summarise(rs, args.budget)
-    results["throughput"] = throughput(cfg, CARTPOLE_HIDDEN)
+    results["throughput"] = [throughput(cfg.group_size, b, CARTPOLE_HIDDEN)
+                             for b in (cfg.groups_per_iteration, 16, 128)]
     results["curves"] = {name: [r["curve"] for r in rs] for name, rs in runs.items()}
     (args.out / "cartpole.json").write_text(json.dumps(results, indent=1))
     print(markdown(results))
@@ -135,17 +140,22 @@ def markdown(res: dict) -> str:
     lines = [f"Machine: {res['machine']}; date {res['date']}; budget {res['budget']:,} env steps; "
              f"seeds {res['seeds']}.", "",
              "| run | solved | env steps to solve, median [IQR] | seconds to solve, median [IQR] "
-             "| final eval (median) | final eval std across seeds | max KL |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| final eval (median) | final eval std across seeds | KL per iteration: median of "
+             "seed means / max | max grad norm |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in res["rows"].items():
+        kl = "n/a" if row["kl_max"] is None else f"{row['kl_mean']:.4f} / {row['kl_max']:.4f}"
+        gn = "n/a" if row["grad_norm_max"] is None else f"{row['grad_norm_max']:.2f}"
         lines.append(f"| {name} | {row['solved']}/{row['seeds']} | {fmt_q(row['steps_q'])} | "
                      f"{fmt_q(row['seconds_q'], 1)} | {row['final_eval_median']:.1f} | "
-                     f"{row['final_eval_std']:.1f} | {row['kl_max']:.4f} |")
-    t = res["throughput"]
-    lines += ["", f"Rollout throughput at {t['n_envs']} episodes in lockstep: collector "
-              f"{t['collector_steps_per_s']:,.0f} env steps/s (policy forward included) vs raw "
-              f"gymnasium vector env with random actions {t['raw_vector_env_steps_per_s']:,.0f} "
-              f"steps/s: ratio {t['ratio']:.2f}."]
+                     f"{row['final_eval_std']:.1f} | {kl} | {gn} |")
+    lines += ["", "Rollout throughput (env steps/s): the GRPO collector (one batched policy forward "
+              "per step, episodes in lockstep) vs gymnasium's native vector env with random actions "
+              "and no policy, same number of episodes.", "",
+              "| episodes in lockstep | collector | raw vector env | ratio |", "|---:|---:|---:|---:|"]
+    for t in res["throughput"]:
+        lines.append(f"| {t['n_envs']} | {t['collector_steps_per_s']:,.0f} | "
+                     f"{t['raw_vector_env_steps_per_s']:,.0f} | {t['ratio']:.2f} |")
     if "ppo_skipped" in res:
         lines += ["", f"PPO skipped: {res['ppo_skipped']}"]
     return "\n".join(lines)
@@ -157,9 +167,11 @@ def plot_curves(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = np.linspace(0, res["budget"], 101)
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    last = max(c["env_steps"] for curves in res["curves"].values() for cv in curves for c in cv)
+    grid = np.linspace(0, min(res["budget"], 1.1 * last), 201)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for name, curves in res["curves"].items():
+        ax = axes[0] if name.startswith(("GRPO", "PPO")) else axes[1]
         ys = []
         for curve in curves:
             pts = [(c["env_steps"], c["eval"]) for c in curve if "eval" in c]
@@ -173,14 +185,16 @@ def plot_curves(res: dict, path: Path) -> None:
         ys = np.array(ys)
         med = np.nanmedian(ys, 0)
         lo, hi = np.nanpercentile(ys, 25, 0), np.nanpercentile(ys, 75, 0)
-        style = "-" if name.startswith(("GRPO", "PPO")) else ":"
-        line, = ax.plot(grid, med, style, label=name, lw=2 if style == "-" else 1.2)
+        line, = ax.plot(grid, med, label=name, lw=2 if name.startswith("GRPO") else 1.3)
         ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.12)
-    ax.axhline(475, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("training env steps")
-    ax.set_ylabel("greedy eval return (100 episodes)")
-    ax.set_title("CartPole-v1: median and IQR across seeds")
-    ax.legend(fontsize=7, loc="lower right")
+        if name.startswith("GRPO"):  # the defaults also go on the ablation panel
+            axes[1].plot(grid, med, color="k", lw=2, label=name)
+    for ax, title in zip(axes, ("GRPO vs PPO", "ablation: one improvement off at a time")):
+        ax.axhline(475, color="k", lw=0.8, ls="--")
+        ax.set_xlabel("training env steps")
+        ax.set_title(f"CartPole-v1, {title} (median, IQR band)", fontsize=10)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("greedy eval return (100 episodes)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

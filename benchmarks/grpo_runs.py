@@ -24,7 +24,7 @@ def grpo_until_solved(cfg: GRPOConfig, *, hidden: int = 64, max_env_steps: int =
     """
     adapter = CartPoleAdapter(seed=cfg.seed, hidden=hidden)
     trainer = GRPOTrainer(adapter, cfg)
-    steps, train_seconds, curve, kls = 0, 0.0, [], []
+    steps, train_seconds, curve, kls, grad_norms = 0, 0.0, [], [], []
     solved_at, next_eval = None, eval_every_steps
     while steps < max_env_steps:
         t0 = time.perf_counter()
@@ -32,6 +32,7 @@ def grpo_until_solved(cfg: GRPOConfig, *, hidden: int = 64, max_env_steps: int =
         train_seconds += time.perf_counter() - t0
         steps += m["env_steps"]
         kls.append(m.get("kl", 0.0))
+        grad_norms.append(m["grad_norm_max"])
         point = {"env_steps": steps, "train_return": m["mean_return"], "kl": m.get("kl", 0.0)}
         if steps >= next_eval:
             next_eval = (steps // eval_every_steps + 1) * eval_every_steps
@@ -47,6 +48,7 @@ def grpo_until_solved(cfg: GRPOConfig, *, hidden: int = 64, max_env_steps: int =
     return {"solved": solved_at is not None, "steps": solved_at[0] if solved_at else None,
             "seconds": solved_at[1] if solved_at else None, "final_eval": final_eval,
             "total_steps": steps, "kl_max": float(np.max(kls)), "kl_mean": float(np.mean(kls)),
+            "grad_norm_max": float(np.max(grad_norms)),
             "curve": curve}
 
 

@@ -59,15 +59,40 @@ def _fragments(folder: Path) -> dict:
     return merged
 
 
+ESTIMATOR_SEED = 0
+
+
+def _estimator_section(out: Path) -> tuple[dict, str | None]:
+    """Every check of every built-in estimator (the kit run on the core's own estimators), and
+    the bias/std plot of k1/k2/k3. Failures here are reported, not raised."""
+    import dataclasses
+
+    try:
+        from grpo_core.testing.kit import BUILTIN_KINDS, BUILTINS, all_passed, check_estimator
+        from grpo_harness.kl_plot import plot_kl_estimators
+    except ImportError as err:  # torch or matplotlib missing: the report still gets written
+        return {"error": str(err)}, None
+    section = {}
+    for name, fn in BUILTINS.items():
+        rows = check_estimator(fn, BUILTIN_KINDS[name], seed=ESTIMATOR_SEED)
+        section[name] = {"passed": all_passed(rows),
+                         "rows": [dataclasses.asdict(r) for r in rows]}
+    plot = out / "kl_estimators.png"
+    plot_kl_estimators(plot)
+    return section, plot.name
+
+
 def build(junit: Path, out: Path) -> dict:
     cases = parse_junit(junit)
     counts = Counter(c["outcome"] for c in cases)
     by_module = defaultdict(Counter)
     for c in cases:
-        by_module[c["module"].rsplit(".", 1)[0] if "." in c["module"] else c["module"]][c["outcome"]] += 1
+        by_module[".".join(c["module"].split(".")[:2])][c["outcome"]] += 1
     fragments = _fragments(out / "fragments")
     examples = sum(v.get("examples", 0) for k, v in fragments.items() if k.startswith("hypothesis"))
+    estimators, plot = _estimator_section(out)
     report = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions(),
+              "seed": ESTIMATOR_SEED, "builtin_estimators": estimators, "kl_plot": plot,
               "counts": dict(counts), "total": len(cases), "hypothesis_examples": examples,
               "modules": {m: dict(c) for m, c in sorted(by_module.items())},
               "failures": [c for c in cases if c["outcome"] in ("failed", "error")],
@@ -91,6 +116,15 @@ def to_markdown(report: dict) -> str:
     if report["failures"]:
         lines += ["", "## Failures", ""]
         lines += [f"- `{f['module']}::{f['name']}`: {f['message']}" for f in report["failures"]]
+    lines += ["", "## Built-in estimators (the conformance kit on the core's own estimators)", "",
+              "| estimator | check | result | value | bound | explanation |", "|---|---|---|---|---|---|"]
+    for est, sec in report["builtin_estimators"].items():
+        for r in sec.get("rows", []):
+            result = "info" if r["passed"] is None else ("PASS" if r["passed"] else "FAIL")
+            lines.append(f"| {est} | {r['name']} | {result} | {_short(r['value'])} | "
+                         f"{_short(r['bound'])} | {r['explanation']} |")
+    if report["kl_plot"]:
+        lines += ["", f"![bias and std of k1/k2/k3]({report['kl_plot']})"]
     for name, section in report["sections"].items():
         lines += ["", f"## {name}", ""]
         if isinstance(section, dict) and "markdown" in section:
@@ -99,6 +133,12 @@ def to_markdown(report: dict) -> str:
             lines += ["```json", json.dumps(section, indent=2, default=str)[:4000], "```"]
     lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in report["versions"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value).replace("|", "/")[:40]
 
 
 def run(args) -> int:

@@ -80,3 +80,11 @@ def test_testing_package_forwards_exactly_the_strategies():
 
     assert kit.STRATEGY_NAMES == set(strategies.__all__)
     assert kit.pad is strategies.pad
+
+
+def test_adapters_is_this_projects_package():
+    """PyPI has an unrelated distribution named ``adapters``; ours must be the one imported."""
+    import adapters
+
+    assert Path(adapters.__file__).resolve().parent == ROOT / "adapters"
+    assert hasattr(__import__("adapters.cartpole").cartpole, "CartPoleAdapter")
