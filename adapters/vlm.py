@@ -26,6 +26,8 @@ Conventions (the loop sees only ``Rollout`` tensors):
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from collections.abc import Callable, Sequence
 
@@ -305,7 +307,8 @@ class VLMAdapter:
         for part in rows.split(self.forward_batch):
             kw = self.model_inputs(rollout, part, device)
             reset_rope_deltas(model)
-            out = model(**kw, use_cache=False, logits_to_keep=t_len + 1)
+            with _checkpointing_forward(model):
+                out = model(**kw, use_cache=False, logits_to_keep=t_len + 1)
             reset_rope_deltas(model)
             logits = out.logits[:, :-1]  # position P-1+t predicts completion token t
             ids = comp_all[part.cpu()].to(device)
@@ -391,3 +394,31 @@ def logprob_consistency(adapter: VLMAdapter, rollout: Rollout) -> float:
     if not valid.any():
         return 0.0
     return float((gen - train.cpu())[valid].abs().max())
+
+
+@contextlib.contextmanager
+def _checkpointing_forward(model: torch.nn.Module):
+    """transformers recomputes activations (gradient checkpointing) only in train mode, and
+    the policy lives in eval mode (no dropout). For a forward that builds a graph on a model
+    with checkpointing enabled, switch to train mode for the call only; Qwen2-VL's dropouts
+    are 0 by default, so the function computed is the same."""
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"  # transformers < 5.2x names it so
+    use = torch.is_grad_enabled() and bool(getattr(model, flag, False))
+    was_training = model.training
+    if use:
+        model.train()
+    try:
+        yield
+    finally:
+        if use and not was_training:
+            model.eval()
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on activation (gradient) checkpointing under either transformers name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -8,6 +8,10 @@ Two ways to run it:
 - ``--data FILE.jsonl --reward module:function [--reward ...] --model ID_OR_PATH``: your rows
   (columns image (path), prompt, answer, anything else) and TRL-style reward functions.
 
+Before the first iteration (also on ``--resume``) the preflight checks of ``adapters.vlm_preflight``
+run on a few real samples and print a table; if one fails, the command exits 1 naming it
+(``--skip-preflight`` skips them). ``--lora-rank R`` trains LoRA adapters (``adapters.vlm_lora``).
+
 Configuration: ``VLM_DEFAULTS["grpo"]`` over GRPOConfig's defaults, then ``--set KEY=VALUE``
 (GRPOConfig keys, values read as JSON literals), then ``--seed``. The learning rate decays
 linearly to 0 over ``--max-iterations`` (``--lr-schedule constant`` keeps it).
@@ -79,7 +83,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 LOG_EVERY = 10
 # options that define the task; saved in config.json and taken from there on --resume
-_TASK_ARGS = ("data", "eval_data", "reward", "reward_weight", "colours", "num_prompts", "eval_size", "family")
+_TASK_ARGS = ("data", "eval_data", "reward", "reward_weight", "colours", "num_prompts", "eval_size", "family",
+              "lora_rank")
 _PATH_ARGS = ("data", "eval_data")
 
 
@@ -103,6 +108,9 @@ def add_vlm_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src.add_argument("--colours", type=int, default=4, metavar="K", help="colours in the task (2..6)")
     src.add_argument("--num-prompts", type=int, default=64, metavar="N", help="colours training prompts")
     src.add_argument("--eval-size", type=int, default=32, metavar="N", help="colours held-out prompts")
+    src.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                     help="train LoRA adapters of rank R instead of the full model; the reference is a second "
+                     "adapter on the same base weights (0: off, default; needs peft, the lora extra)")
     run = p.add_argument_group("run")
     run.add_argument("--out", type=Path, metavar="DIR", help="run folder (default runs/vlm-<timestamp>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint.pt")
@@ -122,9 +130,16 @@ def add_vlm_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--stop-at-target", action="store_true", help="stop once the target is reached")
     run.add_argument("--dtype", choices=["float32", "bfloat16"], help="training dtype (default float32)")
     run.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    run.add_argument("--gradient-checkpointing", action="store_true",
+                     help="recompute activations in the backward pass (less memory, ~30%% more time; "
+                     "for real models on a GPU)")
     run.add_argument("--threads", type=int, metavar="N",
                      help="torch CPU threads (default: 1 for the built tiny model, where more threads only "
                      "wait on each other, else torch's choice)")
+    run.add_argument("--skip-preflight", action="store_true",
+                     help="do not run the preflight checks (log-prob consistency, reference refresh, finite "
+                     "loss, KL gradient, estimator kit; see adapters.vlm_preflight) that otherwise run before "
+                     "training and refuse to train when one fails")
     p.set_defaults(run=run_vlm)
     return p
 
@@ -309,6 +324,8 @@ class _VLMRun:
                     raise UsageError(f"{self.out} already holds a run ({name}); pass --resume or "
                                      "choose another --out")
             self.model_path = args.model
+        if not isinstance(args.lora_rank, int) or args.lora_rank < 0:
+            raise UsageError(f"--lora-rank={args.lora_rank!r}: expected an int >= 0 (0: off)")
 
     def _datasets(self):
         from adapters.vlm_tasks import colours_dataset, first_word_reward, load_jsonl
@@ -350,6 +367,10 @@ class _VLMRun:
         device = self.args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if getattr(self.args, "gradient_checkpointing", False):
+            from adapters.vlm import enable_checkpointing
+
+            enable_checkpointing(model)
         return model.to(device), processor
 
     def _write_config(self) -> None:
@@ -377,6 +398,23 @@ class _VLMRun:
         atomic_write(path, lambda tmp: torch.save(snap, tmp))
         return path
 
+    def _preflight(self) -> bool:
+        """Run the preflight checks on the trainer; False (refuse to train) if one failed and
+        --skip-preflight was not given."""
+        if self.args.skip_preflight:
+            print("preflight skipped (--skip-preflight)", file=sys.stderr, flush=True)
+            return True
+        from adapters.vlm_preflight import failed_names, format_preflight, run_preflight
+
+        rows = run_preflight(self.trainer, self.cfg)
+        print(format_preflight(rows), flush=True)
+        failed = failed_names(rows)
+        if failed:
+            print(f"grpo-harness train vlm: preflight failed: {', '.join(failed)}; refusing to train "
+                  "(fix them, or pass --skip-preflight to train anyway)", file=sys.stderr, flush=True)
+            return False
+        return True
+
     def main(self) -> int:
         self._setup()
         import torch
@@ -397,9 +435,16 @@ class _VLMRun:
         model, processor = self._model()
         t = self.train
         weights = self.args.reward_weight or None
-        adapter = VLMAdapter(model, processor, train_ds, funcs, reward_weights=weights,
-                             seed=self.cfg.seed, temperature=t["temperature"], top_p=t["top_p"],
-                             max_new_tokens=t["max_new_tokens"])
+        adapter_kw = {"reward_weights": weights, "seed": self.cfg.seed, "temperature": t["temperature"],
+                      "top_p": t["top_p"], "max_new_tokens": t["max_new_tokens"]}
+        if self.args.lora_rank:
+            try:
+                from adapters.vlm_lora import LoRAVLMAdapter
+            except ImportError as e:
+                raise UsageError(f"--lora-rank: {e}") from None
+            adapter = LoRAVLMAdapter(model, processor, train_ds, funcs, lora_rank=self.args.lora_rank, **adapter_kw)
+        else:
+            adapter = VLMAdapter(model, processor, train_ds, funcs, **adapter_kw)
         self.trainer = GRPOTrainer(adapter, self.cfg)
         total = t["max_iterations"]
         schedule = (lambda i: max(0.0, 1.0 - i / total)) if t["lr_schedule"] == "linear" else (lambda i: 1.0)
@@ -410,6 +455,8 @@ class _VLMRun:
             self.scheduler.load_state_dict(self.checkpoint["scheduler"])
             self.progress = dict(self.checkpoint["progress"])
             drop_records_from(self.out / METRICS_FILE, self.trainer.iteration)
+        if not self._preflight():
+            return 1
         self._write_config()
         self.snapshot = self._snapshot()
         start_it, wall_base, t0 = self.trainer.iteration, self.progress["wall_time"], time.perf_counter()
@@ -468,7 +515,10 @@ class _VLMRun:
             plot_reward_curve(read_metrics(self.out / METRICS_FILE), curve, window=t["window"],
                               target=t["target_reward"], title=f"GRPO {self.task} (seed {self.cfg.seed})")
             final = self.out / "final"
-            adapter.policy.save_pretrained(final)
+            if self.args.lora_rank:
+                adapter.save_merged(final)  # the base model with the policy adapter merged in
+            else:
+                adapter.policy.save_pretrained(final)
             processor.save_pretrained(final)
         p = self.progress
         rewards = p["rewards"]

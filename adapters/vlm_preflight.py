@@ -1,0 +1,457 @@
+"""Preflight: cheap checks on a few real samples before any (GPU) training step.
+
+``run_preflight(trainer_or_adapter, config)`` returns one ``CheckResult`` row per check (the
+estimator kit's row type: ``passed`` True/False, or None for a check that does not apply);
+``train vlm`` prints them and refuses to train when one failed. Nothing the trainer will use
+is changed: no optimizer step, no ``.grad`` written (gradients are taken with
+``torch.autograd.grad``), the reference restored if the refresh check had to overwrite it,
+and the rollout seeded as the trainer's own (no global random state consumed).
+
+The checks, on one rollout of ``samples`` completions of the iteration the trainer runs next:
+
+``logprob_consistency`` (a)
+    The log-probs the loss recomputes (one forward over prompt + completion) against those of
+    the sampling steps (KV-cached decoding) for the same tokens: two computations of one
+    distribution. Wrong M-RoPE positions (Qwen2.5-VL with ``mm_token_type_ids`` not covering
+    the completion), images paired with the wrong rows, a shifted token alignment or a stale
+    rope-delta cache all show here and nowhere else; the ratio and the KL are then computed
+    against a distribution that was never sampled from. Bounds (``LOGPROB_BOUNDS``): float32,
+    max |gap| <= 1e-4 (a correct forward is ~1e-6 on the tiny model). bfloat16 / float16:
+    mean |gap| <= 0.05 nats, see ``LOGPROB_BOUNDS``.
+``reference_refresh`` (b, when a reference is kept)
+    After a hard refresh through the trainer's own refresh path (``adapter.refresh_reference``
+    when defined, else ``load_state_dict``) every reference tensor equals the policy's (max
+    |diff| 0) and the reference's log-probs equal the policy's on the rollout (0: same weights,
+    same code, same inputs). Catches a refresh that copies the wrong module, misses tensors,
+    leaves the reference in train mode (dropout) or in another dtype.
+``finite_loss`` (c)
+    The GRPO loss of one minibatch of the rollout exactly as the trainer computes it (returns,
+    group advantages, reference log-probs, ``grpo_loss``) and its gradient are finite; a NaN
+    here stops training at the first step anyway, after the model load and the first rollout.
+``kl_gradient`` (d, when beta > 0)
+    The KL term alone (advantages 0, entropy off) against reference log-probs moved off the
+    policy's (fixed noise, std ``KL_NOISE``; right after a hard refresh the k3 gradient is
+    exactly 0) must have a non-zero, finite gradient norm with respect to the trainable
+    parameters. A detached ``logp`` (``no_grad`` around the forward, a ``.detach()`` in the
+    estimator or loss) gives a silent zero: beta then does nothing.
+``kit_kl`` / ``kit_advantage`` / ``kit_returns`` (e)
+    The estimator kit (``grpo_core.testing.kit.check_estimator``) on the configured KL
+    estimator (``BUILTINS[config.kl_estimator]``), the group-advantage builtin and the returns
+    builtin: unbiasedness, gradient direction, shapes, padding, ... (each row summarises one
+    estimator's rows; ``details["failed"]`` holds the failing rows).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from grpo_core.adapter import Rollout
+from grpo_core.advantages import group_advantages
+from grpo_core.losses import grpo_loss
+from grpo_core.returns import discounted_returns
+from grpo_core.testing.checks import CheckResult
+from grpo_core.testing.kit import BUILTIN_KINDS, BUILTINS, check_estimator, format_table
+
+LOGPROB, REFRESH, FINITE, KL_GRAD = "logprob_consistency", "reference_refresh", "finite_loss", "kl_gradient"
+KIT_KL, KIT_ADV, KIT_RET = "kit_kl", "kit_advantage", "kit_returns"
+CHECKS = (LOGPROB, REFRESH, FINITE, KL_GRAD, KIT_KL, KIT_ADV, KIT_RET)
+
+LOGPROB_BOUNDS: dict[torch.dtype, tuple[str, float]] = {
+    torch.float64: ("max", 1e-4),
+    torch.float32: ("max", 1e-4),
+    torch.bfloat16: ("mean", 0.05),
+    torch.float16: ("mean", 0.05),
+}
+"""Statistic of |generation log-prob - training log-prob| over the valid completion tokens, and
+its bound, by the model's dtype.
+
+float32: the max, 1e-4: a correct forward measures ~5e-7 on the tiny models (both families,
+CPU); the Qwen2.5-VL M-RoPE bug (``mm_token_type_ids`` not extended) measures 7e-4 to 1e-3 on
+the same random tiny model, where logits are nearly flat (expected far larger on a trained one).
+
+bfloat16 / float16: the mean, 0.05 nats. bfloat16 keeps 8 significant bits: a logit in
+[16, 32) is stored in steps of 0.125, and two kernel paths computing the same logits (KV-cached
+decoding vs one full forward) disagree by about one such step (a public TensorRT-LLM report:
+up to ~0.16 on Llama-3.1-8B). A log-prob moves by at most twice the largest logit change
+(log-softmax is 2-Lipschitz in the max norm), so per-token gaps of ~0.25, more on rare tokens
+of long completions, are rounding, not bugs; a max bound loose enough for them would miss
+real bugs. The mean over tokens is much smaller, since a confident token barely moves (its gap
+scales with 1 - p; a public trainer-vs-sampler comparison reports a mean of 4e-3 over 50
+tokens). A structural bug (positions, images, token alignment) changes the distribution on
+most tokens and is expected to move the mean by tenths of a nat or more on a trained model.
+0.05 nats (a 5% mean ratio error) sits about 10x over that noise and below such bugs. float16
+(11 significant bits) is held to the same, looser than needed, bound.
+Measured here: on the tiny models (CPU) the bfloat16 gap is exactly 0 (both paths round alike)
+and the M-RoPE bug's ~2e-3, under the bound, so in bfloat16 the tiny model cannot show
+detection (the float32 tests do). Not yet measured on a GPU: the row reports max and mean, so
+the first GPU run shows the real noise floor (``logprob_bound=`` overrides the bound)."""
+
+REFRESH_BOUND = 0.0
+"""Reference vs policy right after a hard refresh: exact equality, tensors and log-probs."""
+KL_NOISE = 0.1
+"""Std of the fixed noise added to the reference log-probs for ``kl_gradient``."""
+DEFAULT_SAMPLES = 8
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+class PreflightError(RuntimeError):
+    """Raised by ``require_preflight`` when a check failed; ``rows`` holds every row."""
+
+    def __init__(self, rows: list[CheckResult]):
+        self.rows = rows
+        names = ", ".join(r.name for r in rows if r.failed)
+        super().__init__(f"preflight failed: {names}")
+
+
+def _row(name: str, passed: bool, value, bound, explanation: str, details: dict | None = None) -> CheckResult:
+    return CheckResult(name=name, passed=bool(passed), value=value, bound=bound,
+                       explanation=explanation, kind="required", details=details)
+
+
+def _skip(name: str, why: str) -> CheckResult:
+    return CheckResult(name=name, passed=None, value=None, bound=None, explanation=f"skipped: {why}",
+                       kind="info")
+
+
+def _error(name: str, exc: BaseException, what: str = "") -> CheckResult:
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    return _row(name, False, None, None, f"{what}{type(exc).__name__}: {msg}")
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _valid(rollout: Rollout) -> torch.Tensor:
+    attn = rollout.inputs.get("completion_attn") if isinstance(rollout.inputs, dict) else None
+    return (attn if attn is not None else rollout.mask).bool().cpu()
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> float:
+    if not valid.any():
+        return 0.0
+    return float((a.detach().float().cpu() - b.detach().float().cpu())[valid].abs().max())
+
+
+# --- (a) ---------------------------------------------------------------------------------------
+
+def check_logprob_consistency(adapter, rollout: Rollout, bound: float | None = None) -> CheckResult:
+    """Row (a); ``rollout`` collected with ``record_generation_logp=True``."""
+    from .vlm import logprob_consistency
+
+    dtype = _model_dtype(adapter.policy)
+    stat, default = LOGPROB_BOUNDS.get(dtype, ("max", 1e-4))
+    bound = default if bound is None else float(bound)
+    worst = logprob_consistency(adapter, rollout)
+    valid = _valid(rollout)
+    gen = rollout.inputs["gen_logp"]
+    train, _ = adapter.forward_logp(adapter.policy, rollout, torch.arange(gen.shape[0]), want_entropy=False)
+    gap = (gen - train.detach().float().cpu())[valid].abs()
+    mean = float(gap.mean()) if gap.numel() else 0.0
+    value = worst if stat == "max" else mean
+    ok = math.isfinite(value) and math.isfinite(worst) and value <= bound
+    dname = str(dtype).removeprefix("torch.")
+    expl = (f"{dname}: {stat} |gen - train log-prob| over {int(valid.sum())} tokens "
+            f"(max {worst:.3g}, mean {mean:.3g}) {'<=' if ok else 'exceeds'} {bound:g}")
+    if not ok:
+        expl += ("; the training forward does not reproduce the sampled distribution (positions, "
+                 "mm_token_type_ids, images or token alignment)")
+    return _row(LOGPROB, ok, value, bound, expl,
+                {"dtype": dname, "statistic": stat, "max": worst, "mean": mean, "tokens": int(valid.sum())})
+
+
+# --- (b) ---------------------------------------------------------------------------------------
+
+def _tensor_pairs(adapter, policy: torch.nn.Module, reference) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    custom = getattr(adapter, "reference_pairs", None)
+    if custom is not None:
+        return list(custom(reference))
+    pol, ref = policy.state_dict(), reference.state_dict()
+    if pol.keys() != ref.keys():
+        odd = sorted(pol.keys() ^ ref.keys())
+        raise ValueError(f"reference and policy state dicts differ in keys, e.g. {odd[:3]}")
+    return [(k, pol[k], ref[k]) for k in ref]
+
+
+def _all_equal(pairs) -> bool:
+    return all(a.shape == b.shape and torch.equal(a, b.to(a.device)) for _, a, b in pairs)
+
+
+def _max_tensor_diff(pairs) -> tuple[float, str | None]:
+    """Largest |a - b| over the pairs and where. Differences are taken in the tensors' own dtype
+    (no float64 copy of a large embedding); distinct finite values never subtract to 0."""
+    worst, where = 0.0, None
+    for name, a, b in pairs:
+        if a.shape != b.shape:
+            return math.inf, name
+        b = b.to(a.device)
+        if torch.equal(a, b) or not a.numel():
+            continue
+        if not a.is_floating_point():
+            d = 1.0  # integer tensors that differ
+        else:
+            d = float((a.detach() - b.detach().to(a.dtype)).abs().max())
+        if not math.isfinite(d) or d > worst:
+            worst, where = d if math.isfinite(d) else math.inf, name
+    return worst, where
+
+
+def _hard_refresh(trainer, adapter, policy, reference, config) -> None:
+    """A hard refresh through the trainer's own code path when there is a trainer."""
+    hard = config.replace(ref_update="hard", update_ref_model_freq=1)
+    if trainer is not None:
+        saved = trainer.config
+        trainer.config = hard
+        try:
+            trainer.refresh_reference(0)
+        finally:
+            trainer.config = saved
+        return
+    custom = getattr(adapter, "refresh_reference", None)
+    if custom is not None:
+        custom(reference, hard)
+    else:
+        from grpo_core.refmodel import hard_refresh
+
+        hard_refresh(reference, policy)
+
+
+def check_reference_refresh(trainer, adapter, policy, reference, config, rollout: Rollout) -> CheckResult:
+    """Row (b). Leaves ``reference`` as it found it (restored from a CPU copy if it differed
+    from the policy before the refresh, as on a resumed run)."""
+    saved = None
+    if not _all_equal(_tensor_pairs(adapter, policy, reference)):
+        saved = {k: v.detach().to("cpu", copy=True) for k, v in reference.state_dict().items()}
+    try:
+        _hard_refresh(trainer, adapter, policy, reference, config)
+        diff, where = _max_tensor_diff(_tensor_pairs(adapter, policy, reference))
+        rows = torch.arange(rollout.mask.shape[0])
+        with torch.no_grad():
+            lp_pol, _ = adapter.logp_and_entropy(policy, rollout, rows)
+            lp_ref, _ = adapter.logp_and_entropy(reference, rollout, rows)
+        ldiff = _max_abs(lp_pol, lp_ref, _valid(rollout))
+    finally:
+        if saved is not None:
+            reference.load_state_dict(saved)
+    ok = diff <= REFRESH_BOUND and ldiff <= REFRESH_BOUND
+    value = max(diff, ldiff) if math.isfinite(ldiff) else ldiff
+    expl = f"after a hard refresh: max |policy - reference| tensor {diff:.3g}"
+    if where is not None:
+        expl += f" (worst {where})"
+    expl += f", log-prob {ldiff:.3g}"
+    if saved is not None:
+        expl += "; the reference differed before and was restored"
+    if not ok:
+        expl += "; the refresh does not make the reference the policy"
+    return _row(REFRESH, ok, value, REFRESH_BOUND, expl, {"tensor_diff": diff, "logp_diff": ldiff})
+
+
+# --- (c), (d) ----------------------------------------------------------------------------------
+
+def _grad_norm(loss: torch.Tensor, params: list[torch.Tensor], *, retain: bool) -> float:
+    if not loss.requires_grad or not params:
+        return 0.0
+    grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+    norms = [torch.linalg.vector_norm(g.float()) for g in grads if g is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _loss_kwargs(config, t_len: int) -> dict:
+    return {"kl_estimator": config.kl_estimator, "eps_low": config.clip_eps_low,
+            "eps_high": config.clip_eps_high, "agg": config.loss_agg, "max_len": config.max_len or t_len}
+
+
+def check_loss_and_kl_gradient(adapter, policy, reference, params, config, rollout: Rollout,
+                               group_size: int, *, want_kl: bool) -> list[CheckResult]:
+    """Rows (c) and (d, when ``want_kl``) from one forward with gradient."""
+    cfg = config
+    n, t_len = rollout.mask.shape
+    rows = torch.arange(n)
+    mask = rollout.mask
+    returns = discounted_returns(rollout.rewards, mask, cfg.gamma)
+    adv = group_advantages(returns, mask, group_size, scale=cfg.scale, stats_over=cfg.stats_over,
+                           eps=cfg.adv_eps)
+    ref_logp = None
+    if reference is not None and cfg.beta != 0:
+        with torch.no_grad():
+            ref_logp, _ = adapter.logp_and_entropy(reference, rollout, rows)
+    out: list[CheckResult] = []
+    logp, entropy = adapter.logp_and_entropy(policy, rollout, rows)
+    try:
+        loss, stats = grpo_loss(logp, rollout.old_logp, ref_logp, adv, mask, entropy=entropy, beta=cfg.beta,
+                                ent_coef=cfg.ent_coef, **_loss_kwargs(cfg, t_len))
+        value = stats["loss"]
+        gnorm = _grad_norm(loss, params, retain=want_kl) if math.isfinite(value) else math.nan
+        ok = math.isfinite(value) and math.isfinite(gnorm)
+        parts = ", ".join(f"{k} {stats[k]:.3g}" for k in ("policy_loss", "kl", "entropy") if k in stats)
+        expl = f"GRPO loss of {n} real completions {value:.4g} ({parts}), gradient norm {gnorm:.3g}"
+        if not ok:
+            expl += "; training would stop at its first step (NonFiniteLossError)"
+        out.append(_row(FINITE, ok, value, "finite", expl, {"grad_norm": gnorm, **stats}))
+    except Exception as e:  # noqa: BLE001 - reported as a failed row
+        out.append(_error(FINITE, e))
+    if want_kl:
+        try:
+            gen = torch.Generator().manual_seed(0)
+            noise = KL_NOISE * torch.randn(ref_logp.shape, generator=gen).to(ref_logp.device)
+            shifted = (ref_logp + noise).clamp(max=0.0)
+            kl_loss, kst = grpo_loss(logp, rollout.old_logp, shifted, torch.zeros_like(adv), mask,
+                                     entropy=None, beta=cfg.beta, ent_coef=0.0, **_loss_kwargs(cfg, t_len))
+            gnorm = _grad_norm(kl_loss, params, retain=False)
+            ok = math.isfinite(gnorm) and gnorm > 0 and math.isfinite(kst["kl"])
+            expl = (f"beta*KL term alone ({cfg.kl_estimator}, KL {kst['kl']:.3g} against reference log-probs "
+                    f"+ N(0, {KL_NOISE}) noise): gradient norm {gnorm:.3g} over {len(params)} trainable tensors")
+            if not ok:
+                expl += "; the KL term does not reach the policy (detached logp?): beta would do nothing"
+            out.append(_row(KL_GRAD, ok, gnorm, "> 0", expl, {"kl": kst["kl"], "grad_norm": gnorm}))
+        except Exception as e:  # noqa: BLE001
+            out.append(_error(KL_GRAD, e))
+    return out
+
+
+# --- (e) ---------------------------------------------------------------------------------------
+
+def check_kit(config, *, kit_samples: int | None = None) -> list[CheckResult]:
+    """Rows (e): the kit on the configured KL estimator, the advantage and returns builtins."""
+    out = []
+    for row_name, key in ((KIT_KL, config.kl_estimator), (KIT_ADV, "group_advantages"),
+                          (KIT_RET, "discounted_returns")):
+        try:
+            kw = {} if kit_samples is None else {"samples": kit_samples}
+            rows = check_estimator(BUILTINS[key], BUILTIN_KINDS[key], **kw)
+            failed = [r for r in rows if r.failed]
+            judged = [r for r in rows if r.passed is not None]
+            expl = f"estimator kit on builtin {key}: {len(judged) - len(failed)}/{len(judged)} rows passed"
+            if failed:
+                expl += " (failed: " + ", ".join(r.name for r in failed) + ")"
+            out.append(_row(row_name, not failed, f"{len(judged) - len(failed)}/{len(judged)}", "all", expl,
+                            {"failed": [r.to_dict() for r in failed]}))
+        except Exception as e:  # noqa: BLE001
+            out.append(_error(row_name, e, f"kit on {key}: "))
+    return out
+
+
+# --- driver ------------------------------------------------------------------------------------
+
+def _collect(adapter, iteration: int, num_groups: int, group_size: int, max_new_tokens: int | None) -> Rollout:
+    saved = {k: getattr(adapter, k) for k in ("record_generation_logp", "max_new_tokens") if hasattr(adapter, k)}
+    try:
+        if "record_generation_logp" in saved:
+            adapter.record_generation_logp = True
+        if "max_new_tokens" in saved and max_new_tokens is not None:
+            adapter.max_new_tokens = min(adapter.max_new_tokens, int(max_new_tokens))
+        with torch.no_grad():
+            rollout = adapter.collect(num_groups=num_groups, group_size=group_size, iteration=iteration)
+    finally:
+        for k, v in saved.items():
+            setattr(adapter, k, v)
+    rollout.validate(group_size, num_groups)
+    return rollout
+
+
+def run_preflight(trainer_or_adapter, config=None, *, samples: int = DEFAULT_SAMPLES,
+                  max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, logprob_bound: float | None = None,
+                  checks: Sequence[str] | None = None, iteration: int | None = None,
+                  kit_samples: int | None = None) -> list[CheckResult]:
+    """Run the preflight checks (module docstring); one row per check, in ``CHECKS`` order.
+
+    ``trainer_or_adapter``: a ``GRPOTrainer`` (its adapter, reference, trainable parameters and
+    next iteration are used) or an adapter (then a reference is made, as the trainer would,
+    when ``config.beta != 0``, and dropped afterwards). ``config``: the GRPOConfig (default: the
+    trainer's). ``samples``: completions in the rollout (``min(G, samples)`` per group).
+    ``max_new_tokens``: cap on the completion length for the rollout (None: the adapter's).
+    ``logprob_bound``: overrides ``LOGPROB_BOUNDS`` for the model's dtype. ``checks``: run
+    only these (names in ``CHECKS``). A check that raises gives a failed row naming the error.
+    """
+    from grpo_core.loop import GRPOTrainer
+
+    if isinstance(trainer_or_adapter, GRPOTrainer):
+        trainer, adapter = trainer_or_adapter, trainer_or_adapter.adapter
+        config = config if config is not None else trainer.config
+        reference, params = trainer.reference, trainer.params
+        it = trainer.iteration if iteration is None else iteration
+    else:
+        if config is None:
+            raise ValueError("run_preflight(adapter, config): config is required without a trainer")
+        trainer, adapter = None, trainer_or_adapter
+        reference = adapter.make_reference() if config.beta != 0 else None
+        params = [p for p in adapter.policy.parameters() if p.requires_grad]
+        it = 0 if iteration is None else iteration
+    wanted = tuple(CHECKS if checks is None else checks)
+    unknown = [c for c in wanted if c not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown preflight check(s) {unknown}; choose from {', '.join(CHECKS)}")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples!r}")
+    policy = adapter.policy
+    g = max(1, min(config.group_size, samples))
+    b = max(1, samples // g)
+
+    rows: dict[str, CheckResult] = {}
+    needs_rollout = {LOGPROB, REFRESH, FINITE, KL_GRAD} & set(wanted)
+    rollout = None
+    if needs_rollout:
+        try:
+            rollout = _collect(adapter, it, b, g, max_new_tokens)
+        except Exception as e:  # noqa: BLE001
+            for name in needs_rollout:
+                rows[name] = _error(name, e, "could not collect a rollout: ")
+    if rollout is not None:
+        if LOGPROB in wanted:
+            if "gen_logp" not in (rollout.inputs if isinstance(rollout.inputs, dict) else {}):
+                rows[LOGPROB] = _skip(LOGPROB, "the adapter does not record generation-time log-probs")
+            else:
+                try:
+                    rows[LOGPROB] = check_logprob_consistency(adapter, rollout, logprob_bound)
+                except Exception as e:  # noqa: BLE001
+                    rows[LOGPROB] = _error(LOGPROB, e)
+        if REFRESH in wanted:
+            if reference is None:
+                rows[REFRESH] = _skip(REFRESH, "no reference is kept (beta = 0)")
+            else:
+                try:
+                    rows[REFRESH] = check_reference_refresh(trainer, adapter, policy, reference, config, rollout)
+                except Exception as e:  # noqa: BLE001
+                    rows[REFRESH] = _error(REFRESH, e)
+        want_kl = KL_GRAD in wanted and config.beta != 0 and reference is not None
+        if KL_GRAD in wanted and not want_kl:
+            rows[KL_GRAD] = _skip(KL_GRAD, "beta = 0: no KL term")
+        if FINITE in wanted or want_kl:
+            try:
+                for row in check_loss_and_kl_gradient(adapter, policy, reference, params, config, rollout, g,
+                                                      want_kl=want_kl):
+                    rows[row.name] = row
+            except Exception as e:  # noqa: BLE001
+                rows[FINITE] = _error(FINITE, e)
+                if want_kl:
+                    rows[KL_GRAD] = _error(KL_GRAD, e)
+        if FINITE not in wanted:
+            rows.pop(FINITE, None)
+    if {KIT_KL, KIT_ADV, KIT_RET} & set(wanted):
+        for row in check_kit(config, kit_samples=kit_samples):
+            if row.name in wanted:
+                rows[row.name] = row
+    return [rows[name] for name in CHECKS if name in rows]
+
+
+def failed_names(rows: Sequence[CheckResult]) -> list[str]:
+    return [r.name for r in rows if r.failed]
+
+
+def format_preflight(rows: Sequence[CheckResult]) -> str:
+    """The rows as the kit's plain-text table, headed ``preflight``."""
+    return "preflight\n" + format_table(list(rows))
+
+
+def require_preflight(rows: Sequence[CheckResult]) -> list[CheckResult]:
+    """Return ``rows``; raise ``PreflightError`` naming the failed rows if any failed."""
+    rows = list(rows)
+    if failed_names(rows):
+        raise PreflightError(rows)
+    return rows
