@@ -90,7 +90,12 @@ detection (the float32 tests do). Not yet measured on a GPU: the row reports max
 the first GPU run shows the real noise floor (``logprob_bound=`` overrides the bound)."""
 
 REFRESH_BOUND = 0.0
-"""Reference vs policy right after a hard refresh: exact equality, tensors and log-probs."""
+"""Reference vs policy tensors right after a hard refresh: exact equality."""
+REFRESH_LOGP_BOUND = 1e-5
+"""Reference vs policy log-probs right after a hard refresh. Not 0: with identical weights,
+a model whose parameters require grad and a frozen copy take different kernel paths on CPU
+(measured up to 7e-7 in float32 on the tiny model), while a refresh that misses a tensor moves
+log-probs by far more. Low-precision dtypes use their log-prob consistency bound."""
 KL_NOISE = 0.1
 """Std of the fixed noise added to the reference log-probs for ``kl_gradient``."""
 DEFAULT_SAMPLES = 8
@@ -239,7 +244,11 @@ def check_reference_refresh(trainer, adapter, policy, reference, config, rollout
     finally:
         if saved is not None:
             reference.load_state_dict(saved)
-    ok = diff <= REFRESH_BOUND and ldiff <= REFRESH_BOUND
+    lbound = REFRESH_LOGP_BOUND
+    dtype = next(policy.parameters()).dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        lbound = LOGPROB_BOUNDS.get(dtype, ("max", lbound))[1]
+    ok = diff <= REFRESH_BOUND and ldiff <= lbound
     value = max(diff, ldiff) if math.isfinite(ldiff) else ldiff
     expl = f"after a hard refresh: max |policy - reference| tensor {diff:.3g}"
     if where is not None:
@@ -249,7 +258,8 @@ def check_reference_refresh(trainer, adapter, policy, reference, config, rollout
         expl += "; the reference differed before and was restored"
     if not ok:
         expl += "; the refresh does not make the reference the policy"
-    return _row(REFRESH, ok, value, REFRESH_BOUND, expl, {"tensor_diff": diff, "logp_diff": ldiff})
+    return _row(REFRESH, ok, value, f"tensors {REFRESH_BOUND:g}, log-probs {lbound:g}", expl,
+                {"tensor_diff": diff, "logp_diff": ldiff})
 
 
 # --- (c), (d) ----------------------------------------------------------------------------------
