@@ -99,7 +99,8 @@ class VLMAdapter:
                  reward_funcs: Sequence[Callable] | Callable, *, reward_weights: Sequence[float] | None = None,
                  seed: int = 0, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16,
                  mask_truncated: bool = False, chunk: int = DEFAULT_CHUNK, forward_batch: int = 64,
-                 record_generation_logp: bool = False, extend_mm_token_type_ids: bool = True):
+                 record_generation_logp: bool = False, extend_mm_token_type_ids: bool = True,
+                 old_logp_forward: bool = True):
         if not len(dataset):
             raise ValueError("the dataset is empty")
         if not (temperature > 0):
@@ -132,6 +133,10 @@ class VLMAdapter:
         self.extend_mm_token_type_ids = extend_mm_token_type_ids
         """False drops mm_token_type_ids from the training forward: only for the test that shows
         why the extension is needed (Qwen2-VL raises, Qwen2.5-VL silently shifts positions)."""
+        self.old_logp_forward = old_logp_forward
+        """True: ``collect`` runs a forward for ``Rollout.old_logp`` (and the sample-entropy
+        metric). False: it leaves ``old_logp`` None for the loop, which saves that forward when
+        there is one epoch and one minibatch (``train vlm`` passes False)."""
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.suppress_ids = suppressed_token_ids(self.tokenizer, getattr(model, "config", None))
@@ -184,9 +189,11 @@ class VLMAdapter:
         values = torch.tensor([0.0 if r is None else r for r in total], dtype=torch.float32)
         rewards[torch.arange(n), last] = torch.where(keep, values, torch.zeros_like(values))
 
-        rollout = Rollout(rewards=rewards, mask=mask, old_logp=torch.zeros(n, t_len), inputs=inputs)
-        old_logp, old_ent = self.forward_logp(self.policy, rollout, torch.arange(n), want_entropy=True)
-        rollout.old_logp = torch.where(attn.bool(), old_logp, torch.zeros_like(old_logp))
+        rollout = Rollout(rewards=rewards, mask=mask, old_logp=None, inputs=inputs)
+        old_ent = None
+        if self.old_logp_forward:
+            old_logp, old_ent = self.forward_logp(self.policy, rollout, torch.arange(n), want_entropy=True)
+            rollout.old_logp = torch.where(attn.bool(), old_logp, torch.zeros_like(old_logp))
         inputs["completions"] = completions
         rollout.info = self._info(total, per_fn, lengths, truncated, scored, old_ent, attn)
         return rollout
@@ -329,8 +336,9 @@ class VLMAdapter:
                 "reward_std": float(torch.tensor(vals).std()) if len(vals) > 1 else 0.0,
                 "scored_frac": float(scored.float().mean()),
                 "completion_len_mean": float(lengths.float().mean()),
-                "truncated_frac": float(truncated.float().mean()),
-                "sample_entropy": float((old_ent * attn).sum() / attn.sum().clamp(min=1))}
+                "truncated_frac": float(truncated.float().mean())}
+        if old_ent is not None:
+            info["sample_entropy"] = float((old_ent * attn).sum() / attn.sum().clamp(min=1))
         for name, values in per_fn.items():
             v = [x for x in values if x is not None]
             info[f"reward/{name}"] = sum(v) / len(v) if v else math.nan

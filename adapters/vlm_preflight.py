@@ -293,8 +293,10 @@ def check_loss_and_kl_gradient(adapter, policy, reference, params, config, rollo
             ref_logp, _ = adapter.logp_and_entropy(reference, rollout, rows)
     out: list[CheckResult] = []
     logp, entropy = adapter.logp_and_entropy(policy, rollout, rows)
+    # an adapter may leave old_logp to the loop; before any update it is the policy's own
+    old_logp = logp.detach() if rollout.old_logp is None else rollout.old_logp
     try:
-        loss, stats = grpo_loss(logp, rollout.old_logp, ref_logp, adv, mask, entropy=entropy, beta=cfg.beta,
+        loss, stats = grpo_loss(logp, old_logp, ref_logp, adv, mask, entropy=entropy, beta=cfg.beta,
                                 ent_coef=cfg.ent_coef, **_loss_kwargs(cfg, t_len))
         value = stats["loss"]
         gnorm = _grad_norm(loss, params, retain=want_kl) if math.isfinite(value) else math.nan
@@ -311,7 +313,7 @@ def check_loss_and_kl_gradient(adapter, policy, reference, params, config, rollo
             gen = torch.Generator().manual_seed(0)
             noise = KL_NOISE * torch.randn(ref_logp.shape, generator=gen).to(ref_logp.device)
             shifted = (ref_logp + noise).clamp(max=0.0)
-            kl_loss, kst = grpo_loss(logp, rollout.old_logp, shifted, torch.zeros_like(adv), mask,
+            kl_loss, kst = grpo_loss(logp, old_logp, shifted, torch.zeros_like(adv), mask,
                                      entropy=None, beta=cfg.beta, ent_coef=0.0, **_loss_kwargs(cfg, t_len))
             gnorm = _grad_norm(kl_loss, params, retain=False)
             ok = math.isfinite(gnorm) and gnorm > 0 and math.isfinite(kst["kl"])

@@ -114,7 +114,7 @@ def _train_ours(model_dir: str, steps: int, on_step_end) -> dict:
     model, processor = load_vlm(model_dir)
     cfg = GRPOConfig.from_dict(dict(VLM_DEFAULTS["grpo"], seed=0))
     adapter = VLMAdapter(model, processor, _colour_rows(), [first_word_reward], seed=0, temperature=1.0,
-                         top_p=1.0, max_new_tokens=MAX_NEW_TOKENS)
+                         top_p=1.0, max_new_tokens=MAX_NEW_TOKENS, old_logp_forward=False)
     trainer = GRPOTrainer(adapter, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: max(0.0, 1.0 - i / steps))
     before = {"rss_before_train_mb": _current_rss_mb(), "peak_rss_before_train_mb": _peak_rss_mb()}
@@ -375,7 +375,7 @@ def run_ablation_worker(variant: str, seed: int, iterations: int) -> dict:
         model, processor = load_vlm(tmp)
     adapter = VLMAdapter(model, processor, colours_dataset(NUM_PROMPTS, k=COLOURS, seed=2 * seed),
                          [first_word_reward], seed=seed, temperature=train["temperature"], top_p=train["top_p"],
-                         max_new_tokens=MAX_NEW_TOKENS)
+                         max_new_tokens=MAX_NEW_TOKENS, old_logp_forward=False)
     trainer = GRPOTrainer(adapter, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: max(0.0, 1.0 - i / iterations))
     records, rewards, t0 = [], [], time.perf_counter()

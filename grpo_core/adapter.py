@@ -25,9 +25,11 @@ class Rollout:
     """Per-step rewards; only valid steps are read."""
     mask: torch.Tensor
     """1 on valid steps (actions or completion tokens), 0 on padding."""
-    old_logp: torch.Tensor
-    """Log-prob of each taken action under the policy that sampled it, taken at rollout time
-    and frozen for all epochs of the iteration."""
+    old_logp: torch.Tensor | None
+    """Log-prob of each taken action under the policy that sampled it, frozen for all epochs
+    of the iteration. An adapter may leave it None: the loop then takes it from the policy
+    before any update of the iteration (the same weights that sampled), or, with one epoch and
+    one minibatch, from the update's own forward, detached (TRL's shortcut: one forward less)."""
     inputs: Any = None
     """Whatever the adapter needs to recompute log-probs (observations, token ids...)."""
     info: dict[str, float] = field(default_factory=dict)
@@ -38,6 +40,8 @@ class Rollout:
         n = group_size * num_groups
         for name in ("rewards", "mask", "old_logp"):
             t = getattr(self, name)
+            if t is None and name == "old_logp":
+                continue
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != n:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"adapter returned Rollout.{name} of shape {shape}; expected "
@@ -47,7 +51,8 @@ class Rollout:
                                  f"rewards has shape {tuple(self.rewards.shape)}")
         m = as_mask(self.mask, self.rewards, "Rollout.mask")
         check_finite("Rollout.rewards", self.rewards, m)
-        check_finite("Rollout.old_logp", self.old_logp, m)
+        if self.old_logp is not None:
+            check_finite("Rollout.old_logp", self.old_logp, m)
 
 
 @runtime_checkable
@@ -58,7 +63,8 @@ class Adapter(Protocol):
 
     def collect(self, *, num_groups: int, group_size: int, iteration: int) -> Rollout:
         """Sample ``group_size`` sequences for each of ``num_groups`` groups from ``policy``
-        (all samples of a group share a start state or prompt); fill ``old_logp``."""
+        (all samples of a group share a start state or prompt); fill ``old_logp`` or leave
+        it None for the loop to fill."""
         ...
 
     def logp_and_entropy(

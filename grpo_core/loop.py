@@ -10,7 +10,8 @@ Per iteration, in the plan's order:
    KL term is exactly 0 at the start of every iteration with freq 1 and grows only with the
    drift of the ``grpo_epochs`` updates. At iteration 0 the reference is the initial policy
    whatever the setting.
-4. Reference log-probs, once per iteration (no grad).
+4. Reference log-probs, once per iteration (no grad); old log-probs too if the adapter left
+   them out and more than one update will read them.
 5. ``grpo_epochs`` passes; each shuffles the N sequences and splits them into
    ``minibatches`` (``_seeding.minibatch_order``) and, per minibatch: clipped loss + beta*KL - ent_coef*entropy,
    backward, global gradient-norm clip, optimizer step.
@@ -69,7 +70,9 @@ class GRPOTrainer:
         adv = group_advantages(returns, rollout.mask, cfg.group_size, scale=cfg.scale,
                                stats_over=cfg.stats_over, eps=cfg.adv_eps)
         self.refresh_reference(it)
-        ref_logp = self._reference_logp(rollout) if cfg.beta != 0 else None
+        ref_logp = self._batch_logp(self.reference, rollout) if cfg.beta != 0 else None
+        if rollout.old_logp is None and (cfg.grpo_epochs > 1 or cfg.minibatches > 1):
+            rollout.old_logp = self._batch_logp(self.policy, rollout)  # no update yet: sampling weights
         stats = self._update(rollout, adv, ref_logp)
         valid = rollout.mask.bool()
         stats["adv_abs_mean"] = float(adv[valid].abs().mean()) if valid.any() else 0.0
@@ -101,11 +104,12 @@ class GRPOTrainer:
         return rollout
 
     @torch.no_grad()
-    def _reference_logp(self, rollout: Rollout) -> torch.Tensor:
+    def _batch_logp(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+        """Log-probs of the whole batch under ``model``, one minibatch-sized chunk at a time."""
         n = rollout.rewards.shape[0]
         parts = []
         for rows in torch.arange(n).tensor_split(self.config.minibatches):
-            logp, _ = self.adapter.logp_and_entropy(self.reference, rollout, rows)
+            logp, _ = self.adapter.logp_and_entropy(model, rollout, rows)
             parts.append(logp)
         return torch.cat(parts)
 
@@ -130,8 +134,11 @@ class GRPOTrainer:
     def _minibatch_step(self, rollout, adv, ref_logp, rows) -> dict[str, float]:
         cfg = self.config
         logp, entropy = self.adapter.logp_and_entropy(self.policy, rollout, rows)
+        # old_logp is None only with one epoch and one minibatch: this forward is the first
+        # and only one since sampling, so it is the sampling policy's (ratio exactly 1)
+        old_logp = logp.detach() if rollout.old_logp is None else rollout.old_logp[rows]
         loss, stats = grpo_loss(
-            logp, rollout.old_logp[rows], None if ref_logp is None else ref_logp[rows],
+            logp, old_logp, None if ref_logp is None else ref_logp[rows],
             adv[rows], rollout.mask[rows], entropy=entropy, beta=cfg.beta,
             ent_coef=cfg.ent_coef, kl_estimator=cfg.kl_estimator, eps_low=cfg.clip_eps_low,
             eps_high=cfg.clip_eps_high, agg=cfg.loss_agg,

@@ -233,7 +233,7 @@ class _Progress:
             extra = f" | eval {ev:.3f}" if ev is not None else ""
             self.write(f"it {record['iteration']:>5} | reward {record['reward_mean']:.3f} | "
                        f"rolling {rolling:.3f} | len {record['completion_len_mean']:.1f} | "
-                       f"entropy {record['sample_entropy']:.2f} | grad {record['grad_norm']:.2f} | "
+                       f"entropy {record.get('sample_entropy', record.get('entropy', math.nan)):.2f} | grad {record['grad_norm']:.2f} | "
                        f"lr {record['lr']:.2e}{extra} | {record['wall_time']:.1f} s")
 
     def write(self, msg: str) -> None:
@@ -436,7 +436,8 @@ class _VLMRun:
         t = self.train
         weights = self.args.reward_weight or None
         adapter_kw = {"reward_weights": weights, "seed": self.cfg.seed, "temperature": t["temperature"],
-                      "top_p": t["top_p"], "max_new_tokens": t["max_new_tokens"]}
+                      "top_p": t["top_p"], "max_new_tokens": t["max_new_tokens"],
+                      "old_logp_forward": False}  # the loop fills old log-probs (one forward less)
         if self.args.lora_rank:
             try:
                 from adapters.vlm_lora import LoRAVLMAdapter

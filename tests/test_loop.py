@@ -222,3 +222,25 @@ def test_from_dict_suggests_the_closest_key():
 def test_too_many_minibatches_is_rejected():
     with pytest.raises(ValueError, match="minibatches=9"):
         GRPOConfig(group_size=2, groups_per_iteration=4, minibatches=9)
+
+
+class _NoOldLogp(ToyAdapter):
+    """Leaves Rollout.old_logp to the loop."""
+
+    def collect(self, **kw) -> Rollout:
+        r = super().collect(**kw)
+        r.old_logp = None
+        return r
+
+
+@pytest.mark.parametrize("epochs,minibatches", [(1, 1), (3, 2)])
+def test_old_logp_left_to_the_loop_gives_the_same_training(epochs, minibatches):
+    """One epoch and one minibatch: the update's forward, detached; otherwise a forward before
+    any update. Either way the same weights as when the adapter fills old_logp itself."""
+    cfg = GRPOConfig(group_size=4, groups_per_iteration=3, grpo_epochs=epochs, minibatches=minibatches,
+                     beta=0.1, ent_coef=0.01, lr=0.05)
+    filled, lazy = GRPOTrainer(ToyAdapter(seed=2), cfg), GRPOTrainer(_NoOldLogp(seed=2), cfg)
+    for _ in range(3):
+        a, b = filled.step(), lazy.step()
+        assert a["loss"] == b["loss"] and a["ratio_max"] == b["ratio_max"]
+    assert same(params(filled.policy), params(lazy.policy))

@@ -41,7 +41,7 @@ def test_colours_run_writes_outputs_and_resumes(tmp_path, capsys):
     assert [r["iteration"] for r in resumed] == [0, 1, 2, 3, 4]
     straight = tmp_path / "straight"
     assert main([*base[:2], "--out", str(straight), *base[4:], "--max-iterations", "5"]) == 0
-    keys = ("loss", "reward_mean", "grad_norm", "sample_entropy", "lr")
+    keys = ("loss", "reward_mean", "grad_norm", "entropy", "lr")
     assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in records(straight)]
     # an existing run is not overwritten without --resume
     assert main([*base, "--max-iterations", "3"]) == 2
