@@ -33,6 +33,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -470,7 +471,11 @@ class _VLMRun:
             while self.trainer.iteration < total:
                 lr = self.trainer.optimizer.param_groups[0]["lr"]
                 stats = self.trainer.step()
-                self.scheduler.step()
+                with warnings.catch_warnings():
+                    # the schedule is per iteration; when the first optimizer step was skipped
+                    # (zero gradient, skip_zero_grad_steps) torch warns about the call order
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+                    self.scheduler.step()
                 done = self.trainer.iteration
                 record = dict(stats)
                 record["lr"] = lr
