@@ -37,6 +37,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .trainlog import BarWriter
+
 # ---------------------------------------------------------------------------------------------
 # VLM defaults: the one place to tune them. Measured with these defaults on the tiny model and
 # the colours task (K = 4, 64 prompts, one CPU thread, ~0.08 s per iteration): the rolling mean
@@ -209,7 +211,7 @@ def _rolling(values: list[float], window: int) -> float:
 
 # --- progress and curve --------------------------------------------------------------------------
 
-class _Progress:
+class _Progress(BarWriter):
     """tqdm over iterations on a terminal, else a plain line every LOG_EVERY iterations."""
 
     def __init__(self, total: int, initial: int, stream=None):
@@ -237,15 +239,6 @@ class _Progress:
                        f"entropy {record.get('sample_entropy', record.get('entropy', math.nan)):.2f} | grad {record['grad_norm']:.2f} | "
                        f"lr {record['lr']:.2e}{extra} | {record['wall_time']:.1f} s")
 
-    def write(self, msg: str) -> None:
-        if self.bar is not None:
-            self.bar.write(msg, file=self.stream)
-        else:
-            print(msg, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def plot_reward_curve(records: list[dict], path: Path, *, window: int, target: float | None,

@@ -127,7 +127,26 @@ def _fmt(value: Any, spec: str = ".1f") -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-class Progress:
+class BarWriter:
+    """Lines go through the tqdm bar when there is one (``self.bar``), else plainly to
+    ``self.stream``; shared by the CartPole and VLM progress displays."""
+
+    bar = None
+    stream: IO[str] = sys.stderr
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class Progress(BarWriter):
     """A tqdm bar over env steps when ``stream`` is a terminal; otherwise plain log lines, one
     per evaluation and one every ``every`` iterations."""
 
@@ -160,16 +179,7 @@ class Progress:
                        f"kl {_fmt(record.get('kl'), '.3g')} | {steps_per_s:,.0f} steps/s | "
                        f"{record['wall_time']:.1f} s")
 
-    def write(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.write(message, file=self.stream)
-        else:
-            print(message, file=self.stream, flush=True)
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 def plot_curve(records: Iterable[dict[str, Any]], path: Path, *, threshold: float,
