@@ -12,7 +12,7 @@ import sys
 
 # subcommand name -> module that defines add_parser(subparsers) and run(args) -> int
 SUBCOMMANDS = {
-    "train": "grpo_harness.train",
+    "train": "grpo_harness.run",
     "check-estimator": "grpo_harness.check_cmd",
     "report": "grpo_harness.report",
 }

@@ -6,37 +6,38 @@ Two ways to run it:
   a tiny random Qwen2-VL (``--family qwen2_5_vl`` for Qwen2.5-VL) is built into ``OUT/model``
   first; with the defaults (below) it learns on one CPU thread in well under a minute.
 - ``--data FILE.jsonl --reward module:function [--reward ...] --model ID_OR_PATH``: your rows
-  (columns image (path), prompt, answer, anything else) and TRL-style reward functions.
+  (columns image (path), prompt, answer, anything else) and TRL-style reward functions. Every
+  row's image is decoded once when the rows are loaded, so a bad one is named by its line
+  before any model is loaded. A reward function that scores no sample of an iteration (None
+  for all) stops the run, naming it.
 
 Before the first iteration (also on ``--resume``) the preflight checks of ``adapters.vlm_preflight``
 run on a few real samples and print a table; if one fails, the command exits 1 naming it
-(``--skip-preflight`` skips them). ``--lora-rank R`` trains LoRA adapters (``adapters.vlm_lora``).
+(``--skip-preflight`` skips them). ``--lora-rank R`` trains LoRA adapters (``adapters.vlm_lora``);
+its checkpoints then hold only the adapter tensors and the optimizer state, not the base model.
 
-Configuration: ``VLM_DEFAULTS["grpo"]`` over GRPOConfig's defaults, then ``--set KEY=VALUE``
-(GRPOConfig keys, values read as JSON literals), then ``--seed``. The learning rate decays
-linearly to 0 over ``--max-iterations`` (``--lr-schedule constant`` keeps it).
-
-The run folder (``--out``) receives ``config.json``, ``metrics.jsonl`` (one line per
-iteration), TensorBoard scalars in ``tb/``, ``checkpoint.pt`` (trainer, scheduler, progress),
-``curve.png`` and, at the end, ``final/`` (the trained model and processor, loadable with
-``from_pretrained``). ``checkpoint.pt`` is written every ``--checkpoint-every`` iterations and
-at the end (Ctrl-C keeps the last one; its metrics lines past it are dropped on resume).
-``--resume`` continues from it; prompts, sampling and minibatch orders are seeded from (seed,
-iteration), so a resumed run writes the same metrics as an uninterrupted one.
+This module says what to train; the run folder, configuration layering (``VLM_DEFAULTS`` <
+``--config`` < ``--set`` < ``--seed``), checkpoints, signals and resume are ``grpo_harness.run``'s.
+The learning rate at iteration i is ``lr * (1 - i / max_iterations)`` (``--lr-schedule linear``,
+the default) or ``lr`` (``constant``), computed from i each iteration, so a resumed run with
+another ``--max-iterations`` follows the schedule of its new budget. The run folder also gets
+``final/`` at the end (the trained model and processor, loadable with ``from_pretrained``; with
+LoRA, the base model with the policy adapter merged in). Prompts, sampling and minibatch
+orders are seeded from (seed, iteration), so a resumed run writes the same metrics as an
+uninterrupted one. TensorBoard plots against the iteration.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
+import contextlib
 import math
 import sys
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
+from .run import (TrainingRun, UsageError, add_run_arguments, check_int, finite_float, one_line,
+                  raised_in, run_command)
 from .trainlog import BarWriter
 
 # ---------------------------------------------------------------------------------------------
@@ -72,73 +73,67 @@ VLM_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_new_tokens": None,  # 2 for --task colours, 32 for --data
         "eval_every": 100,
         "checkpoint_every": 100,
+        "checkpoint_minutes": 10.0,
         "target_reward": 0.8,
         "window": 25,
         "dtype": "float32",
     },
 }
+# The task and the model: defaults of the flags that define them (saved in config.json and
+# taken from there on --resume; a flag given on resume must agree with the saved value).
+TASK_DEFAULTS: dict[str, Any] = {"data": None, "eval_data": None, "reward": [], "reward_weight": [],
+                                 "colours": 4, "num_prompts": 64, "eval_size": 32}
+MODEL_DEFAULTS: dict[str, Any] = {"model": None, "family": "qwen2_vl", "lora_rank": 0}
 # ---------------------------------------------------------------------------------------------
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 LOG_EVERY = 10
-# options that define the task; saved in config.json and taken from there on --resume
-_TASK_ARGS = ("data", "eval_data", "reward", "reward_weight", "colours", "num_prompts", "eval_size", "family",
-              "lora_rank")
-_PATH_ARGS = ("data", "eval_data")
+LR_SCHEDULES = ("linear", "constant")
+DTYPES = ("float32", "bfloat16")
+HELP = "a Qwen2-VL / Qwen2.5-VL model (needs the vlm extra)"
+DESCRIPTION = "GRPO on an image-text model; see grpo_harness/train_vlm.py for the options' story."
 
 
-def add_vlm_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``train vlm`` options to ``p`` and set ``run=run_vlm`` as its default."""
-    d = VLM_DEFAULTS["train"]
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``train vlm`` options to ``p`` and set ``run`` as its default."""
+    d, td, md = VLM_DEFAULTS["train"], TASK_DEFAULTS, MODEL_DEFAULTS
     src = p.add_argument_group("task and model")
     src.add_argument("--task", choices=["colours"], help="built-in task (default: colours unless --data)")
     src.add_argument("--data", type=Path, metavar="FILE.jsonl",
                      help="JSONL rows with columns image (path), prompt, answer (+ any others)")
     src.add_argument("--eval-data", type=Path, metavar="FILE.jsonl", help="held-out rows for greedy evaluation")
-    src.add_argument("--reward", action="append", default=[], metavar="MODULE:FN",
-                     help="reward function reward_fn(prompts, completions, **columns) (repeatable; "
-                     "default for colours: first word equals the answer)")
-    src.add_argument("--reward-weight", action="append", type=float, default=[], metavar="W",
+    src.add_argument("--reward", action="append", metavar="MODULE:FN",
+                     help="reward function reward_fn(prompts, completions, **columns), as package.module:fn or "
+                     "path/file.py:fn (repeatable; default for colours: first word equals the answer)")
+    src.add_argument("--reward-weight", action="append", type=finite_float, metavar="W",
                      help="weight of each --reward, in order (default 1.0 each)")
     src.add_argument("--model", metavar="ID_OR_PATH",
-                     help="model + processor to load (default for colours: build a tiny random one)")
-    src.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl"], default="qwen2_vl",
-                     help="architecture of the tiny model built when --model is not given")
-    src.add_argument("--colours", type=int, default=4, metavar="K", help="colours in the task (2..6)")
-    src.add_argument("--num-prompts", type=int, default=64, metavar="N", help="colours training prompts")
-    src.add_argument("--eval-size", type=int, default=32, metavar="N", help="colours held-out prompts")
-    src.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                     help="model + processor to load: a local folder, or a Hub id already in the local cache "
+                     "(default for colours: build a tiny random one)")
+    src.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl"],
+                     help=f"architecture of the tiny model built when --model is not given (default {md['family']})")
+    src.add_argument("--colours", type=int, metavar="K", help=f"colours in the task, 2..6 (default {td['colours']})")
+    src.add_argument("--num-prompts", type=int, metavar="N", help=f"colours training prompts (default {td['num_prompts']})")
+    src.add_argument("--eval-size", type=int, metavar="N", help=f"colours held-out prompts (default {td['eval_size']})")
+    src.add_argument("--lora-rank", type=int, metavar="R",
                      help="train LoRA adapters of rank R instead of the full model; the reference is a second "
                      "adapter on the same base weights (0: off, default; needs peft, the lora extra)")
     run = p.add_argument_group("run")
-    run.add_argument("--out", type=Path, metavar="DIR", help="run folder (default runs/vlm-<timestamp>)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint.pt")
-    run.add_argument("--seed", type=int, help="GRPOConfig.seed (prompt order, sampling, model init)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override one GRPOConfig key (repeatable)")
-    run.add_argument("--max-iterations", type=int, metavar="N", help=f"iterations (default {d['max_iterations']})")
-    run.add_argument("--lr-schedule", choices=["linear", "constant"],
+    add_run_arguments(run, d, threads="1 for the built tiny model, where more threads only wait on each "
+                      "other, else torch's choice")
+    run.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                      help="linear decay to 0 over --max-iterations (default) or constant")
-    run.add_argument("--temperature", type=float, help=f"sampling temperature (default {d['temperature']})")
-    run.add_argument("--top-p", type=float, help=f"nucleus sampling mass (default {d['top_p']})")
-    run.add_argument("--max-new-tokens", type=int, metavar="N", help="completion length cap")
-    run.add_argument("--eval-every", type=int, metavar="K", help="greedy evaluation every K iterations (0: end only)")
-    run.add_argument("--checkpoint-every", type=int, metavar="K", help="checkpoint every K iterations (0: end only)")
-    run.add_argument("--target-reward", type=float, metavar="R",
+    run.add_argument("--temperature", type=finite_float, help=f"sampling temperature (default {d['temperature']})")
+    run.add_argument("--top-p", type=finite_float, help=f"nucleus sampling mass (default {d['top_p']})")
+    run.add_argument("--max-new-tokens", type=int, metavar="N", help="completion length cap (default 2 for "
+                     "colours, 32 for --data)")
+    run.add_argument("--target-reward", type=finite_float, metavar="R",
                      help=f"report when the rolling mean reward reaches R (default {d['target_reward']})")
     run.add_argument("--stop-at-target", action="store_true", help="stop once the target is reached")
-    run.add_argument("--dtype", choices=["float32", "bfloat16"], help="training dtype (default float32)")
-    run.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    run.add_argument("--dtype", choices=DTYPES, help="training dtype (default float32)")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     run.add_argument("--gradient-checkpointing", action="store_true",
                      help="recompute activations in the backward pass (less memory, ~30%% more time; "
                      "for real models on a GPU)")
-    run.add_argument("--threads", type=int, metavar="N",
-                     help="torch CPU threads (default: 1 for the built tiny model, where more threads only "
-                     "wait on each other, else torch's choice)")
     run.add_argument("--skip-preflight", action="store_true",
                      help="do not run the preflight checks (log-prob consistency, reference refresh, finite "
                      "loss, KL gradient, estimator kit; see adapters.vlm_preflight) that otherwise run before "
@@ -147,61 +142,143 @@ def add_vlm_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-class UsageError(Exception):
-    pass
-
-
 def run_vlm(args) -> int:
-    """Run ``train vlm``; returns the exit code (0 ok, 1 failed, 2 usage error, 130 Ctrl-C)."""
+    """Run ``train vlm``; the exit status (0 ok, 1 failed, 2 usage error, 130/143 signal)."""
+    return run_command(VLMRun, args)
+
+
+# --- checks of the user's inputs -----------------------------------------------------------------
+
+def lr_factor(schedule: str, iteration: int, total: int) -> float:
+    """The learning-rate multiplier at ``iteration`` (0-based) of a ``total``-iteration run."""
+    return max(0.0, 1.0 - iteration / total) if schedule == "linear" else 1.0
+
+
+def resolve_device(spec: str) -> str:
+    """``--device`` -> a device this torch build and machine have (UsageError otherwise)."""
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return _VLMRun(args).main()
-    except UsageError as e:
-        print(f"grpo-harness train vlm: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {spec!r} is not a device: {one_line(e)}") from None
+    if dev.type == "cpu":
+        return spec
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: no CUDA device is available (torch {torch.__version__}, "
+                             "torch.cuda.is_available() is False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return spec
+    backend = torch.backends.mps if dev.type == "mps" else getattr(torch, dev.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        raise UsageError(f"--device {spec}: no {dev.type} device is available to this torch build")
+    return spec
 
 
-# --- configuration -------------------------------------------------------------------------------
-
-def _resolve_train(args) -> dict[str, Any]:
-    t = dict(VLM_DEFAULTS["train"])
-    for key in t:
-        value = getattr(args, key, None)
-        if value is not None:
-            t[key] = value
-    if t["max_new_tokens"] is None:
-        t["max_new_tokens"] = 2 if args.data is None else 32
-    for key, low in (("max_iterations", 1), ("max_new_tokens", 1), ("eval_every", 0),
-                     ("checkpoint_every", 0), ("window", 1)):
-        if not isinstance(t[key], int) or t[key] < low:
-            raise UsageError(f"--{key.replace('_', '-')}={t[key]!r}: expected an int >= {low}")
-    if not t["temperature"] > 0:
-        raise UsageError(f"--temperature={t['temperature']!r}: expected > 0")
-    if not 0 < t["top_p"] <= 1:
-        raise UsageError(f"--top-p={t['top_p']!r}: expected in (0, 1]")
-    return t
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return (len(parts) <= 2 and all(parts) and not spec.startswith((".", "~"))
+            and all(c.isalnum() or c in "-_." for part in parts for c in part))
 
 
-def _resolve_grpo(args):
-    from grpo_core.config import GRPOConfig
+def resolve_model_source(spec: str) -> str:
+    """``--model`` -> a local folder to load from, failing fast in one line: a missing folder is
+    named as such; a Hub id is looked up in the local cache, and when it is not there the Hub
+    is asked once (no minute of retries when there is no network)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise UsageError(f"--model {spec}: is a file; expected a folder holding config.json, the weights "
+                         "and the processor files")
+    if not _looks_like_hub_id(spec) or path.parent.is_dir() and str(path.parent) not in ("", "."):
+        raise UsageError(f"--model {spec}: folder {path} does not exist")
+    import huggingface_hub
 
-    from .train import parse_set
+    try:
+        return huggingface_hub.snapshot_download(spec, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached: ask the Hub below
+        pass
+    hint = (f"download it where there is network (hf download {spec}) and point --model at the folder, "
+            "or set HF_HOME to a cache that holds it")
+    try:
+        huggingface_hub.model_info(spec, timeout=10)
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise UsageError(f"--model {spec}: no such model on the Hugging Face Hub (or it is private); "
+                         "for a local model give its folder") from None
+    except Exception as e:  # noqa: BLE001 - offline, DNS failure, timeout, HF_HUB_OFFLINE
+        raise UsageError(f"--model {spec}: not in the local Hugging Face cache, and the Hub cannot be "
+                         f"reached ({type(e).__name__}); {hint}") from None
+    return spec
 
-    values = dict(VLM_DEFAULTS["grpo"])
-    for item in args.overrides:
+
+def load_rewards(specs: list[str]):
+    """``--reward`` specs -> functions; anything that goes wrong importing one is one line."""
+    from adapters.vlm_rewards import load_reward
+
+    funcs = []
+    for spec in specs:
+        module = spec.rpartition(":")[0]
+        if module.endswith(".py") and not Path(module).is_file():
+            raise UsageError(f"--reward {spec}: file {module} does not exist")
         try:
-            key, value = parse_set(item)
-        except Exception as e:  # train.UsageError
-            raise UsageError(str(e)) from None
-        values[key] = value
-    if args.seed is not None:
-        values["seed"] = args.seed
-    floats = {f for f in GRPOConfig.field_names() if isinstance(getattr(GRPOConfig, f, None), float)}
-    values = {k: float(v) if k in floats and isinstance(v, int) and not isinstance(v, bool) else v
-              for k, v in values.items()}
+            funcs.append(load_reward(spec))
+        except ValueError as e:
+            raise UsageError(f"--reward {spec}: {one_line(e)}") from None
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module failed to import
+            where = f" ({e.filename}, line {e.lineno})" if isinstance(e, SyntaxError) else ""
+            raise UsageError(f"--reward {spec}: cannot import it: {type(e).__name__}: "
+                             f"{getattr(e, 'msg', None) or one_line(e)}{where}") from None
+    return funcs
+
+
+def load_rows(path: Path) -> list[dict]:
+    """The JSONL rows of ``path``, every image decoded once (and dropped) so that a bad one is
+    reported with its line number before training."""
+    from PIL import Image
+
+    from adapters.vlm_tasks import load_jsonl
+
     try:
-        return GRPOConfig.from_dict(values)
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
+        rows = load_jsonl(path)
+        with Path(path).open(encoding="utf-8") as f:  # the line numbers, counted as load_jsonl does
+            lines = [n for n, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text (byte offset {e.start})") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(one_line(e)) from None
+    for lineno, row in zip(lines, rows):
+        for img in row["image"] if isinstance(row["image"], list) else [row["image"]]:
+            try:
+                with Image.open(img) as im:
+                    im.load()
+            except Exception as e:  # noqa: BLE001 - PIL raises several types for a bad file
+                raise UsageError(f"{Path(path).name}:{lineno}: image {img} does not decode: "
+                                 f"{type(e).__name__}: {one_line(e)}") from None
+    return rows
+
+
+@contextlib.contextmanager
+def recording_collect_errors(adapter, errors: list):
+    """Within: an exception raised by ``adapter.collect`` is appended to ``errors`` (and raised)."""
+    original = adapter.collect
+
+    def collect(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except Exception as e:
+            errors.append(e)
+            raise
+
+    adapter.collect = collect
+    try:
+        yield
+    finally:
+        del adapter.collect
 
 
 def _rolling(values: list[float], window: int) -> float:
@@ -234,11 +311,11 @@ class _Progress(BarWriter):
             self.bar.update(1)
         elif ev is not None or (record["iteration"] + 1) % LOG_EVERY == 0:
             extra = f" | eval {ev:.3f}" if ev is not None else ""
+            entropy = record.get("sample_entropy", record.get("entropy", math.nan))
             self.write(f"it {record['iteration']:>5} | reward {record['reward_mean']:.3f} | "
                        f"rolling {rolling:.3f} | len {record['completion_len_mean']:.1f} | "
-                       f"entropy {record.get('sample_entropy', record.get('entropy', math.nan)):.2f} | grad {record['grad_norm']:.2f} | "
+                       f"entropy {entropy:.2f} | grad {record['grad_norm']:.2f} | "
                        f"lr {record['lr']:.2e}{extra} | {record['wall_time']:.1f} s")
-
 
 
 def plot_reward_curve(records: list[dict], path: Path, *, window: int, target: float | None,
@@ -271,276 +348,278 @@ def plot_reward_curve(records: list[dict], path: Path, *, window: int, target: f
 
 # --- the run -------------------------------------------------------------------------------------
 
-class _VLMRun:
-    def __init__(self, args):
-        self.args = args
+class VLMRun(TrainingRun):
+    env = "vlm"
+    prog = "grpo-harness train vlm"
+    DEFAULTS = VLM_DEFAULTS
+    FIXED_TRAIN = ("temperature", "top_p", "max_new_tokens", "dtype")
+    x_key = "iteration"
 
-    def _setup(self) -> None:
-        import torch
+    # settings ---------------------------------------------------------------------------------
+    def _given(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key in defaults:
+            value = getattr(self.args, key, None)
+            if value is not None and value != []:
+                out[key] = str(value) if isinstance(value, Path) else value
+        return out
 
+    def resolve_task(self, saved) -> None:
         args = self.args
-        if args.data is not None and args.task is not None:
-            raise UsageError("give either --task or --data, not both")
-        self.task = "data" if args.data is not None else "colours"
-        if self.task == "data" and not args.reward:
-            raise UsageError("--data needs at least one --reward module:function")
-        if self.task == "data" and args.model is None:
-            raise UsageError("--data needs --model (a tiny random model only knows the colours task)")
-        if args.reward_weight and len(args.reward_weight) != len(args.reward):
-            raise UsageError(f"{len(args.reward_weight)} --reward-weight for {len(args.reward)} --reward")
-        self.checkpoint = None
-        if args.resume:
-            if args.out is None:
-                raise UsageError("--resume needs --out DIR")
-            self.out = Path(args.out)
-            path = self.out / CHECKPOINT_FILE
-            if not path.is_file():
-                raise UsageError(f"cannot resume: no checkpoint at {path}")
-            self.checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            if self.checkpoint.get("format") != CHECKPOINT_FORMAT or self.checkpoint.get("env") != "vlm":
-                raise UsageError(f"cannot resume: {path} is not a vlm checkpoint of this version")
-            doc = json.loads((self.out / CONFIG_FILE).read_text())
-            from grpo_core.config import GRPOConfig
+        task, model = self._given(TASK_DEFAULTS), self._given(MODEL_DEFAULTS)
+        if saved is None:
+            if args.data is not None and args.task is not None:
+                raise UsageError("give either --task or --data, not both")
+            self.task = {"name": "data" if args.data is not None else "colours", **TASK_DEFAULTS, **task}
+            self.model = {**MODEL_DEFAULTS, **model}
+            return
+        self.task, self.model = dict(saved.get("task", {})), dict(saved.get("model", {}))
+        if args.task is not None and self.task.get("name") != args.task:
+            raise UsageError(f"cannot resume: --task {args.task} differs from the run's task {self.task.get('name')!r}")
+        for given, kept in ((task, self.task), (model, self.model)):
+            for key, value in given.items():
+                if value != kept.get(key):
+                    raise UsageError(f"cannot resume: --{key.replace('_', '-')} {value!r} differs from the "
+                                     f"run's {kept.get(key)!r} (a resumed run keeps its task and model)")
 
-            self.cfg = GRPOConfig.from_dict(doc["grpo"])
-            self.train = {**doc["train"], **{k: v for k, v in _resolve_train(args).items()
-                                              if getattr(args, k, None) is not None}}
-            self.model_path = doc["model_path"]
-            for key, value in doc["task_args"].items():  # the run's task, not this command line's
-                setattr(args, key, Path(value) if key in _PATH_ARGS and value is not None else value)
-            self.task = doc["task"]
+    def check_train(self) -> None:
+        t, task, m = self.train, self.task, self.model
+        if t["max_new_tokens"] is None:
+            t["max_new_tokens"] = 2 if task["name"] == "colours" else 32
+        for key, low in (("max_iterations", 1), ("max_new_tokens", 1), ("window", 1)):
+            check_int(t, key, low)
+        self._check_floats()
+        if t["lr_schedule"] not in LR_SCHEDULES or t["dtype"] not in DTYPES:
+            raise UsageError(f"lr_schedule={t['lr_schedule']!r} / dtype={t['dtype']!r}: expected one of "
+                             f"{LR_SCHEDULES} / {DTYPES}")
+        if task["name"] == "data":
+            if not task["reward"]:
+                raise UsageError("--data needs at least one --reward module:function")
+            if m["model"] is None:
+                raise UsageError("--data needs --model (a tiny random model only knows the colours task)")
         else:
-            self.cfg = _resolve_grpo(args)
-            self.train = _resolve_train(args)
-            self.out = Path(args.out) if args.out is not None else Path("runs") / f"vlm-{time.strftime('%Y%m%d-%H%M%S')}"
-            for name in (CHECKPOINT_FILE, "metrics.jsonl"):
-                if (self.out / name).exists():
-                    raise UsageError(f"{self.out} already holds a run ({name}); pass --resume or "
-                                     "choose another --out")
-            self.model_path = args.model
-        if not isinstance(args.lora_rank, int) or args.lora_rank < 0:
-            raise UsageError(f"--lora-rank={args.lora_rank!r}: expected an int >= 0 (0: off)")
+            from adapters.vlm_tasks import colour_names
 
-    def _datasets(self):
-        from adapters.vlm_tasks import colours_dataset, first_word_reward, load_jsonl
-        from adapters.vlm_rewards import load_reward
-
-        args, seed = self.args, self.cfg.seed
-        try:
-            funcs = [load_reward(s) for s in args.reward]
-        except (ValueError, ImportError) as e:
-            raise UsageError(str(e)) from None
-        if self.task == "colours":
-            train = colours_dataset(args.num_prompts, k=args.colours, seed=2 * seed)
-            held = colours_dataset(args.eval_size, k=args.colours, seed=2 * seed + 1)
-            funcs = funcs or [first_word_reward]
-        else:
             try:
-                train = load_jsonl(args.data)
-                held = load_jsonl(args.eval_data) if args.eval_data else None
-            except (OSError, ValueError) as e:
-                raise UsageError(str(e)) from None
-        return train, held, funcs
+                colour_names(task["colours"])
+            except (ValueError, TypeError) as e:
+                raise UsageError(f"--colours {task['colours']}: {one_line(e)}") from None
+            check_int(task, "num_prompts", 1)
+            check_int(task, "eval_size", 1)
+        if task["reward_weight"] and len(task["reward_weight"]) != len(task["reward"]):
+            raise UsageError(f"{len(task['reward_weight'])} --reward-weight for {len(task['reward'])} --reward")
+        check_int(m, "lora_rank", 0)
+        self.device = resolve_device(self.args.device)
+        self.model_source = None if m["model"] is None else resolve_model_source(m["model"])
 
-    def _model(self):
+    def _check_floats(self) -> None:
+        t = self.train
+        for key in ("temperature", "top_p", "target_reward"):
+            v = t[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise UsageError(f"--{key.replace('_', '-')}={v!r}: expected a finite number")
+        if not t["temperature"] > 0:
+            raise UsageError(f"--temperature={t['temperature']!r}: expected > 0")
+        if not 0 < t["top_p"] <= 1:
+            raise UsageError(f"--top-p={t['top_p']!r}: expected in (0, 1]")
+
+    def default_threads(self) -> int | None:
+        return 1 if self.model["model"] is None else None
+
+    # build ------------------------------------------------------------------------------------
+    def _datasets(self):
+        from adapters.vlm_tasks import colours_dataset, first_word_reward
+
+        task, seed = self.task, self.cfg.seed
+        funcs = load_rewards(task["reward"])
+        if task["name"] == "colours":
+            train = colours_dataset(task["num_prompts"], k=task["colours"], seed=2 * seed)
+            held = colours_dataset(task["eval_size"], k=task["colours"], seed=2 * seed + 1)
+            return train, held, funcs or [first_word_reward]
+        held = load_rows(Path(task["eval_data"])) if task["eval_data"] else None
+        return load_rows(Path(task["data"])), held, funcs
+
+    def _load_model(self):
         import torch
 
         from adapters.vlm_tasks import colours_vocabulary
         from adapters.vlm_tiny import build_tiny_vlm, load_vlm
 
-        if self.model_path is None:
-            path = self.out / "model"
-            build_tiny_vlm(path, words=colours_vocabulary(self.args.colours), family=self.args.family,
-                           seed=self.cfg.seed)
-            self.model_path = str(path)
-        dtype = getattr(torch, self.train["dtype"])
+        source = self.model_source
+        if source is None:
+            source = self.out / "model"
+            if not (source / "config.json").is_file():
+                build_tiny_vlm(source, words=colours_vocabulary(self.task["colours"]), family=self.model["family"],
+                               seed=self.cfg.seed)
         try:
-            model, processor = load_vlm(self.model_path, dtype=dtype)
+            model, processor = load_vlm(source, dtype=getattr(torch, self.train["dtype"]))
         except (OSError, TypeError, ValueError) as e:
-            raise UsageError(f"cannot load model {self.model_path!r}: {e}") from None
-        device = self.args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if getattr(self.args, "gradient_checkpointing", False):
+            raise UsageError(f"cannot load model {str(source)!r}: {one_line(e)}") from None
+        if self.args.gradient_checkpointing:
             from adapters.vlm import enable_checkpointing
 
             enable_checkpointing(model)
-        return model.to(device), processor
+        return model.to(self.device), processor
 
-    def _write_config(self) -> None:
-        from .trainlog import atomic_write
-
-        task_args = {k: getattr(self.args, k) for k in _TASK_ARGS}
-        task_args.update({k: None if task_args[k] is None else str(task_args[k]) for k in _PATH_ARGS})
-        doc = {"env": "vlm", "task": self.task, "model_path": self.model_path, "task_args": task_args,
-               "grpo": self.cfg.to_dict(), "train": self.train}
-        atomic_write(self.out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
-
-    def _snapshot(self) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "env": "vlm",
-                "trainer": copy.deepcopy(self.trainer.state_dict()),
-                "scheduler": copy.deepcopy(self.scheduler.state_dict()),
-                "progress": dict(self.progress)}
-
-    def _save_checkpoint(self) -> Path:
-        import torch
-
-        from .trainlog import atomic_write
-
-        snap = self.snapshot
-        path = self.out / CHECKPOINT_FILE
-        atomic_write(path, lambda tmp: torch.save(snap, tmp))
-        return path
-
-    def _preflight(self) -> bool:
-        """Run the preflight checks on the trainer; False (refuse to train) if one failed and
-        --skip-preflight was not given."""
-        if self.args.skip_preflight:
-            print("preflight skipped (--skip-preflight)", file=sys.stderr, flush=True)
-            return True
-        from adapters.vlm_preflight import failed_names, format_preflight, run_preflight
-
-        rows = run_preflight(self.trainer, self.cfg)
-        print(format_preflight(rows), flush=True)
-        failed = failed_names(rows)
-        if failed:
-            print(f"grpo-harness train vlm: preflight failed: {', '.join(failed)}; refusing to train "
-                  "(fix them, or pass --skip-preflight to train anyway)", file=sys.stderr, flush=True)
-            return False
-        return True
-
-    def main(self) -> int:
-        self._setup()
-        import torch
+    def build(self):
         from transformers.utils import logging as hf_logging
 
         from adapters.vlm import VLMAdapter
-        from grpo_core.loop import GRPOTrainer, NonFiniteLossError
-
-        from .trainlog import defer_sigint
-        from .trainlog import METRICS_FILE, MetricsLog, drop_records_from, read_metrics
+        from grpo_core.loop import GRPOTrainer
 
         hf_logging.disable_progress_bar()
-        threads = self.args.threads or (1 if self.model_path is None else None)
-        if threads:
-            torch.set_num_threads(threads)
-        self.out.mkdir(parents=True, exist_ok=True)
-        train_ds, held_ds, funcs = self._datasets()
-        model, processor = self._model()
+        train_ds, self.held, funcs = self._datasets()
+        model, self.processor = self._load_model()
         t = self.train
-        weights = self.args.reward_weight or None
-        adapter_kw = {"reward_weights": weights, "seed": self.cfg.seed, "temperature": t["temperature"],
-                      "top_p": t["top_p"], "max_new_tokens": t["max_new_tokens"],
-                      "old_logp_forward": False}  # the loop fills old log-probs (one forward less)
-        if self.args.lora_rank:
-            try:
-                from adapters.vlm_lora import LoRAVLMAdapter
-            except ImportError as e:
-                raise UsageError(f"--lora-rank: {e}") from None
-            adapter = LoRAVLMAdapter(model, processor, train_ds, funcs, lora_rank=self.args.lora_rank, **adapter_kw)
-        else:
-            adapter = VLMAdapter(model, processor, train_ds, funcs, **adapter_kw)
-        self.trainer = GRPOTrainer(adapter, self.cfg)
-        total = t["max_iterations"]
-        schedule = (lambda i: max(0.0, 1.0 - i / total)) if t["lr_schedule"] == "linear" else (lambda i: 1.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.trainer.optimizer, schedule)
-        self.progress = {"wall_time": 0.0, "reached_target": None, "rewards": []}
-        if self.checkpoint is not None:
-            self.trainer.load_state_dict(self.checkpoint["trainer"])
-            self.scheduler.load_state_dict(self.checkpoint["scheduler"])
-            self.progress = dict(self.checkpoint["progress"])
-            drop_records_from(self.out / METRICS_FILE, self.trainer.iteration)
-        if not self._preflight():
-            return 1
-        self._write_config()
-        self.snapshot = self._snapshot()
-        start_it, wall_base, t0 = self.trainer.iteration, self.progress["wall_time"], time.perf_counter()
-        log = MetricsLog(self.out, x_key="iteration")
-        bar = _Progress(total, start_it)
-        bar.write(f"training {self.task} ({self.model_path}) -> {self.out}: {self.cfg.groups_per_iteration} "
-                  f"prompts x {self.cfg.group_size} completions per iteration, {total} iterations")
-        exit_code, stop = 0, None
+        kw = {"reward_weights": self.task["reward_weight"] or None, "seed": self.cfg.seed,
+              "temperature": t["temperature"], "top_p": t["top_p"], "max_new_tokens": t["max_new_tokens"],
+              "old_logp_forward": False}  # the loop fills old log-probs (one forward less)
         try:
-            while self.trainer.iteration < total:
-                lr = self.trainer.optimizer.param_groups[0]["lr"]
-                stats = self.trainer.step()
-                with warnings.catch_warnings():
-                    # the schedule is per iteration; when the first optimizer step was skipped
-                    # (zero gradient, skip_zero_grad_steps) torch warns about the call order
-                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-                    self.scheduler.step()
-                done = self.trainer.iteration
-                record = dict(stats)
-                record["lr"] = lr
-                if held_ds is not None and ((t["eval_every"] and done % t["eval_every"] == 0) or done == total):
-                    record.update(adapter.evaluate(held_ds))
-                record["wall_time"] = wall_base + time.perf_counter() - t0
-                rewards = self.progress["rewards"] + [record["reward_mean"]]
-                rolling = _rolling(rewards, t["window"])
-                record["reward_rolling"] = rolling
-                reached = self.progress["reached_target"]
-                newly = reached is None and rolling >= t["target_reward"]
-                if newly:
-                    reached = {"iteration": stats["iteration"], "wall_time": record["wall_time"]}
-                checkpoint_now = bool(t["checkpoint_every"]) and done % t["checkpoint_every"] == 0
-                with defer_sigint():
-                    log.write(record)
-                    self.progress = {"wall_time": record["wall_time"], "reached_target": reached,
-                                     "rewards": rewards}
-                    if checkpoint_now:  # a copy of the whole state: only when it is saved
-                        self.snapshot = self._snapshot()
-                bar.update(record, rolling)
-                if newly:
-                    bar.write(f"rolling mean reward {rolling:.3f} >= {t['target_reward']} at iteration "
-                              f"{stats['iteration']} ({record['wall_time']:.1f} s)")
-                if checkpoint_now:
-                    self._save_checkpoint()
-                if newly and self.args.stop_at_target:
-                    stop = "target reached"
-                    break
-            stop = stop or f"iteration budget ({total})"
-            with defer_sigint():
-                self.snapshot = self._snapshot()
-        except KeyboardInterrupt:
-            exit_code, stop = EXIT_INTERRUPTED, "interrupted (Ctrl-C)"
-        except NonFiniteLossError as e:
-            exit_code, stop = 1, f"non-finite loss: {e}"
-        finally:
-            bar.close()
-            log.close()
-        with defer_sigint():
-            ckpt = self._save_checkpoint()
-            curve = self.out / "curve.png"
-            plot_reward_curve(read_metrics(self.out / METRICS_FILE), curve, window=t["window"],
-                              target=t["target_reward"], title=f"GRPO {self.task} (seed {self.cfg.seed})")
-            final = self.out / "final"
-            if self.args.lora_rank:
-                adapter.save_merged(final)  # the base model with the policy adapter merged in
+            if self.model["lora_rank"]:
+                try:
+                    from adapters.vlm_lora import LoRAVLMAdapter
+                except ImportError as e:
+                    raise UsageError(f"--lora-rank: {e}") from None
+                self.adapter = LoRAVLMAdapter(model, self.processor, train_ds, funcs,
+                                              lora_rank=self.model["lora_rank"], **kw)
             else:
-                adapter.policy.save_pretrained(final)
-            processor.save_pretrained(final)
-        p = self.progress
-        rewards = p["rewards"]
-        lines = [f"stopped: {stop}, after {self.trainer.iteration} iteration(s), {p['wall_time']:.1f} s",
-                 f"mean reward: first {t['window']} iterations {_rolling(rewards[:t['window']], t['window']):.3f}, "
-                 f"last {t['window']} {_rolling(rewards, t['window']):.3f}"]
+                self.adapter = VLMAdapter(model, self.processor, train_ds, funcs, **kw)
+            return GRPOTrainer(self.adapter, self.cfg)
+        except (ValueError, ImportError) as e:
+            raise UsageError(one_line(e)) from None
+
+    def initial_progress(self) -> dict[str, Any]:
+        # first / recent: the mean rewards of the first and of the latest `window` iterations
+        return {"first": [], "recent": [], "reached_target": None}
+
+    def preflight(self) -> bool:
+        """The preflight table; False (exit 1) when a check failed. A rollout that could not be
+        collected is named once by its cause (exit 2 when it is the user's reward or data)."""
+        if self.args.skip_preflight:
+            self.say("preflight skipped (--skip-preflight)")
+            return True
+        from adapters.vlm_preflight import failed_names, format_preflight, run_preflight
+
+        errors: list[Exception] = []
+        with recording_collect_errors(self.adapter, errors):
+            rows = run_preflight(self.trainer, self.cfg)
+        print(format_preflight(rows), flush=True)
+        failed = failed_names(rows)
+        if not failed:
+            return True
+        if errors:
+            message = self.user_error(errors[0], where="preflight")
+            if message:
+                raise UsageError(message)
+            self.say(f"{self.prog}: preflight could not collect a rollout: {type(errors[0]).__name__}: "
+                     f"{one_line(errors[0])}; refusing to train")
+            return False
+        self.say(f"{self.prog}: preflight failed: {', '.join(failed)}; refusing to train "
+                 "(fix them, or pass --skip-preflight to train anyway)")
+        return False
+
+    def user_error(self, exc: Exception, where: str | None = None) -> str | None:
+        """Errors of the user's reward functions (raising, NaN, wrong length) and images."""
+        from adapters import vlm, vlm_rewards
+
+        funcs = (getattr(vlm_rewards, "compute_rewards", None), getattr(vlm, "_open_image", None))
+        if not raised_in(exc, [f.__code__ for f in funcs if f is not None]):
+            return None
+        return f"{where or f'iteration {self.completed}'}: {one_line(exc)}"
+
+    # the loop ---------------------------------------------------------------------------------
+    def before_step(self) -> None:
+        t = self.train
+        self.lr = self.cfg.lr * lr_factor(t["lr_schedule"], self.trainer.iteration, t["max_iterations"])
+        for group in self.trainer.optimizer.param_groups:
+            group["lr"] = self.lr
+
+    def _check_scored(self, stats: dict[str, Any]) -> None:
+        n = self.cfg.groups_per_iteration * self.cfg.group_size
+        for key, value in stats.items():
+            if key.startswith("reward/") and isinstance(value, float) and math.isnan(value):
+                raise UsageError(f"iteration {stats['iteration']}: reward function {key[len('reward/'):]!r} "
+                                 f"scored no sample (None for all {n} completions); nothing can be learned "
+                                 "from such an iteration")
+
+    def make_record(self, stats):
+        self._check_scored(stats)
+        t, p = self.train, dict(self.progress)
+        done = self.trainer.iteration
+        record = dict(stats)
+        record["lr"] = self.lr
+        if self.held is not None and ((t["eval_every"] and done % t["eval_every"] == 0) or done == t["max_iterations"]):
+            record.update(self.adapter.evaluate(self.held))
+        record["wall_time"] = self.wall()
+        w = t["window"]
+        p["first"] = (p["first"] + [record["reward_mean"]])[:w] if len(p["first"]) < w else p["first"]
+        p["recent"] = (p["recent"] + [record["reward_mean"]])[-w:]
+        record["reward_rolling"] = rolling = _rolling(p["recent"], w)
+        self._newly = p["reached_target"] is None and rolling >= t["target_reward"]
+        if self._newly:
+            p["reached_target"] = {"iteration": stats["iteration"], "wall_time": record["wall_time"]}
+        return record, p
+
+    def stop_reason(self) -> str | None:
+        if self.progress["reached_target"] is not None and self.args.stop_at_target:
+            return "target reached"
+        if self.trainer.iteration >= self.train["max_iterations"]:
+            return f"iteration budget ({self.train['max_iterations']} iterations)"
+        return None
+
+    # display and outputs ----------------------------------------------------------------------
+    def make_display(self):
+        self._newly = False
+        return _Progress(self.train["max_iterations"], self.trainer.iteration)
+
+    def on_record(self, record) -> None:
+        self.bar.update(record, record["reward_rolling"])
+        if self._newly:
+            self.say(f"rolling mean reward {record['reward_rolling']:.3f} >= {self.train['target_reward']} at "
+                     f"iteration {record['iteration']} ({record['wall_time']:.1f} s)")
+
+    def describe(self) -> str:
+        m = self.model
+        model = m["model"] or f"tiny random {m['family']} in {self.out / 'model'}"
+        lora = f", LoRA rank {m['lora_rank']}" if m["lora_rank"] else ""
+        return (f"{self.task['name']} ({model}{lora}) -> {self.out}: {self.cfg.groups_per_iteration} prompts x "
+                f"{self.cfg.group_size} completions per iteration, {self.train['max_iterations']} iterations")
+
+    def write_curve(self, path) -> None:
+        from .trainlog import METRICS_FILE, read_metrics
+
+        t = self.train
+        plot_reward_curve(read_metrics(self.out / METRICS_FILE), path, window=t["window"],
+                          target=t["target_reward"], title=f"GRPO {self.task['name']} (seed {self.cfg.seed})")
+
+    def summary_lines(self) -> list[str]:
+        t, p = self.train, self.progress
+        w = t["window"]
+        lines = [f"mean reward: first {w} iterations {_rolling(p['first'], w):.3f}, last {w} "
+                 f"{_rolling(p['recent'], w):.3f}"]
         if p["reached_target"]:
-            lines.append(f"target {t['target_reward']} reached at iteration {p['reached_target']['iteration']} "
-                         f"({p['reached_target']['wall_time']:.1f} s)")
+            r = p["reached_target"]
+            lines.append(f"target {t['target_reward']} reached at iteration {r['iteration']} ({r['wall_time']:.1f} s)")
         else:
             lines.append(f"target {t['target_reward']} not reached")
-        lines += [f"curve:      {curve}", f"metrics:    {self.out / METRICS_FILE}",
-                  f"checkpoint: {ckpt} (after iteration {self.snapshot['trainer']['iteration']})",
-                  f"model:      {final}"]
-        if exit_code == EXIT_INTERRUPTED:
-            lines.append(f"resume with: grpo-harness train vlm --out {self.out} --resume")
-        print("\n".join(lines), flush=True)
-        return exit_code
+        return lines
+
+    def on_finish(self, clean: bool) -> list[str]:
+        final = self.out / "final"
+        if not clean:
+            return ["model:       not exported (the run stopped in the middle of an iteration)"]
+        if self.folder.writes:
+            if self.model["lora_rank"]:
+                self.adapter.save_merged(final)  # the base model with the policy adapter merged in
+            else:
+                self.adapter.policy.save_pretrained(final)
+            self.processor.save_pretrained(final)
+        return [f"model:       {final}"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grpo_harness.train_vlm", description=__doc__.splitlines()[0])
-    add_vlm_arguments(parser)
+    add_arguments(parser)
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)
 

@@ -6,14 +6,11 @@ Heavy imports (tqdm, tensorboard, matplotlib) happen inside the functions that n
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import IO, Any, Iterable
 
@@ -22,10 +19,19 @@ CURVE_FILE = "curve.png"
 TB_DIR = "tb"
 
 
-def atomic_write(path: Path, write) -> None:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write, *, keep_previous: Path | None = None) -> None:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, then move it into place.
 
-    A reader (or a run killed half-way) sees either the old file or the complete new one.
+    A reader (or a run killed half-way) sees either the old file or the complete new one. The
+    file gets the mode a plain ``open`` would give it (0666 less the umask), not the temporary
+    file's 0600. ``keep_previous``: first move the current ``path`` there (a killed run then
+    leaves at least one complete file of the two).
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -34,6 +40,9 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -91,21 +100,24 @@ def _is_number(value: Any) -> bool:
 
 class MetricsLog:
     """Appends one JSON line per iteration to metrics.jsonl and tags the numeric values in
-    TensorBoard against the cumulative env steps (``x_key``)."""
+    TensorBoard against ``record[x_key]``. ``purge_step``: on resume, the first x the new
+    session writes (TensorBoard drops what an earlier session logged from there on).
+    ``writes=False`` (a non-writing rank) makes every method a no-op."""
 
     def __init__(self, out: Path, *, x_key: str = "env_steps", purge_step: int | None = None,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, writes: bool = True):
         self.path = Path(out) / METRICS_FILE
         self.x_key = x_key
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = open(self.path, "a", encoding="utf-8") if writes else None
         self._tb = None
-        if tensorboard:
+        if tensorboard and writes:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step hides events a crashed earlier session logged past the checkpoint.
             self._tb = SummaryWriter(str(Path(out) / TB_DIR), purge_step=purge_step)
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -115,8 +127,13 @@ class MetricsLog:
                     group = "eval" if key.startswith("eval_") else "train"
                     self._tb.add_scalar(f"{group}/{key}", value, global_step=step)
 
+    def flush(self) -> None:
+        """Put every TensorBoard point written so far on disk (before a checkpoint)."""
+        if self._tb is not None:
+            self._tb.flush()
+
     def close(self) -> None:
-        if not self._file.closed:
+        if self._file is not None and not self._file.closed:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
@@ -210,20 +227,3 @@ def plot_curve(records: Iterable[dict[str, Any]], path: Path, *, threshold: floa
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-
-
-@contextlib.contextmanager
-def defer_sigint():
-    """Hold Ctrl-C until the block ends, so that a metrics line and the in-memory snapshot
-    that a checkpoint is written from always describe the same iteration."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-        if pending:
-            raise KeyboardInterrupt

@@ -87,8 +87,8 @@ def test_outputs_are_written_and_parse(tmp_path, capsys):
 
     ckpt = load_ckpt(out)
     assert ckpt["trainer"]["iteration"] == 3
-    assert ckpt["env_steps"] == steps[-1]
-    assert ckpt["eval_index"] == 1  # the final-only evaluation does not consume a round
+    assert ckpt["progress"]["env_steps"] == steps[-1]
+    assert ckpt["progress"]["eval_index"] == 1  # the final-only evaluation does not consume a round
     assert set(ckpt["rng"]) == {"torch", "numpy", "python"}
 
     assert str(out / "curve.png") in captured.out and str(out / "metrics.jsonl") in captured.out
@@ -199,7 +199,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     for sa, sb in zip(ca["trainer"]["optimizer"]["state"].values(), cb["trainer"]["optimizer"]["state"].values()):
         assert_same_tensors(sa, sb)
     for key in ("env_steps", "eval_index", "best_eval", "solved"):
-        assert ca[key] == cb[key], key
+        assert ca["progress"][key] == cb["progress"][key], key
 
 
 def test_resume_matches_an_uninterrupted_run(straight_run, tmp_path, capsys):
