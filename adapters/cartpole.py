@@ -59,6 +59,9 @@ def eval_start_seed(seed: int, round_: int, episode: int) -> int:
 class CartPoleAdapter:
     """Implements ``grpo_core.adapter.Adapter`` for CartPole-v1."""
 
+    max_len = MAX_STEPS
+    """The longest episode (the time limit): Dr. GRPO's constant normaliser."""
+
     def __init__(self, *, seed: int = 0, hidden: int = 64, dtype: torch.dtype = torch.float32,
                  policy: nn.Module | None = None):
         self.seed = seed

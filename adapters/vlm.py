@@ -6,16 +6,21 @@ Conventions (the loop sees only ``Rollout`` tensors):
 - Prompts: at iteration ``it`` the B prompts are dataset items ``k = it * B + b`` of a walk
   through the dataset in a fresh permutation per pass (``derive_seed(seed, "pass", k // len)``),
   so every item is used once per pass and the choice depends only on (seed, iteration).
-- Sampling: ``softmax(logits / temperature)`` with nucleus ``top_p``, ``top_k = 0`` and every
+- Sampling: ``softmax(logits / temperature)`` with ``top_k = 0``, ``top_p = 1`` and every
   special token except the EOS ``<|im_end|>`` suppressed (a sampled ``<|image_pad|>`` would
-  break the next forward). The model's own ``generation_config`` is swapped out for the call, so
+  break the next forward). ``top_p < 1`` is refused: the PPO ratio and every KL estimator
+  assume that the tokens come from the distribution whose log-probs they use, and a nucleus
+  cut depends on the sampling policy's own ranking, which the training forward does not share. The model's own ``generation_config`` is swapped out for the call, so
   a checkpoint's repetition penalty, top-k or temperature cannot leak into sampling. Random
   numbers come from a generator seeded by ``derive_seed(seed, "sample", iteration)``.
 - Completion mask: 1 up to and including the first EOS; a completion that never emits EOS keeps
   all ``max_new_tokens`` tokens valid (``mask_truncated=True`` masks such rows out instead).
-- Log-probs (old, policy and reference) come from one forward over prompt + completion in the
-  model's dtype, of ``log_softmax(logits / temperature)`` over the full vocabulary (TRL's
-  convention; the suppressed tokens' tiny mass is not renormalised away). ``pixel_values`` are
+- Log-probs and entropies (old, policy and reference) come from one forward over prompt +
+  completion in the model's dtype, of the distribution actually sampled from:
+  ``log_softmax(logits / temperature)`` with the suppressed ids at ``-inf`` (renormalised over
+  the sampleable ids; TRL instead uses the full vocabulary, so its KL and ratio see tokens drawn
+  from another distribution than the one they score). Padding after the EOS is scored as EOS
+  (masked out anyway; a suppressed pad id would give ``-inf``). ``pixel_values`` are
   split per image by the grid products and repeated per completion, ``image_grid_thw``
   repeated, ``mm_token_type_ids`` extended with zeros (text) over the completion and the cached
   ``rope_deltas`` reset first. Qwen2.5-VL silently computes wrong M-RoPE positions when
@@ -105,8 +110,11 @@ class VLMAdapter:
             raise ValueError("the dataset is empty")
         if not (temperature > 0):
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if not (0 < top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if top_p != 1:
+            raise ValueError(f"top_p={top_p!r} is not supported: nucleus sampling draws tokens from "
+                             "a truncated distribution whose log-probs the training forward cannot "
+                             "reproduce, which biases the PPO ratio and the KL; use top_p=1 (and "
+                             "temperature to sharpen sampling)")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}")
         self.policy = model
@@ -123,13 +131,16 @@ class VLMAdapter:
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.max_new_tokens = int(max_new_tokens)
+        self.max_len = self.max_new_tokens
+        """The maximum completion length: Dr. GRPO's constant normaliser (GRPOConfig.max_len)."""
         self.mask_truncated = mask_truncated
         self.chunk = chunk
         self.forward_batch = forward_batch
         self.record_generation_logp = record_generation_logp
-        """Keep generation-time log-probs (``inputs["gen_logp"]`` from the raw logits,
-        ``inputs["gen_sample_logp"]`` from the processed scores) for ``logprob_consistency``;
-        costs an (N, T, V) copy of the logits per rollout, so off for training."""
+        """Keep generation-time log-probs (``inputs["gen_sample_logp"]`` from the processed scores,
+        the distribution sampled from; ``inputs["gen_logp"]`` from the raw logits over the full
+        vocabulary) for ``logprob_consistency``; costs an (N, T, V) copy of the logits per
+        rollout, so off for training."""
         self.extend_mm_token_type_ids = extend_mm_token_type_ids
         """False drops mm_token_type_ids from the training forward: only for the test that shows
         why the extension is needed (Qwen2-VL raises, Qwen2.5-VL silently shifts positions)."""
@@ -277,10 +288,12 @@ class VLMAdapter:
                   "completion_attn": attn, "ended": ended}
         if self.record_generation_logp:
             logits = torch.stack([s.float().cpu() for s in gen_out.logits], 1)  # (N, T, V)
-            inputs["gen_logp"] = selective_logp(logits, comp, temperature=self.temperature, chunk=self.chunk)
-            # the distribution actually sampled from (after suppression / top-p), for tests
+            ids = self._scored_ids(comp, attn)
+            inputs["gen_logp"] = selective_logp(logits, ids, temperature=self.temperature, chunk=self.chunk)
+            # the distribution actually sampled from (temperature and suppression applied by
+            # generate's processors): what the training log-probs must equal
             scores = torch.stack([s.float().cpu() for s in gen_out.scores], 1)
-            inputs["gen_sample_logp"] = selective_logp(scores, comp, chunk=self.chunk)
+            inputs["gen_sample_logp"] = selective_logp(scores, ids, chunk=self.chunk)
         return inputs
 
     def model_inputs(self, rollout: Rollout, rows: torch.Tensor, device=None) -> dict:
@@ -318,17 +331,23 @@ class VLMAdapter:
                 out = model(**kw, use_cache=False, logits_to_keep=t_len + 1)
             reset_rope_deltas(model)
             logits = out.logits[:, :-1]  # position P-1+t predicts completion token t
-            ids = comp_all[part.cpu()].to(device)
+            ids = self._scored_ids(comp_all[part.cpu()], rollout.inputs["completion_attn"][part.cpu()]).to(device)
+            kw = {"temperature": self.temperature, "chunk": self.chunk, "masked_ids": self.suppress_ids}
             if want_entropy:
-                lp, ent = selective_logp_and_entropy(logits, ids, temperature=self.temperature, chunk=self.chunk)
+                lp, ent = selective_logp_and_entropy(logits, ids, **kw)
                 ents.append(ent)
             else:
-                lp = selective_logp(logits, ids, temperature=self.temperature, chunk=self.chunk)
+                lp = selective_logp(logits, ids, **kw)
             lps.append(lp)
         home = rollout.mask.device  # the loop combines these with the rollout's tensors
         logp = torch.cat(lps).to(home)
         ent = torch.cat(ents).to(home) if ents else None
         return logp, ent
+
+    def _scored_ids(self, comp: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Completion ids with the padding after the EOS replaced by the EOS, a sampleable id
+        (the pad id is a suppressed special token, whose log-prob is -inf)."""
+        return torch.where(attn.bool(), comp, torch.full_like(comp, self.eos_id))
 
     def _info(self, total, per_fn, lengths, truncated, scored, old_ent, attn) -> dict[str, float]:
         vals = [r for r in total if r is not None]
@@ -388,12 +407,14 @@ def logprob_consistency(adapter: VLMAdapter, rollout: Rollout) -> float:
     """Max |generation-time log-prob - training-forward log-prob| over the valid completion
     tokens; needs a rollout collected with ``record_generation_logp=True``.
 
-    The generation side is ``log_softmax(raw logits / temperature)`` of the sampling steps
-    (``output_logits``), the training side ``adapter.logp_and_entropy(policy, ...)``: the same
-    distribution computed two ways (KV-cached incremental decoding vs one full forward), so
-    any mismatch in positions, images or masks shows up here. About 1e-6 in float32 when right.
+    The generation side is ``log_softmax`` of the processed scores of the sampling steps
+    (``output_scores``: temperature and suppression applied, the distribution the tokens were
+    drawn from), the training side ``adapter.forward_logp(policy, ...)``: the same distribution
+    computed two ways (KV-cached incremental decoding with generate's processors vs one full
+    forward with the adapter's masking), so any mismatch in positions, images, masks, the
+    temperature or the suppressed ids shows up here. About 1e-6 in float32 when right.
     """
-    gen = rollout.inputs.get("gen_logp")
+    gen = rollout.inputs.get("gen_sample_logp")
     if gen is None:
         raise ValueError("rollout has no generation log-probs; collect with record_generation_logp=True")
     n = gen.shape[0]

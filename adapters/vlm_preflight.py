@@ -10,12 +10,14 @@ and the rollout seeded as the trainer's own (no global random state consumed).
 The checks, on one rollout of ``samples`` completions of the iteration the trainer runs next:
 
 ``logprob_consistency`` (a)
-    The log-probs the loss recomputes (one forward over prompt + completion) against those of
-    the sampling steps (KV-cached decoding) for the same tokens: two computations of one
-    distribution. Wrong M-RoPE positions (Qwen2.5-VL with ``mm_token_type_ids`` not covering
-    the completion), images paired with the wrong rows, a shifted token alignment or a stale
-    rope-delta cache all show here and nowhere else; the ratio and the KL are then computed
-    against a distribution that was never sampled from. Bounds (``LOGPROB_BOUNDS``): float32,
+    The log-probs the loss recomputes (one forward over prompt + completion, suppressed ids
+    masked) against those of the distribution the sampling steps drew from (generate's processed
+    scores: temperature and suppression applied, KV-cached decoding) for the same tokens: two
+    computations of one distribution. Wrong M-RoPE positions (Qwen2.5-VL with
+    ``mm_token_type_ids`` not covering the completion), images paired with the wrong rows, a
+    shifted token alignment, a stale rope-delta cache, a different temperature or suppressed set
+    all show here and nowhere else; the ratio and the KL are then computed against a
+    distribution that was never sampled from. Bounds (``LOGPROB_BOUNDS``): float32,
     max |gap| <= 1e-4 (a correct forward is ~1e-6 on the tiny model). bfloat16 / float16:
     mean |gap| <= 0.05 nats, see ``LOGPROB_BOUNDS``.
 ``reference_refresh`` (b, when a reference is kept)
@@ -24,6 +26,12 @@ The checks, on one rollout of ``samples`` completions of the iteration the train
     |diff| 0) and the reference's log-probs equal the policy's on the rollout (0: same weights,
     same code, same inputs). Catches a refresh that copies the wrong module, misses tensors,
     leaves the reference in train mode (dropout) or in another dtype.
+``deterministic_forward`` (a')
+    Two forwards with gradient of the same rows give the same log-probs, and no dropout runs
+    in train mode during them (``grpo_core.determinism``). With one epoch and one minibatch the
+    loop takes the old log-probs from the update's own forward: a random forward (dropout, which
+    gradient checkpointing's train-mode forward turns on) forces the PPO ratio to 1 while the
+    true ratio is not, and with several epochs it makes the ratio noise. Fails naming the module.
 ``finite_loss`` (c)
     The GRPO loss of one minibatch of the rollout exactly as the trainer computes it (returns,
     group advantages, reference log-probs, ``grpo_loss``) and its gradient are finite; a NaN
@@ -50,14 +58,18 @@ import torch
 
 from grpo_core.adapter import Rollout
 from grpo_core.advantages import group_advantages
+from grpo_core.determinism import watch_stochastic_modules
 from grpo_core.losses import grpo_loss
-from grpo_core.returns import discounted_returns
 from grpo_core.testing.checks import CheckResult
 from grpo_core.testing.kit import BUILTIN_KINDS, BUILTINS, check_estimator, format_table
 
 LOGPROB, REFRESH, FINITE, KL_GRAD = "logprob_consistency", "reference_refresh", "finite_loss", "kl_gradient"
+DETERMINISM, ROLLOUT = "deterministic_forward", "rollout"
 KIT_KL, KIT_ADV, KIT_RET = "kit_kl", "kit_advantage", "kit_returns"
-CHECKS = (LOGPROB, REFRESH, FINITE, KL_GRAD, KIT_KL, KIT_ADV, KIT_RET)
+CHECKS = (LOGPROB, DETERMINISM, REFRESH, FINITE, KL_GRAD, KIT_KL, KIT_ADV, KIT_RET)
+"""The checks, in the order of the table. A rollout that cannot be collected (a reward function
+raising, an image that does not decode) gives one failed ``rollout`` row naming the error, and
+the checks that need it are reported as skipped."""
 
 LOGPROB_BOUNDS: dict[torch.dtype, tuple[str, float]] = {
     torch.float64: ("max", 1e-4),
@@ -155,7 +167,7 @@ def check_logprob_consistency(adapter, rollout: Rollout, bound: float | None = N
     bound = default if bound is None else float(bound)
     worst = logprob_consistency(adapter, rollout)
     valid = _valid(rollout)
-    gen = rollout.inputs["gen_logp"]
+    gen = rollout.inputs["gen_sample_logp"]
     train, _ = adapter.forward_logp(adapter.policy, rollout, torch.arange(gen.shape[0]), want_entropy=False)
     gap = (gen - train.detach().float().cpu())[valid].abs()
     mean = float(gap.mean()) if gap.numel() else 0.0
@@ -166,9 +178,30 @@ def check_logprob_consistency(adapter, rollout: Rollout, bound: float | None = N
             f"(max {worst:.3g}, mean {mean:.3g}) {'<=' if ok else 'exceeds'} {bound:g}")
     if not ok:
         expl += ("; the training forward does not reproduce the sampled distribution (positions, "
-                 "mm_token_type_ids, images or token alignment)")
+                 "mm_token_type_ids, images, token alignment, temperature or suppressed ids)")
     return _row(LOGPROB, ok, value, bound, expl,
                 {"dtype": dname, "statistic": stat, "max": worst, "mean": mean, "tokens": int(valid.sum())})
+
+
+# --- (a') --------------------------------------------------------------------------------------
+
+def check_deterministic_forward(adapter, policy, rollout: Rollout) -> CheckResult:
+    """Row (a'): two grad-mode forwards of the rollout's rows agree, and no dropout is active."""
+    rows = torch.arange(rollout.mask.shape[0])
+    with torch.enable_grad(), watch_stochastic_modules(policy) as active:
+        first, _ = adapter.logp_and_entropy(policy, rollout, rows)
+        second, _ = adapter.logp_and_entropy(policy, rollout, rows)
+    gap = _max_abs(first, second, _valid(rollout))
+    dtype = _model_dtype(policy)
+    bound = REFRESH_LOGP_BOUND if dtype not in (torch.bfloat16, torch.float16) else LOGPROB_BOUNDS[dtype][1]
+    ok = not active and math.isfinite(gap) and gap <= bound
+    expl = f"two forwards with gradient: max |log-prob gap| {gap:.3g}"
+    if active:
+        expl += f"; random modules in train mode: {', '.join(active)}"
+    if not ok:
+        expl += ("; the old log-probs and the PPO ratio would be wrong (with one epoch and one "
+                 "minibatch the ratio is forced to 1): set dropout to 0")
+    return _row(DETERMINISM, ok, gap, bound, expl, {"active": list(active)})
 
 
 # --- (b) ---------------------------------------------------------------------------------------
@@ -211,12 +244,13 @@ def _hard_refresh(trainer, adapter, policy, reference, config) -> None:
     """A hard refresh through the trainer's own code path when there is a trainer."""
     hard = config.replace(ref_update="hard", update_ref_model_freq=1)
     if trainer is not None:
-        saved = trainer.config
+        saved, flag = trainer.config, trainer.ref_is_policy
         trainer.config = hard
         try:
             trainer.refresh_reference(0)
         finally:
-            trainer.config = saved
+            # the caller restores the reference: the trainer's knowledge of it stays as it was
+            trainer.config, trainer.ref_is_policy = saved, flag
         return
     custom = getattr(adapter, "refresh_reference", None)
     if custom is not None:
@@ -272,9 +306,10 @@ def _grad_norm(loss: torch.Tensor, params: list[torch.Tensor], *, retain: bool) 
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def _loss_kwargs(config, t_len: int) -> dict:
+def _loss_kwargs(config, adapter) -> dict:
     return {"kl_estimator": config.kl_estimator, "eps_low": config.clip_eps_low,
-            "eps_high": config.clip_eps_high, "agg": config.loss_agg, "max_len": config.max_len or t_len}
+            "eps_high": config.clip_eps_high, "agg": config.loss_agg,
+            "max_len": config.max_len or getattr(adapter, "max_len", None)}
 
 
 def check_loss_and_kl_gradient(adapter, policy, reference, params, config, rollout: Rollout,
@@ -284,9 +319,8 @@ def check_loss_and_kl_gradient(adapter, policy, reference, params, config, rollo
     n, t_len = rollout.mask.shape
     rows = torch.arange(n)
     mask = rollout.mask
-    returns = discounted_returns(rollout.rewards, mask, cfg.gamma)
-    adv = group_advantages(returns, mask, group_size, scale=cfg.scale, stats_over=cfg.stats_over,
-                           eps=cfg.adv_eps)
+    adv = group_advantages(rollout.rewards, mask, group_size, gamma=cfg.gamma, scale=cfg.scale,
+                           stats_over=cfg.stats_over, eps=cfg.adv_eps)
     ref_logp = None
     if reference is not None and cfg.beta != 0:
         with torch.no_grad():
@@ -297,7 +331,7 @@ def check_loss_and_kl_gradient(adapter, policy, reference, params, config, rollo
     old_logp = logp.detach() if rollout.old_logp is None else rollout.old_logp
     try:
         loss, stats = grpo_loss(logp, old_logp, ref_logp, adv, mask, entropy=entropy, beta=cfg.beta,
-                                ent_coef=cfg.ent_coef, **_loss_kwargs(cfg, t_len))
+                                ent_coef=cfg.ent_coef, **_loss_kwargs(cfg, adapter))
         value = stats["loss"]
         gnorm = _grad_norm(loss, params, retain=want_kl) if math.isfinite(value) else math.nan
         ok = math.isfinite(value) and math.isfinite(gnorm)
@@ -314,7 +348,7 @@ def check_loss_and_kl_gradient(adapter, policy, reference, params, config, rollo
             noise = KL_NOISE * torch.randn(ref_logp.shape, generator=gen).to(ref_logp.device)
             shifted = (ref_logp + noise).clamp(max=0.0)
             kl_loss, kst = grpo_loss(logp, old_logp, shifted, torch.zeros_like(adv), mask,
-                                     entropy=None, beta=cfg.beta, ent_coef=0.0, **_loss_kwargs(cfg, t_len))
+                                     entropy=None, beta=cfg.beta, ent_coef=0.0, **_loss_kwargs(cfg, adapter))
             gnorm = _grad_norm(kl_loss, params, retain=False)
             ok = math.isfinite(gnorm) and gnorm > 0 and math.isfinite(kst["kl"])
             expl = (f"beta*KL term alone ({cfg.kl_estimator}, KL {kst['kl']:.3g} against reference log-probs "
@@ -406,17 +440,23 @@ def run_preflight(trainer_or_adapter, config=None, *, samples: int = DEFAULT_SAM
     b = max(1, samples // g)
 
     rows: dict[str, CheckResult] = {}
-    needs_rollout = {LOGPROB, REFRESH, FINITE, KL_GRAD} & set(wanted)
+    needs_rollout = {LOGPROB, DETERMINISM, REFRESH, FINITE, KL_GRAD} & set(wanted)
     rollout = None
     if needs_rollout:
         try:
             rollout = _collect(adapter, it, b, g, max_new_tokens)
         except Exception as e:  # noqa: BLE001
+            rows[ROLLOUT] = _error(ROLLOUT, e, "could not collect a rollout: ")
             for name in needs_rollout:
-                rows[name] = _error(name, e, "could not collect a rollout: ")
+                rows[name] = _skip(name, "no rollout (see the rollout row)")
     if rollout is not None:
+        if DETERMINISM in wanted:
+            try:
+                rows[DETERMINISM] = check_deterministic_forward(adapter, policy, rollout)
+            except Exception as e:  # noqa: BLE001
+                rows[DETERMINISM] = _error(DETERMINISM, e)
         if LOGPROB in wanted:
-            if "gen_logp" not in (rollout.inputs if isinstance(rollout.inputs, dict) else {}):
+            if "gen_sample_logp" not in (rollout.inputs if isinstance(rollout.inputs, dict) else {}):
                 rows[LOGPROB] = _skip(LOGPROB, "the adapter does not record generation-time log-probs")
             else:
                 try:
@@ -449,7 +489,7 @@ def run_preflight(trainer_or_adapter, config=None, *, samples: int = DEFAULT_SAM
         for row in check_kit(config, kit_samples=kit_samples):
             if row.name in wanted:
                 rows[row.name] = row
-    return [rows[name] for name in CHECKS if name in rows]
+    return [rows[name] for name in (ROLLOUT, *CHECKS) if name in rows]
 
 
 def failed_names(rows: Sequence[CheckResult]) -> list[str]:

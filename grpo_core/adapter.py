@@ -60,6 +60,9 @@ class Adapter(Protocol):
     """The task side of GRPO. ``policy`` is the trained module; the loop owns the optimizer."""
 
     policy: torch.nn.Module
+    # Optional: ``max_len: int``, the longest sequence the adapter can produce (the episode time
+    # limit, the maximum completion length). Dr. GRPO's loss divides by it when
+    # ``GRPOConfig.max_len`` is None.
 
     def collect(self, *, num_groups: int, group_size: int, iteration: int) -> Rollout:
         """Sample ``group_size`` sequences for each of ``num_groups`` groups from ``policy``

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +14,10 @@ from .kl import KL_ESTIMATORS
 from .losses import AGGS
 
 REF_UPDATES = ("hard", "soft")
+
+
+class KLInertWarning(UserWarning):
+    """The configured KL term cannot change any update (see ``GRPOConfig.kl_is_inert``)."""
 
 
 @dataclass(frozen=True)
@@ -50,15 +56,17 @@ class GRPOConfig:
     """Advantage scaling (plan item 5): "group" std, "batch" std (Dr. GRPO / TRL
     scale_rewards="batch") or "none" (mean only)."""
     stats_over: str = "steps"
-    """Pool the group statistics over every valid "steps" (CartPole GRPO) or one G_0 per
-    sample, "sequences" (standard GRPO)."""
+    """Group statistics over every valid step's return, "steps" (the plan's CartPole GRPO), or
+    over one outcome per sample, the sum of its rewards, "sequences" (GRPO's outcome
+    supervision, discounted by the distance to the end); see grpo_core.advantages."""
     adv_eps: float = 1e-8
     """Added to the std in the advantage denominator. >= 0."""
     loss_agg: str = "token-mean"
     """How per-token terms become one loss: token-mean, seq-mean-token-mean,
     seq-mean-token-sum, seq-mean-token-sum-norm (see grpo_core.losses.agg_loss)."""
     max_len: int | None = None
-    """Constant length of seq-mean-token-sum-norm (Dr. GRPO); None: the batch's padded T."""
+    """Constant length that seq-mean-token-sum-norm (Dr. GRPO) divides by: the maximum
+    completion length. None: the adapter's (CartPole 500 steps, the VLM's max_new_tokens)."""
     ent_coef: float = 0.0
     """Entropy bonus coefficient (plan item 6); the loss subtracts ent_coef * agg(entropy). >= 0."""
     max_grad_norm: float = 1.0
@@ -66,11 +74,11 @@ class GRPOConfig:
     lr: float = 1e-3
     """Adam learning rate. > 0."""
     skip_zero_grad_steps: bool = True
-    """Skip the optimizer step when the whole gradient is exactly zero (every group without
-    reward variance and no KL or entropy gradient). Adam would still move the weights on its
-    momentum and let its second moment decay, so that the next rare signal makes an outsized
-    step; seen as a collapse on the tiny-VLM colours task. Skipped steps are counted in the
-    ``skipped_steps`` metric."""
+    """Skip the optimizer step of a minibatch that carries no signal: every advantage exactly
+    0, no entropy bonus, and no KL term or a reference equal to the policy (the rule is in
+    grpo_core.loop). Adam would otherwise move the weights on its momentum (and on rounding
+    noise) and let its second moment decay, so that the next rare signal makes an outsized
+    step; seen as a collapse on the tiny-VLM colours task. Counted in ``skipped_steps``."""
     seed: int = 0
     """Seeds rollouts, start states and minibatch shuffles. >= 0."""
 
@@ -104,6 +112,19 @@ class GRPOConfig:
         _check_choice(self, "scale", SCALES)
         _check_choice(self, "stats_over", STATS_OVER)
         _check_choice(self, "loss_agg", AGGS)
+        if self.kl_is_inert():
+            warnings.warn(
+                f"beta={self.beta} does nothing with update_ref_model_freq=1 (hard refresh), "
+                "grpo_epochs=1 and minibatches=1: the reference equals the policy at every update, "
+                "where the KL term's expected gradient is 0; use grpo_epochs > 1, minibatches > 1, "
+                "a less frequent or soft refresh, or beta=0", KLInertWarning, stacklevel=3)
+
+    def kl_is_inert(self) -> bool:
+        """True when the KL term can never have a non-zero expected gradient: every update sees
+        a reference that was hard-copied from the policy with no optimizer step since."""
+        hard = self.ref_update == "hard" or self.ref_mix_alpha == 1.0
+        return (self.beta != 0 and self.update_ref_model_freq == 1 and hard
+                and self.grpo_epochs == 1 and self.minibatches == 1)
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -135,11 +156,12 @@ def _check_int(cfg: GRPOConfig, name: str, low: int) -> None:
 
 def _check_float(cfg, name, low, high, *, low_open=False, high_open=False) -> None:
     value = getattr(cfg, name)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        value = float(value)
-        ok = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
-    if not ok:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is invalid: expected a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} is invalid: expected a finite number")
+    if not ((low < value if low_open else low <= value) and (value < high if high_open else value <= high)):
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ValueError(f"{name}={getattr(cfg, name)!r} is outside the valid range {lo}{low}, {high}{hi}")
 

@@ -3,7 +3,7 @@
 Per iteration, in the plan's order:
 
 1. ``adapter.collect`` samples B groups of G sequences from the policy (old log-probs frozen).
-2. ``discounted_returns`` (gamma) and ``group_advantages`` (scale, stats_over).
+2. ``group_advantages`` of the rewards (gamma, scale, stats_over).
 3. Reference refresh when ``update_ref_model_freq > 0`` and ``iteration % freq == 0``. It
    happens after the rollout and before any update, so during iteration ``i``'s updates a
    hard-refreshed reference equals the policy that collected iteration ``i``'s rollouts: the
@@ -16,11 +16,24 @@ Per iteration, in the plan's order:
    ``minibatches`` (``_seeding.minibatch_order``) and, per minibatch: clipped loss + beta*KL - ent_coef*entropy,
    backward, global gradient-norm clip, optimizer step.
 
+The zero-signal skip (``skip_zero_grad_steps``) is decided from the signal, before the forward,
+never from a gradient norm (rounding noise is never exactly zero). A minibatch carries no signal
+when (a) every advantage of its valid tokens is exactly 0, (b) ``ent_coef == 0``, and (c)
+``beta == 0`` or the reference equals the policy weight for weight (a hard refresh, or a soft
+one with alpha 1, or the initial copy, and no optimizer step since). Under (c) the expected
+gradient of every KL estimator is 0: k2, k3 and k3_is have a per-token gradient proportional to
+``ref_logp - logp`` or ``1 - exp(ref_logp - logp)``, 0 when the weights agree, and k1's per-token
+gradient ``grad logp`` has mean ``E[grad log pi] = 0`` under the sampling policy. What a forward
+computes there (about 1e-7 apart between a policy and its frozen copy) is rounding noise, which
+Adam would turn into weight changes of up to lr. A skipped minibatch still runs its forward
+(no graph) for the metrics, and counts in ``skipped_steps``.
+
 ``GRPOTrainer.step()`` returns the iteration's metrics as a flat dict of floats.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 
@@ -30,9 +43,9 @@ from ._seeding import minibatch_order
 from .adapter import Adapter, Rollout
 from .advantages import group_advantages
 from .config import GRPOConfig
-from .losses import grpo_loss
+from .determinism import StochasticForwardError, watch_stochastic_modules
+from .losses import DR_GRPO, grpo_loss
 from .refmodel import hard_refresh, soft_refresh
-from .returns import discounted_returns
 
 _MEAN_STATS = ("loss", "policy_loss", "kl", "entropy", "clip_frac_low", "clip_frac_high",
                "approx_kl", "grad_norm")
@@ -58,17 +71,24 @@ class GRPOTrainer:
             raise ValueError(f"keep_reference=False needs beta=0 (the KL term reads the reference), "
                              f"got beta={config.beta!r}")
         self.reference = adapter.make_reference() if keep_reference else None
+        self.ref_is_policy = self.reference is not None
+        """True while the reference equals the policy weight for weight (see the module doc)."""
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = optimizer or torch.optim.Adam(self.params, lr=config.lr)
         self.iteration = 0
+        self.max_len = config.max_len or getattr(adapter, "max_len", None)
+        """Dr. GRPO's constant length: ``config.max_len``, else the adapter's ``max_len``."""
+        if config.loss_agg == DR_GRPO and not self.max_len:
+            raise ValueError(f"loss_agg={DR_GRPO!r} divides by a constant length: set max_len "
+                             "(the maximum completion length) in the config; this adapter has none")
+        self._forward_checked = False
 
     def step(self) -> dict[str, float]:
         """Run one full iteration and return its metrics."""
         cfg, it = self.config, self.iteration
         rollout = self._collect()
-        returns = discounted_returns(rollout.rewards, rollout.mask, cfg.gamma)
-        adv = group_advantages(returns, rollout.mask, cfg.group_size, scale=cfg.scale,
-                               stats_over=cfg.stats_over, eps=cfg.adv_eps)
+        adv = group_advantages(rollout.rewards, rollout.mask, cfg.group_size, gamma=cfg.gamma,
+                               scale=cfg.scale, stats_over=cfg.stats_over, eps=cfg.adv_eps)
         self.refresh_reference(it)
         ref_logp = self._batch_logp(self.reference, rollout) if cfg.beta != 0 else None
         if rollout.old_logp is None and (cfg.grpo_epochs > 1 or cfg.minibatches > 1):
@@ -76,6 +96,7 @@ class GRPOTrainer:
         stats = self._update(rollout, adv, ref_logp)
         valid = rollout.mask.bool()
         stats["adv_abs_mean"] = float(adv[valid].abs().mean()) if valid.any() else 0.0
+        stats["zero_signal_groups"] = float(_zero_signal_groups(adv, valid, cfg.group_size))
         stats["iteration"] = it
         stats.update(rollout.info)
         self.iteration += 1
@@ -93,6 +114,8 @@ class GRPOTrainer:
             hard_refresh(self.reference, self.policy)
         else:
             soft_refresh(self.reference, self.policy, self.config.ref_mix_alpha)
+        copied = self.config.ref_update == "hard" or self.config.ref_mix_alpha == 1.0
+        self.ref_is_policy = copied or self.ref_is_policy
         return True
 
     def _collect(self) -> Rollout:
@@ -133,27 +156,54 @@ class GRPOTrainer:
 
     def _minibatch_step(self, rollout, adv, ref_logp, rows) -> dict[str, float]:
         cfg = self.config
-        logp, entropy = self.adapter.logp_and_entropy(self.policy, rollout, rows)
+        skip = cfg.skip_zero_grad_steps and self._no_signal(adv[rows], rollout.mask[rows])
+        shortcut = rollout.old_logp is None
+        with torch.set_grad_enabled(not skip), self._checked_forward(shortcut and not skip):
+            logp, entropy = self.adapter.logp_and_entropy(self.policy, rollout, rows)
         # old_logp is None only with one epoch and one minibatch: this forward is the first
-        # and only one since sampling, so it is the sampling policy's (ratio exactly 1)
-        old_logp = logp.detach() if rollout.old_logp is None else rollout.old_logp[rows]
+        # and only one since sampling, so it is the sampling policy's (ratio exactly 1); the
+        # forward is checked for dropout once (``_checked_forward``)
+        old_logp = logp.detach() if shortcut else rollout.old_logp[rows]
         loss, stats = grpo_loss(
             logp, old_logp, None if ref_logp is None else ref_logp[rows],
             adv[rows], rollout.mask[rows], entropy=entropy, beta=cfg.beta,
             ent_coef=cfg.ent_coef, kl_estimator=cfg.kl_estimator, eps_low=cfg.clip_eps_low,
-            eps_high=cfg.clip_eps_high, agg=cfg.loss_agg,
-            max_len=cfg.max_len or rollout.mask.shape[1],
+            eps_high=cfg.clip_eps_high, agg=cfg.loss_agg, max_len=self.max_len,
         )
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLossError(f"iteration {self.iteration}: loss is {stats['loss']} "
                                      f"(parts: {stats}); refusing to step the optimizer")
+        stats["skipped_steps"] = float(skip)
+        if skip:
+            stats["grad_norm"] = 0.0
+            return stats
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         stats["grad_norm"] = self._clip_gradients()
-        stats["skipped_steps"] = float(stats["grad_norm"] == 0.0 and cfg.skip_zero_grad_steps)
-        if not stats["skipped_steps"]:
-            self.optimizer.step()
+        self.optimizer.step()
+        self.ref_is_policy = False
         return stats
+
+    def _no_signal(self, adv: torch.Tensor, mask: torch.Tensor) -> bool:
+        """No term of this minibatch's loss has a non-zero expected gradient (module doc)."""
+        if self.config.ent_coef != 0 or (self.config.beta != 0 and not self.ref_is_policy):
+            return False
+        return not bool((adv[mask.bool()] != 0).any())
+
+    @contextlib.contextmanager
+    def _checked_forward(self, check: bool):
+        """On the first forward whose log-probs also serve as the old ones, refuse dropout."""
+        if not check or self._forward_checked:
+            yield
+            return
+        with watch_stochastic_modules(self.policy) as active:
+            yield
+        if active:
+            raise StochasticForwardError(
+                f"the policy's forward is random ({', '.join(active)}), so the old log-probs "
+                "cannot be taken from the update's own forward (grpo_epochs=1, minibatches=1): "
+                "set that dropout to 0, or collect old_logp in the adapter")
+        self._forward_checked = True
 
     def _clip_gradients(self) -> float:
         """Global L2 norm of the gradient before clipping; clips when max_grad_norm > 0."""
@@ -174,7 +224,7 @@ class GRPOTrainer:
         ref = None if self.reference is None else self.reference.state_dict()
         return {"policy": self.policy.state_dict(), "reference": ref,
                 "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
-                "config": self.config.to_dict()}
+                "ref_is_policy": self.ref_is_policy, "config": self.config.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
@@ -182,3 +232,11 @@ class GRPOTrainer:
             self.reference.load_state_dict(state["reference"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
+        # an older checkpoint does not say: assume the reference differs (never skips wrongly)
+        self.ref_is_policy = bool(state.get("ref_is_policy", False)) and self.reference is not None
+
+
+def _zero_signal_groups(adv: torch.Tensor, valid: torch.Tensor, group_size: int) -> int:
+    """Groups whose every valid advantage is exactly 0 (no reward spread, or no sample)."""
+    nonzero = ((adv != 0) & valid).view(-1, group_size * adv.shape[1]).any(1)
+    return int((~nonzero).sum())

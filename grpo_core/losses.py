@@ -14,6 +14,7 @@ from ._checks import as_mask, check_choice, check_same_shape
 from .kl import KL_ESTIMATORS, kl_estimate
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+DR_GRPO = "seq-mean-token-sum-norm"
 
 
 def agg_loss(values: torch.Tensor, mask: torch.Tensor, *, agg: str, max_len: int | None = None):
@@ -25,9 +26,13 @@ def agg_loss(values: torch.Tensor, mask: torch.Tensor, *, agg: str, max_len: int
     - ``seq-mean-token-mean``: per sequence the mean over its valid tokens, then the mean
       over sequences (original GRPO).
     - ``seq-mean-token-sum``: per sequence the sum over its valid tokens, then the mean.
-    - ``seq-mean-token-sum-norm``: per sequence the sum divided by the constant ``max_len``
-      (default T), then the mean (Dr. GRPO).
-    "Sequences" are those with at least one valid token; an all-masked batch gives 0.
+      For these three, "sequences" are those with at least one valid token, and a batch with
+      no valid token gives 0.
+    - ``seq-mean-token-sum-norm`` (Dr. GRPO, Liu et al. 2025): sum of every valid value /
+      ``(N * max_len)``, with ``N`` every row of the batch, a fully masked one included, and
+      ``max_len`` a constant, the maximum completion length (TRL's ``dr_grpo``:
+      ``max_completion_length`` and ``size(0)``); required here, never the batch's padded T,
+      which would make the normaliser depend on the longest sample of the batch.
     Masked values never reach the result, not even as NaN (they are replaced by 0 first).
     """
     check_same_shape(values=values, mask=mask)
@@ -37,15 +42,15 @@ def agg_loss(values: torch.Tensor, mask: torch.Tensor, *, agg: str, max_len: int
     mf = m.to(v.dtype)
     if agg == "token-mean":
         return v.sum() / mf.sum().clamp(min=1)
+    if agg == DR_GRPO:
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+            raise ValueError(f"agg={DR_GRPO!r} needs max_len, a positive int (the maximum "
+                             f"completion length), got {max_len!r}")
+        return v.sum() / (max(values.shape[0], 1) * max_len)
     per_seq = v.sum(-1)
     n_tok = mf.sum(-1)
     if agg == "seq-mean-token-mean":
         per_seq = per_seq / n_tok.clamp(min=1)
-    elif agg == "seq-mean-token-sum-norm":
-        length = values.shape[-1] if max_len is None else max_len
-        if length <= 0:
-            raise ValueError(f"max_len must be positive, got {max_len!r}")
-        per_seq = per_seq / length
     has_tok = (n_tok > 0).to(v.dtype)
     return (per_seq * has_tok).sum() / has_tok.sum().clamp(min=1)
 
@@ -60,44 +65,106 @@ def clipped_policy_loss(
     eps_high: float,
     agg: str,
     max_len: int | None = None,
+    clip_ratio_c: float | None = None,
 ):
     """PPO clipped surrogate with an asymmetric clip range ("clip-higher", DAPO).
 
-    Per token ``rho = exp(logp - old_logp)`` and
+    Per token ``rho = exp(logp - old_logp)`` (bounded, see :func:`bounded_ratio`) and
     ``loss_t = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)``, aggregated by
     ``agg``. ``old_logp`` is treated as a constant (detached).
+
+    ``clip_ratio_c``: dual-clip PPO (Ye et al. 2020, "Mastering Complex Control in MOBA Games
+    with Deep Reinforcement Learning", sec. "Dual-clip PPO"; verl's ``clip_ratio_c``): for
+    ``A < 0`` the token loss is capped at ``c * |A|``, ``loss_t = min(loss_t, -c * A)``, so a
+    token whose ratio ran far above 1 with a negative advantage gives a bounded loss and no
+    gradient once ``rho > c``. None (default) turns it off; otherwise a number > 1.
 
     Shapes: logp, old_logp, adv, mask (N, T) -> scalar, stats.
 
     stats: ``clip_frac_low`` (share of valid tokens with A < 0 and rho < 1 - eps_low, where
     the clipped branch is taken), ``clip_frac_high`` (A > 0 and rho > 1 + eps_high),
+    ``clip_frac_dual`` (A < 0 and rho > c: the dual-clip cap taken; 0 without it),
     ``approx_kl`` (token mean of k3 between old and new, ``rho - 1 - log rho``),
-    ``ratio_min``, ``ratio_max``.
+    ``ratio_min``, ``ratio_max`` (of the bounded ratio).
     """
     check_same_shape(logp=logp, old_logp=old_logp, adv=adv, mask=mask)
     if not (0 <= eps_low < 1 and eps_high >= 0):
         raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low!r}, {eps_high!r}")
+    _check_clip_ratio_c(clip_ratio_c)
     m = as_mask(mask, logp)
     zero = torch.zeros_like(logp)
     log_ratio = torch.where(m, logp - old_logp.detach(), zero)
     a = torch.where(m, adv.detach(), zero)
-    ratio = torch.exp(log_ratio)
+    ratio = bounded_ratio(log_ratio)
+    tok = policy_token_loss(ratio, a, eps_low=eps_low, eps_high=eps_high,
+                            clip_ratio_c=clip_ratio_c)
+    loss = agg_loss(tok, m, agg=agg, max_len=max_len)
+    with torch.no_grad():
+        stats = _clip_stats(log_ratio, ratio, a, m, eps_low, eps_high, clip_ratio_c)
+    return loss, stats
+
+
+LOG_RATIO_MAX = 20.0
+"""Bound on the log-ratio inside :func:`bounded_ratio`: exp(20) = 4.85e8 is finite with room in
+float32 (which overflows at 88.7) and bfloat16, and a ratio that far from 1 is outside any
+working trust region (verl clamps at the same 20)."""
+
+
+def bounded_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
+    """``exp(min(x, LOG_RATIO_MAX))`` whose gradient is the returned value everywhere.
+
+    Shapes: log_ratio (any) -> same.
+
+    Up to the bound this is ``exp(x)`` exactly, value and gradient. Above it the value stays
+    ``exp(20)`` and the gradient stays the one at the bound (``d rho / d x = rho``) instead of
+    overflowing (float32: inf at x > 88.7, and NaN gradients behind a clipped branch) or
+    vanishing (a plain clamp): a token whose ratio ran away with ``A < 0`` keeps a finite
+    gradient pushing it down. Where a clipped branch applies the value is irrelevant anyway.
+    ``x`` must be finite.
+    """
+    over = log_ratio > LOG_RATIO_MAX
+    capped = log_ratio - log_ratio.detach() + LOG_RATIO_MAX  # value 20, gradient 1
+    return torch.exp(torch.where(over, capped, log_ratio))
+
+
+def policy_token_loss(ratio, a, *, eps_low: float, eps_high: float,
+                      clip_ratio_c: float | None = None) -> torch.Tensor:
+    """Per-token clipped surrogate loss (dual-clipped for ``A < 0`` when ``clip_ratio_c``).
+
+    Shapes: ratio, a (N, T) -> (N, T).
+    """
     unclipped = ratio * a
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a
-    loss = agg_loss(-torch.minimum(unclipped, clipped), m, agg=agg, max_len=max_len)
-    with torch.no_grad():
-        n_valid = max(int(m.sum()), 1)
-        low = m & (a < 0) & (ratio < 1 - eps_low)
-        high = m & (a > 0) & (ratio > 1 + eps_high)
-        valid_ratio = ratio[m]
-        stats = {
-            "clip_frac_low": float(low.sum()) / n_valid,
-            "clip_frac_high": float(high.sum()) / n_valid,
-            "approx_kl": float(torch.where(m, torch.expm1(log_ratio) - log_ratio, zero).sum()) / n_valid,
-            "ratio_min": float(valid_ratio.min()) if valid_ratio.numel() else 1.0,
-            "ratio_max": float(valid_ratio.max()) if valid_ratio.numel() else 1.0,
-        }
-    return loss, stats
+    tok = -torch.minimum(unclipped, clipped)
+    if clip_ratio_c is not None:
+        tok = torch.where(a < 0, torch.minimum(tok, -clip_ratio_c * a), tok)
+    return tok
+
+
+def _check_clip_ratio_c(clip_ratio_c) -> None:
+    ok = clip_ratio_c is None or (isinstance(clip_ratio_c, (int, float))
+                                  and not isinstance(clip_ratio_c, bool) and clip_ratio_c > 1)
+    if not ok:  # also rejects NaN
+        raise ValueError(f"clip_ratio_c must be None or a number > 1 (the dual-clip cap c*|A| "
+                         f"for A < 0), got {clip_ratio_c!r}")
+
+
+def _clip_stats(log_ratio, ratio, a, m, eps_low, eps_high, clip_ratio_c) -> dict:
+    n_valid = max(int(m.sum()), 1)
+    low = m & (a < 0) & (ratio < 1 - eps_low)
+    high = m & (a > 0) & (ratio > 1 + eps_high)
+    dual = m & (a < 0) & (ratio > clip_ratio_c) if clip_ratio_c is not None else low & ~low
+    lr = log_ratio.clamp(max=LOG_RATIO_MAX)
+    valid_ratio = ratio[m]
+    return {
+        "clip_frac_low": float(low.sum()) / n_valid,
+        "clip_frac_high": float(high.sum()) / n_valid,
+        "clip_frac_dual": float(dual.sum()) / n_valid,
+        "approx_kl": float(torch.where(m, torch.expm1(lr) - lr, torch.zeros_like(lr)).sum())
+        / n_valid,
+        "ratio_min": float(valid_ratio.min()) if valid_ratio.numel() else 1.0,
+        "ratio_max": float(valid_ratio.max()) if valid_ratio.numel() else 1.0,
+    }
 
 
 def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, *, agg: str, max_len: int | None = None):

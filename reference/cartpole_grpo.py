@@ -15,7 +15,11 @@ taken after that iteration's updates.
 Equation numbers in the comments refer to this list:
 
   (1)  G_t = r_t + gamma * G_{t+1},  G_T = 0                        returns
-  (2)  A_t = (G_t - mean_g) / (std + adv_eps)                       advantages
+  (2a) A_t = (G_t - mean_g) / (std + adv_eps), mean and std over every
+       step's G_t of the group (stats_over="steps")                 advantages
+  (2b) A_t = (1) of the rewards with mean_g subtracted at the last step,
+       divided by (std + adv_eps); mean and std over each episode's
+       sum of rewards (stats_over="sequences", GRPO outcome supervision)
   (3)  ratio_t = exp(logp_t - old_logp_t)
   (4)  pg_t = -min(ratio_t A_t, clip(ratio_t, 1-eps_lo, 1+eps_hi) A_t)
   (5)  d_t = ref_logp_t - logp_t;  k1 = -d,  k2 = d^2/2,
@@ -23,6 +27,11 @@ Equation numbers in the comments refer to this list:
   (6)  H_t = -sum_a p_a log p_a                                       entropy
   (7)  loss = agg(pg) + beta agg(kl) - ent_coef agg(H)
   (8)  coef = max_grad_norm / (||g|| + 1e-6); g <- coef g if coef < 1
+  (9)  Dr. GRPO: agg = sum of every term / (episodes x max_len), max_len the
+       config's or the 500-step time limit
+  (10) skip the optimizer step (skip_zero_grad_steps) when the minibatch has no
+       signal: every advantage is 0, ent_coef is 0, and beta is 0 or every
+       reference parameter equals the policy's
 """
 
 from __future__ import annotations
@@ -161,27 +170,40 @@ def _bessel_std(values: list) -> float:
     return math.sqrt(ss / (len(values) - 1))
 
 
-def _pooled(group_returns: list, stats_over: str) -> list:
-    """The values a group's statistics are taken over."""
+def _pooled(group_rewards: list, stats_over: str, gamma: float) -> list:
+    """The values a group's statistics are taken over: every step's return (2a), or each
+    episode's outcome, the sum of its rewards (2b)."""
     if stats_over == "steps":
-        return [g for ep in group_returns for g in ep]
+        return [g for ep in group_rewards for g in discounted_returns(ep, gamma)]
     if stats_over == "sequences":
-        return [ep[0] for ep in group_returns]
+        return [float(sum(ep)) for ep in group_rewards if ep]
     raise ValueError(f"unknown stats_over {stats_over!r}")
 
 
-def group_advantages(
-    returns: list, group_size: int, scale: str, stats_over: str, adv_eps: float
-) -> list:
-    """(2) for every step of every episode; groups are consecutive runs of G episodes.
+def _episode_advantages(rewards: list, mean_g: float, denom: float, gamma: float,
+                        stats_over: str) -> list:
+    """(2a) or (2b) for every step of one episode."""
+    if stats_over == "steps":
+        return [(g - mean_g) / denom for g in discounted_returns(rewards, gamma)]
+    # (2b): the outcome's baseline is charged at the last step, where the outcome is
+    # scored, then discounted back like any reward: normalise the rewards, then (1).
+    shifted = list(rewards)
+    shifted[-1] = shifted[-1] - mean_g
+    return [g / denom for g in discounted_returns(shifted, gamma)]
 
-    ``returns`` is a ragged list (one list of G_t per episode).  A group with fewer
+
+def group_advantages(
+    rewards: list, group_size: int, scale: str, stats_over: str, adv_eps: float, gamma: float
+) -> list:
+    """(2a)/(2b) for every step of every episode; groups are consecutive runs of G episodes.
+
+    ``rewards`` is a ragged list (one list of r_t per episode).  A group with fewer
     than 2 pooled values, or whose pooled values are all exactly equal, gets
     advantages that are exactly 0.
     """
-    n_groups = len(returns) // group_size
-    groups = [returns[b * group_size : (b + 1) * group_size] for b in range(n_groups)]
-    pooled = [_pooled(g, stats_over) for g in groups]
+    n_groups = len(rewards) // group_size
+    groups = [rewards[b * group_size : (b + 1) * group_size] for b in range(n_groups)]
+    pooled = [_pooled(g, stats_over, gamma) for g in groups]
 
     batch_std = None
     if scale == "batch":
@@ -202,12 +224,9 @@ def group_advantages(
         elif scale == "batch":
             denom = batch_std + adv_eps
         else:
-            denom = None
+            denom = 1.0
         for ep in group:
-            if denom is None:
-                advantages.append([g - mean_g for g in ep])
-            else:
-                advantages.append([(g - mean_g) / denom for g in ep])
+            advantages.append(_episode_advantages(ep, mean_g, denom, gamma, stats_over))
     return advantages
 
 
@@ -279,8 +298,8 @@ def aggregate(per_episode: list, loss_agg: str, norm_len: int):
         per_seq = [_sum(ep) / len(ep) for ep in per_episode]
     elif loss_agg == "seq-mean-token-sum":
         per_seq = [_sum(ep) for ep in per_episode]
-    elif loss_agg == "seq-mean-token-sum-norm":
-        per_seq = [_sum(ep) / norm_len for ep in per_episode]
+    elif loss_agg == "seq-mean-token-sum-norm":  # (9)
+        return _sum([_sum(ep) for ep in per_episode]) / (len(per_episode) * norm_len)
     else:
         raise ValueError(f"unknown loss_agg {loss_agg!r}")
     return _sum(per_seq) / len(per_seq)
@@ -305,7 +324,18 @@ def clip_gradients(params: dict, max_grad_norm: float) -> float:
     return total_norm
 
 
-def minibatch_update(params, optimizer, batch, idx, cfg, norm_len) -> dict:
+def has_no_signal(params, reference, batch, idx, cfg) -> bool:
+    """(10): nothing in this minibatch's loss has a non-zero expected gradient."""
+    if not cfg["skip_zero_grad_steps"] or cfg["ent_coef"] != 0:
+        return False
+    if any(a != 0.0 for n in idx for a in batch[n]["adv"]):
+        return False
+    if cfg["beta"] == 0:
+        return True
+    return all(torch.equal(reference[k], params[k].detach()) for k in params)
+
+
+def minibatch_update(params, reference, optimizer, batch, idx, cfg, norm_len) -> dict:
     pg_eps, kl_eps, ent_eps = [], [], []
     ratios, log_ratios, advs = [], [], []
     for n in idx:
@@ -332,10 +362,14 @@ def minibatch_update(params, optimizer, batch, idx, cfg, norm_len) -> dict:
     entropy = aggregate(ent_eps, agg, norm_len)
     loss = policy_loss + cfg["beta"] * kl_loss - cfg["ent_coef"] * entropy  # (7)
 
-    optimizer.zero_grad()
-    loss.backward()
-    grad_norm = clip_gradients(params, cfg["max_grad_norm"])
-    optimizer.step()
+    if has_no_signal(params, reference, batch, idx, cfg):
+        grad_norm, skipped = 0.0, 1.0  # (10)
+    else:
+        optimizer.zero_grad()
+        loss.backward()
+        grad_norm = clip_gradients(params, cfg["max_grad_norm"])
+        optimizer.step()
+        skipped = 0.0
 
     lo, hi = 1.0 - cfg["clip_eps_low"], 1.0 + cfg["clip_eps_high"]
     n_tok = len(ratios)
@@ -353,6 +387,7 @@ def minibatch_update(params, optimizer, batch, idx, cfg, norm_len) -> dict:
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
         "grad_norm": grad_norm,
+        "skipped_steps": skipped,
     }
 
 
@@ -369,6 +404,7 @@ def iteration_metrics(updates: list, batch: list) -> dict:
     ):
         m[key] = _mean([u[key] for u in updates]) if updates else float("nan")
     m["grad_norm_max"] = max(u["grad_norm"] for u in updates) if updates else float("nan")
+    m["skipped_steps"] = sum(u["skipped_steps"] for u in updates)
     m["ratio_min"] = min(u["ratio_min"] for u in updates) if updates else float("nan")
     m["ratio_max"] = max(u["ratio_max"] for u in updates) if updates else float("nan")
     m["mean_return"] = _mean([float(sum(ep["rewards"])) for ep in batch])
@@ -402,11 +438,10 @@ def run_oracle(config: dict, initial_policy: dict, iterations: int) -> list:
         for it in range(iterations):
             # 1. rollout
             batch = collect(env, params, cfg, it)
-            # 2. returns (1)
-            returns = [discounted_returns(ep["rewards"], cfg["gamma"]) for ep in batch]
-            # 3. advantages (2)
+            # 2-3. returns (1) and advantages (2a) / (2b)
             advs = group_advantages(
-                returns, G, cfg["scale"], cfg["stats_over"], cfg["adv_eps"]
+                [ep["rewards"] for ep in batch], G, cfg["scale"], cfg["stats_over"],
+                cfg["adv_eps"], cfg["gamma"],
             )
             for ep, a in zip(batch, advs):
                 ep["adv"] = a
@@ -417,9 +452,7 @@ def run_oracle(config: dict, initial_policy: dict, iterations: int) -> list:
                 for ep in batch:
                     ref_logp, _ = log_probs_and_entropy(reference, ep["states"], ep["actions"])
                     ep["ref_logp"] = [float(v) for v in ref_logp]
-            norm_len = cfg["max_len"]
-            if norm_len is None:
-                norm_len = max(len(ep["actions"]) for ep in batch)
+            norm_len = cfg["max_len"] if cfg["max_len"] is not None else MAX_STEPS  # (9)
             # 6. epochs of minibatch updates
             updates = []
             for e in range(cfg["grpo_epochs"]):
@@ -428,7 +461,7 @@ def run_oracle(config: dict, initial_policy: dict, iterations: int) -> list:
                     if len(idx) == 0:
                         continue  # more minibatches than episodes: nothing to update on
                     updates.append(
-                        minibatch_update(params, optimizer, batch, idx, cfg, norm_len)
+                        minibatch_update(params, reference, optimizer, batch, idx, cfg, norm_len)
                     )
             # 7. metrics and the record
             records.append(

@@ -14,6 +14,46 @@ Conventions used throughout:
 
 Equation references (E1, E2, ...) point at the comments in each function.
 Only ``math`` is imported, on purpose.
+
+Sources (each convention of this module is taken from these, never from ``grpo_core``):
+
+[GRPO]  Shao et al. 2024, "DeepSeekMath", sec. 4.1.2 (outcome supervision):
+        r~_i = (r_i - mean(r)) / std(r) over the G outputs of one question, and
+        A_{i,t} = r~_i for every token t of output i.
+[PLAN]  The CartPole GRPO plan (item 5): A = (G - mean) / (std + 1e-8) with mean and
+        std over the whole group; a group of one sample, or of equal returns, gives 0.
+        Item 3: G_t = r_t + gamma * G_{t+1}, G_T = 0.
+[DR]    Liu et al. 2025, "Understanding R1-Zero-Like Training" (Dr. GRPO), eq. for
+        A_{i,t} = R(q, o_i) - mean(R): the std division is removed.
+[TRL]   TRL's GRPOTrainer: std with Bessel's correction (torch.std's default),
+        eps added to the std outside the square root; scale_rewards="batch" takes the
+        std over the whole batch, the mean staying per group.
+
+Conventions fixed here:
+
+  convention                      value                                        source
+  ------------------------------  -------------------------------------------  -----------
+  returns                         G_t = r_t + gamma G_{t+1}, G past end = 0     [PLAN] 3
+  "steps" pool                    every G_t of every sample of the group        [PLAN] 5
+  "sequences" pool                one outcome per sample: S_i = sum_t r_{i,t}   [GRPO] 4.1.2
+                                  (an empty sample has no outcome: left out)
+  where the outcome is scored     the sample's last step; the advantage of      [GRPO] 4.1.2
+                                  token t is the outcome's normalised value     with [PLAN] 3
+                                  discounted by the steps after t: with an
+                                  outcome reward only, gamma^(L_i-1-t) r~_i;
+                                  per-step rewards add their own discounted
+                                  sums (E6)
+  std                             Bessel's correction (n - 1)                   [TRL]
+  eps                             added to the std, outside the square root     [PLAN] 5
+  scale="none"                    no division                                   [DR]
+  scale="batch"                   std of every pooled value of the batch,       [TRL]
+                                  around the batch mean; mean per group
+  no-signal group                 fewer than 2 pooled values or all equal:      [PLAN] 5
+                                  exactly 0 at every step, any gamma
+  first valid step                not special: nothing is read at the first     (E6)
+                                  step only; every step has its own value
+  Dr. GRPO loss normaliser        constant max_len x every sequence of the      [DR], [TRL]
+                                  batch, an empty one included (A4)
 """
 
 import math
@@ -41,6 +81,8 @@ def discounted_returns(rewards, gamma):
 # ---------------------------------------------------------------------------
 # Group-relative advantages
 # ---------------------------------------------------------------------------
+# Sources and the table of conventions: see the module docstring.
+
 
 _SCALES = ("group", "batch", "none")
 _STATS_OVER = ("steps", "sequences")
@@ -60,69 +102,79 @@ def _bessel_std(values):
     return math.sqrt(math.fsum((x - m) ** 2 for x in values) / (len(values) - 1))
 
 
-def _pooled_values(group, stats_over):
-    """The values a group's statistics are computed from.
-
-    stats_over="steps":     every step's return of every sample of the group.
-    stats_over="sequences": each non-empty sample's first return G_0
-                            (empty samples are skipped).
-    """
+def _pool(group_rewards, stats_over, gamma):
+    """The values a group's statistics are computed from (see the table above)."""
     pooled = []
-    for sample in group:
+    for sample in group_rewards:
         if stats_over == "steps":
-            pooled.extend(sample)
+            pooled.extend(discounted_returns(sample, gamma))
         elif len(sample) > 0:
-            pooled.append(sample[0])
+            pooled.append(math.fsum(sample))  # S_i, the outcome
     return pooled
 
 
-def _is_degenerate(pooled):
-    """Fewer than two pooled values, or all of them exactly equal."""
-    return len(pooled) < 2 or all(x == pooled[0] for x in pooled)
+def _has_signal(pooled):
+    """At least two pooled values, not all exactly equal."""
+    return len(pooled) >= 2 and any(x != pooled[0] for x in pooled)
 
 
-def group_advantages(returns, *, scale, stats_over, eps=1e-8):
-    """GRPO group-relative advantages.
+def _denominator(pooled, batch_std, scale, eps):
+    if scale == "none":
+        return 1.0  # [DR]
+    if scale == "group":
+        return _bessel_std(pooled) + eps  # (E2) + eps
+    return batch_std + eps
 
-    ``returns`` is nested groups -> samples -> steps (a sample may be empty).
 
-    (E3)  A_t = (G_t - mean_g) / (std + eps)     scale="group" or "batch"
-    (E4)  A_t =  G_t - mean_g                    scale="none"
+def _sequence_advantages(sample, mean_g, denom, gamma):
+    """(E6) for one sample of L steps, term by term (no recursion):
 
-    mean_g is the mean of the group's pooled values (see ``_pooled_values``).
-    std is the Bessel std (E2) of the group's pooled values (scale="group"),
-    or of all pooled values of the whole batch put together, around the
-    batch mean (scale="batch").
+    A_t = ( sum_{k=t}^{L-1} gamma^(k-t) r_k  -  gamma^(L-1-t) * mean_g ) / denom
 
-    Special rule: a group with fewer than 2 pooled values, or whose pooled
-    values are all exactly equal, gets advantage exactly 0.0 everywhere.
+    i.e. the discounted reward-to-go, minus the group's mean outcome discounted from the
+    last step where the outcome is scored.  With r_k = 0 for k < L-1 and r_{L-1} = R_i
+    this is gamma^(L-1-t) (R_i - mean_g) / denom: [GRPO]'s r~_i, discounted.
+    """
+    n = len(sample)
+    out = []
+    for t in range(n):
+        to_go = math.fsum(gamma ** (k - t) * sample[k] for k in range(t, n))
+        out.append((to_go - gamma ** (n - 1 - t) * mean_g) / denom)
+    return out
+
+
+def group_advantages(rewards, *, gamma, scale, stats_over, eps=1e-8):
+    """GRPO group-relative advantages of every step.
+
+    ``rewards`` is nested groups -> samples -> per-step rewards (a sample may be empty).
+
+    (E3)  "steps":      A_t = (G_t - mean_g) / denom, G_t from (E1), the pool every G_t.
+    (E6)  "sequences":  see ``_sequence_advantages``; the pool is each sample's S_i.
+    (E4)  denom = 1 (scale="none"), std_g + eps ("group"), std_batch + eps ("batch").
+
+    A group without signal (``_has_signal``) gets exactly 0.0 at every step.
     """
     if scale not in _SCALES:
         raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
     if stats_over not in _STATS_OVER:
         raise ValueError(f"stats_over must be one of {_STATS_OVER}, got {stats_over!r}")
 
-    pooled_per_group = [_pooled_values(group, stats_over) for group in returns]
-
-    batch_std = None
-    if scale == "batch":
-        everything = [x for pooled in pooled_per_group for x in pooled]
-        if len(everything) >= 2:
-            batch_std = _bessel_std(everything)
+    pools = [_pool(group, stats_over, gamma) for group in rewards]
+    everything = [x for pool in pools for x in pool]
+    batch_std = _bessel_std(everything) if len(everything) >= 2 else 0.0
 
     advantages = []
-    for group, pooled in zip(returns, pooled_per_group):
-        if _is_degenerate(pooled):
+    for group, pool in zip(rewards, pools):
+        if not _has_signal(pool):
             advantages.append([[0.0] * len(sample) for sample in group])
             continue
-        mean_g = _mean(pooled)
-        if scale == "none":
-            denom = 1.0  # (E4)
-        elif scale == "group":
-            denom = _bessel_std(pooled) + eps  # (E3)
+        mean_g = _mean(pool)
+        denom = _denominator(pool, batch_std, scale, eps)
+        if stats_over == "steps":
+            advantages.append([[(g - mean_g) / denom for g in discounted_returns(sample, gamma)]
+                               for sample in group])  # (E3)
         else:
-            denom = batch_std + eps  # (E3); batch has >= 2 values here
-        advantages.append([[(g - mean_g) / denom for g in sample] for sample in group])
+            advantages.append([_sequence_advantages(sample, mean_g, denom, gamma) for sample in group])
     return advantages
 
 
@@ -238,11 +290,15 @@ def aggregate_weights(lengths, agg, max_len=None):
     (A0)  loss = sum_i sum_t w_it * v_it
 
     With S = number of sequences with len_i > 0 (empty sequences are left
-    out of every mean) and N = total number of tokens:
+    out of the means A2, A3), B = number of sequences, empty ones included,
+    and N = total number of tokens:
       (A1) "token-mean"              w = 1 / N
       (A2) "seq-mean-token-mean"     w = 1 / (S * len_i)
       (A3) "seq-mean-token-sum"      w = 1 / S
-      (A4) "seq-mean-token-sum-norm" w = 1 / (S * max_len)   (max_len required)
+      (A4) "seq-mean-token-sum-norm" w = 1 / (B * max_len)   (max_len required)
+           [DR]: the per-sequence 1/|o_i| of GRPO replaced by one constant, the
+           maximum generation length, and the mean over all G outputs of the
+           batch; TRL's dr_grpo divides by size(0) * max_completion_length.
     With no token at all there is nothing to weigh and the loss is 0.
     """
     if agg not in AGGS:
@@ -251,6 +307,7 @@ def aggregate_weights(lengths, agg, max_len=None):
         raise ValueError("max_len is required for agg='seq-mean-token-sum-norm'")
     total = sum(lengths)
     n_seqs = sum(1 for n in lengths if n > 0)
+    n_rows = len(lengths)
     weights = []
     for n in lengths:
         if n == 0:
@@ -263,7 +320,7 @@ def aggregate_weights(lengths, agg, max_len=None):
         elif agg == "seq-mean-token-sum":
             w = 1.0 / n_seqs  # (A3)
         else:
-            w = 1.0 / (n_seqs * max_len)  # (A4)
+            w = 1.0 / (n_rows * max_len)  # (A4)
         weights.append([w] * n)
     return weights
 
@@ -346,3 +403,59 @@ def grpo_loss(
         "approx_kl": math.fsum(approx) / n_tokens if n_tokens else 0.0,
     }
     return loss, parts, d_loss
+
+
+# ---------------------------------------------------------------------------
+# Bounded ratio and dual-clip PPO, per token (twin of the core's options)
+# ---------------------------------------------------------------------------
+
+LOG_RATIO_BOUND = 20.0  # exp(20) = 4.85e8: finite in float32, far outside any trust region
+
+
+def bounded_ratio(log_ratio, bound=LOG_RATIO_BOUND):
+    """The ratio used by the safe surrogate, and its derivative wrt logp.
+
+    (P4)  ratio   = exp(min(x, bound)),        x = logp - old_logp
+          d ratio = ratio                      (for every x, also above the bound)
+
+    Up to the bound this is the plain ratio (P1) and its derivative. Above it both the value
+    and the derivative stay those at the bound: the value of a clipped branch does not depend
+    on it, and an unclipped token with a negative advantage keeps a finite push downwards.
+    """
+    ratio = math.exp(min(log_ratio, bound))
+    return ratio, ratio
+
+
+def _smaller(a, da, b, db):
+    """min(a, b) with its derivative; on an exact tie the mean of both derivatives."""
+    if a < b:
+        return a, da
+    if b < a:
+        return b, db
+    return a, 0.5 * (da + db)
+
+
+def dual_clip_token_loss(logp, old_logp, adv, eps_low, eps_high, clip_ratio_c=None,
+                         bound=LOG_RATIO_BOUND):
+    """Clipped surrogate loss of one token with the bounded ratio (P4) and, optionally, the
+    dual clip; returns (loss, d loss / d logp).
+
+    (P5)  objective = min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)    (P2)
+    (P6)  dual clip, Ye et al. 2020 (arXiv:1912.09729), "Dual-clip PPO": for A < 0
+          objective = max(objective, c * A),   c > 1
+          loss = -objective
+
+    The dual clip is a lower bound on the objective of a token with A < 0: the loss
+    ratio * |A| of a token whose ratio ran far above 1 is capped at c * |A| (with no
+    derivative once it is). Derivative of the clipped ratio: ratio inside
+    [1 - eps_low, 1 + eps_high] (bounds inclusive), else 0.
+    """
+    ratio, d_ratio = bounded_ratio(logp - old_logp, bound)
+    lo, hi = 1.0 - eps_low, 1.0 + eps_high
+    clipped_ratio = min(max(ratio, lo), hi)
+    d_clipped_ratio = d_ratio if lo <= ratio <= hi else 0.0
+    obj, d_obj = _smaller(ratio * adv, d_ratio * adv, clipped_ratio * adv, d_clipped_ratio * adv)
+    loss, d_loss = -obj, -d_obj
+    if clip_ratio_c is not None and adv < 0:
+        loss, d_loss = _smaller(loss, d_loss, -clip_ratio_c * adv, 0.0)  # (P6)
+    return loss, d_loss

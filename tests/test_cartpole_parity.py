@@ -26,15 +26,21 @@ BASE = dict(group_size=3, groups_per_iteration=2, grpo_epochs=2, minibatches=2, 
             ent_coef=0.01, max_grad_norm=0.05, lr=1e-2, gamma=0.99, seed=5)
 SETTINGS = {
     "hard-freq1": dict(update_ref_model_freq=1, ref_update="hard"),
+    # Dr. GRPO divides by the 500-step limit: gradients are ~100x smaller, so is the clip
     "soft-freq2": dict(update_ref_model_freq=2, ref_update="soft", ref_mix_alpha=0.5,
                        kl_estimator="k2", scale="batch", stats_over="sequences",
-                       loss_agg="seq-mean-token-sum-norm", clip_eps_high=0.28),
+                       loss_agg="seq-mean-token-sum-norm", clip_eps_high=0.28, max_grad_norm=0.01),
+    # discounted outcome advantages, one episode per minibatch, no entropy bonus: groups of 2
+    # episodes of equal length have no signal and their minibatches are skipped (seed 8:
+    # once at iteration 2, where the reference still equals the policy)
+    "sequences-skip": dict(update_ref_model_freq=1, ent_coef=0.0, group_size=2, groups_per_iteration=4,
+                           minibatches=8, stats_over="sequences", gamma=0.9, seed=8),
     "hard-freq2-k3is": dict(update_ref_model_freq=2, kl_estimator="k3_is", scale="none",
                             loss_agg="seq-mean-token-mean", grpo_epochs=3, minibatches=3),
 }
 METRICS = ("loss", "policy_loss", "kl", "entropy", "clip_frac_low", "clip_frac_high", "approx_kl",
            "grad_norm", "grad_norm_max", "ratio_min", "ratio_max", "mean_return", "mean_length",
-           "env_steps", "adv_abs_mean")
+           "env_steps", "adv_abs_mean", "skipped_steps")
 
 
 def run_core(cfg: GRPOConfig, trainer_cls=GRPOTrainer, iterations: int = ITERATIONS):
@@ -85,6 +91,8 @@ def test_core_loop_matches_oracle(name):
     assert any(r["metrics"]["grad_norm_max"] > cfg.max_grad_norm for r in core), "clipping inactive"
     assert any(r["metrics"]["ratio_max"] > 1.0 for r in core), "ratio never left 1"
     assert not torch.equal(core[-1]["reference"]["net.0.weight"], initial["net.0.weight"])
+    if name == "sequences-skip":
+        assert sum(r["metrics"]["skipped_steps"] for r in core) > 0, "no minibatch was skipped"
 
 
 # --- mistakes that parity must catch --------------------------------------------------------

@@ -33,6 +33,36 @@ def naive_group_advantages(returns, mask, group_size, *, eps=1e-8):
     return adv.reshape(-1, 1) * mask
 
 
+def advantages_of_first_return(rewards, mask, group_size, *, gamma, scale, stats_over, eps=1e-8):
+    """The review's bug (core and oracle before the correctness pass): with statistics over
+    sequences, mean and std of each sample's return at its FIRST valid step G_0, then
+    ``(G_t - mean) / (std + eps)`` applied to every step's G_t, a return from another position.
+    Equal outcomes with different lengths then get advantages from their position alone."""
+    g = core.discounted_returns(rewards, mask, gamma)
+    m = mask.bool()
+    first = m.to(torch.int64).argmax(1)
+    g0 = g.gather(1, first[:, None]).view(-1, group_size)
+    valid = m.any(1).view(-1, group_size)
+    out = torch.zeros_like(g)
+    for b in range(g0.shape[0]):
+        vals = g0[b][valid[b]]
+        if vals.numel() < 2 or bool((vals == vals[0]).all()):
+            continue
+        rows = slice(b * group_size, (b + 1) * group_size)
+        out[rows] = (g[rows] - vals.mean()) / (vals.std() + eps) * mask[rows]
+    return out
+
+
+def agg_dr_grpo_by_padded_width(values, mask, *, agg, max_len=None):
+    """The old Dr. GRPO normaliser: each non-empty sequence's sum over the padded T of the
+    batch (when max_len is None), then the mean over non-empty sequences only."""
+    m = mask.bool()
+    v = torch.where(m, values, torch.zeros_like(values))
+    length = values.shape[1] if max_len is None else max_len
+    has = m.any(1)
+    return (v.sum(1) / length)[has].sum() / has.sum().clamp(min=1)
+
+
 def loop_returns(rewards, mask, gamma, *, mistake=None):
     """Plain per-row loop over the valid steps; ``mistake`` injects a classic bug:
     "discount-reward": G_t = gamma * (r_t + G_{t+1}) (the own reward discounted too);
@@ -119,6 +149,52 @@ def all_equal_groups_give_zero(adv_fn) -> bool:
     return bool(torch.equal(out, torch.zeros_like(out)))
 
 
+def outcome_advantages_ok(adv_fn) -> bool:
+    """Whether outcome rewards with statistics over sequences give, at every token, the
+    discounted normalised outcome ``gamma**(L-1-t) (R - mean) / (std + eps)`` (closed form,
+    float64), and exactly 0 at every token of a group whose outcomes are equal."""
+    import statistics
+
+    gamma, eps = 0.995, 1e-4
+    groups = [[(10, 1.0), (11, 1.0)],  # the review's repro: equal outcomes, +13.4 before
+              [(20, 1.0), (24, 0.0), (33, 1.0), (48, 0.5)]]
+    for group in groups:
+        rewards = [[0.0] * (n - 1) + [r] for n, r in group]
+        r_t, m_t = gs.pad(rewards, dtype=F64)
+        got = gs.unpad(adv_fn(r_t, m_t, len(group), gamma=gamma, scale="group",
+                              stats_over="sequences", eps=eps), m_t)
+        outcomes = [r for _, r in group]
+        for (n, r), row in zip(group, got):
+            if len(set(outcomes)) < 2:
+                want = [0.0] * n
+            else:
+                norm = (r - statistics.fmean(outcomes)) / (statistics.stdev(outcomes) + eps)
+                want = [gamma ** (n - 1 - t) * norm for t in range(n)]
+            if not all(math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12) for a, b in zip(row, want)):
+                return False
+    return True
+
+
+def dr_grpo_normaliser_ok(agg_fn) -> bool:
+    """Whether Dr. GRPO divides by a constant: the loss of a batch does not change when the
+    batch is padded wider (T is no property of the data), and a fully masked row counts as a
+    sequence: sum / (rows * max_len), against the hand-computed 10 / (3 * 8)."""
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [5.0, 5.0, 5.0]], dtype=F64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]], dtype=F64)
+    wide_v = torch.cat([values, torch.zeros(3, 5, dtype=F64)], 1)
+    wide_m = torch.cat([mask, torch.zeros(3, 5, dtype=F64)], 1)
+    try:
+        narrow = float(agg_fn(values, mask, agg="seq-mean-token-sum-norm", max_len=8))
+        wide = float(agg_fn(wide_v, wide_m, agg="seq-mean-token-sum-norm", max_len=8))
+        default = float(agg_fn(values, mask, agg="seq-mean-token-sum-norm"))
+        default_wide = float(agg_fn(wide_v, wide_m, agg="seq-mean-token-sum-norm"))
+    except ValueError:  # refusing to guess the constant is right
+        default = default_wide = None
+    if default is not None and default != default_wide:
+        return False  # the normaliser followed the batch's padding
+    return math.isclose(narrow, 10 / 24, rel_tol=1e-15) and narrow == wide
+
+
 def returns_parity_ok(returns_fn) -> bool:
     """Whether ``returns_fn(rewards, mask, gamma)`` equals the oracle on fixed random ragged
     batches, right-padded and scattered, for gamma in {0, 0.5, 0.9, 1}."""
@@ -179,8 +255,8 @@ def test_core_groups_without_signal_give_zero():
     """The core gives exact zeros to single-sample and all-equal groups, for every setting."""
     for scale in core.SCALES:
         for stats_over in core.STATS_OVER:
-            def adv_fn(returns, mask, group_size, scale=scale, stats_over=stats_over):
-                return core.group_advantages(returns, mask, group_size, scale=scale,
+            def adv_fn(rewards, mask, group_size, scale=scale, stats_over=stats_over):
+                return core.group_advantages(rewards, mask, group_size, gamma=0.9, scale=scale,
                                              stats_over=stats_over)
 
             if stats_over == "sequences":  # with "steps" a single sample's steps are a group
@@ -205,3 +281,26 @@ def test_core_and_plain_loop_returns_pass_parity():
 def test_off_by_one_discount_is_caught(mistake):
     """Discounting the own reward, or shifting returns by one step, fails parity."""
     assert not returns_parity_ok(lambda r, m, g: loop_returns(r, m, g, mistake=mistake))
+
+
+def test_outcome_advantages_use_the_outcome_not_the_position():
+    """Statistics over sequences with gamma < 1: the core (and the oracle) give the discounted
+    normalised outcome at every token; the old first-return variant is caught."""
+    assert outcome_advantages_ok(core.group_advantages)
+
+    def oracle_fn(rewards, mask, group_size, **kw):
+        ragged = gs.to_groups(gs.unpad(rewards, mask), group_size)
+        nested = ref.group_advantages(ragged, **kw)
+        flat = [s for group in nested for s in group]
+        out, _ = gs.pad(flat, rewards.shape[1], F64)
+        return out
+
+    assert outcome_advantages_ok(oracle_fn)
+    assert not outcome_advantages_ok(advantages_of_first_return)
+
+
+def test_dr_grpo_normaliser_is_a_constant():
+    """Dr. GRPO's loss divides by rows x a constant max_len; the old per-batch padded width
+    and the count of non-empty rows only are caught."""
+    assert dr_grpo_normaliser_ok(core.agg_loss)
+    assert not dr_grpo_normaliser_ok(agg_dr_grpo_by_padded_width)

@@ -51,9 +51,9 @@ def test_returns_shape_mismatch():
 
 
 def test_advantages_shape_mismatch():
-    """returns and mask must share a shape."""
-    with raises("mask", "(3, 3)", "returns", "(4, 3)"):
-        core.group_advantages(ones(N, T), ones(N - 1, T), 2, scale="group", stats_over="steps")
+    """rewards and mask must share a shape."""
+    with raises("mask", "(3, 3)", "rewards", "(4, 3)"):
+        core.group_advantages(ones(N, T), ones(N - 1, T), 2, gamma=1.0, scale="group", stats_over="steps")
 
 
 def test_agg_loss_shape_mismatch():
@@ -117,7 +117,7 @@ def test_mask_must_be_zero_or_one(value):
     mask[1, 2] = value
     calls = [
         lambda: core.discounted_returns(ones(N, T), mask, 0.9),
-        lambda: core.group_advantages(ones(N, T), mask, 2, scale="group", stats_over="steps"),
+        lambda: core.group_advantages(ones(N, T), mask, 2, gamma=1.0, scale="group", stats_over="steps"),
         lambda: core.agg_loss(ones(N, T), mask, agg="token-mean"),
         lambda: core.clipped_policy_loss(logps(N, T), logps(N, T), ones(N, T), mask,
                                          **loss_kwargs()),
@@ -145,27 +145,34 @@ def test_gamma_outside_unit_interval(gamma):
 def test_group_size_must_be_positive(group_size):
     """group_size must be a positive int."""
     with raises("group_size", repr(group_size)):
-        core.group_advantages(ones(N, T), ones(N, T), group_size, scale="group", stats_over="steps")
+        core.group_advantages(ones(N, T), ones(N, T), group_size, gamma=1.0, scale="group", stats_over="steps")
 
 
 def test_batch_not_divisible_by_group_size():
     """5 sequences cannot form groups of 2: both numbers appear in the message."""
     with raises("5", "group_size=2"):
-        core.group_advantages(ones(5, T), ones(5, T), 2, scale="group", stats_over="steps")
+        core.group_advantages(ones(5, T), ones(5, T), 2, gamma=1.0, scale="group", stats_over="steps")
 
 
 @pytest.mark.parametrize("scale", ["std", "Group", ""])
 def test_unknown_scale(scale):
     """scale must be one of group, batch, none."""
     with raises(f"scale={scale!r}"):
-        core.group_advantages(ones(N, T), ones(N, T), 2, scale=scale, stats_over="steps")
+        core.group_advantages(ones(N, T), ones(N, T), 2, gamma=1.0, scale=scale, stats_over="steps")
+
+
+@pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan")])
+def test_advantages_gamma_out_of_range(gamma):
+    """gamma must lie in [0, 1]; the message names it."""
+    with raises("gamma="):
+        core.group_advantages(ones(N, T), ones(N, T), 2, gamma=gamma, scale="group", stats_over="sequences")
 
 
 @pytest.mark.parametrize("stats_over", ["tokens", "seq"])
 def test_unknown_stats_over(stats_over):
     """stats_over must be one of steps, sequences."""
     with raises(f"stats_over={stats_over!r}"):
-        core.group_advantages(ones(N, T), ones(N, T), 2, scale="group", stats_over=stats_over)
+        core.group_advantages(ones(N, T), ones(N, T), 2, gamma=1.0, scale="group", stats_over=stats_over)
 
 
 @pytest.mark.parametrize("agg", ["mean", "seq-mean", "token-sum"])
@@ -212,8 +219,8 @@ def test_non_finite_rewards(value):
     rewards[2, 1] = value
     with raises("rewards", repr(value)):
         core.discounted_returns(rewards, ones(N, T), 0.9)
-    with raises("returns", repr(value)):
-        core.group_advantages(rewards, ones(N, T), 2, scale="group", stats_over="steps")
+    with raises("rewards", repr(value)):
+        core.group_advantages(rewards, ones(N, T), 2, gamma=1.0, scale="group", stats_over="steps")
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])

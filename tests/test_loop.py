@@ -244,3 +244,200 @@ def test_old_logp_left_to_the_loop_gives_the_same_training(epochs, minibatches):
         a, b = filled.step(), lazy.step()
         assert a["loss"] == b["loss"] and a["ratio_max"] == b["ratio_max"]
     assert same(params(filled.policy), params(lazy.policy))
+
+
+# ---------------------------------------------------------------------------------------------
+# the zero-signal skip is decided from the signal (correctness pass, item 2)
+# ---------------------------------------------------------------------------------------------
+
+
+class _NoSignalNoisyReference(ToyAdapter):
+    """Every reward 0 (no group has signal), and the reference's forward differs from the
+    policy's by rounding-sized noise (~1e-7), as a frozen copy on another kernel path does."""
+
+    def collect(self, *, iteration, **kw):
+        r = super().collect(iteration=iteration, **kw)
+        r.rewards = torch.zeros_like(r.rewards)
+        return r
+
+    def logp_and_entropy(self, model, rollout, rows):
+        logp, ent = super().logp_and_entropy(model, rollout, rows)
+        if model is not self.policy:
+            gen = torch.Generator().manual_seed(7)
+            logp = logp + 1e-7 * torch.randn(logp.shape, generator=gen, dtype=logp.dtype)
+        return logp, ent
+
+
+class _OldSkipRule(GRPOTrainer):
+    """The rule before the correctness pass: skip only when the gradient norm is exactly 0."""
+
+    def _no_signal(self, adv, mask):
+        return False
+
+    def _clip_gradients(self):
+        norm = super()._clip_gradients()
+        if norm == 0.0:
+            self.optimizer.zero_grad(set_to_none=True)  # Adam skips params without grad
+        return norm
+
+
+NOISY = dict(group_size=4, groups_per_iteration=2, grpo_epochs=1, minibatches=1, beta=0.1,
+             update_ref_model_freq=1, ent_coef=0.0, lr=1e-2)
+
+
+def test_no_signal_step_is_skipped_despite_rounding_noise():
+    """Zero advantages, beta > 0, a fresh hard refresh: the KL term's gradient is rounding noise
+    (norm ~1e-8, not 0). The step is skipped and the weights do not move; the old rule (norm
+    exactly 0) steps on the noise and Adam turns it into weight changes of about lr."""
+    with pytest.warns(UserWarning, match="does nothing"):
+        cfg = GRPOConfig(**NOISY)
+    tr = GRPOTrainer(_NoSignalNoisyReference(seed=3), cfg)
+    before = params(tr.policy)
+    m = tr.step()
+    assert m["skipped_steps"] == 1 and same(params(tr.policy), before)
+
+    old = _OldSkipRule(_NoSignalNoisyReference(seed=3), cfg)
+    before = params(old.policy)
+    m = old.step()
+    moved = max(float((a - before[k]).abs().max()) for k, a in params(old.policy).items())
+    assert m["skipped_steps"] == 0 and 0 < m["grad_norm"] < 1e-6
+    assert moved > 0.1 * cfg.lr, "Adam normalises the noise into a step of the order of lr"
+
+
+@pytest.mark.parametrize("case", ["reference-differs", "entropy-bonus", "signal"])
+def test_steps_with_a_real_gradient_are_taken(case):
+    """The other side: zero advantages with a reference that differs from the policy (a real
+    KL gradient), or with an entropy bonus, or advantages that are not all 0, all step."""
+    overrides = {"reference-differs": dict(update_ref_model_freq=0),
+                 "entropy-bonus": dict(ent_coef=0.01),
+                 "signal": dict(beta=0.0)}[case]
+    cfg = GRPOConfig(**{**NOISY, **overrides})
+    adapter = ToyAdapter(seed=3) if case == "signal" else _NoSignalNoisyReference(seed=3)
+    tr = GRPOTrainer(adapter, cfg)
+    if case == "reference-differs":  # move the policy away from the frozen initial reference
+        with torch.no_grad():
+            tr.policy.logits.mul_(2.0)  # a different distribution at every position
+        tr.ref_is_policy = False
+    before = params(tr.policy)
+    m = tr.step()
+    assert m["skipped_steps"] == 0 and m["grad_norm"] > 1e-4
+    assert not same(params(tr.policy), before)
+
+
+def test_reference_equality_is_tracked_through_steps_and_refreshes():
+    """ref_is_policy: True after the initial copy and after a hard refresh, False after an
+    optimizer step, restored from a checkpoint."""
+    tr = cartpole_trainer(beta=0.1, update_ref_model_freq=2, grpo_epochs=1, minibatches=1)
+    assert tr.ref_is_policy
+    tr.step()  # iteration 0 refreshes, then steps
+    assert not tr.ref_is_policy
+    tr.step()  # iteration 1: no refresh
+    assert not tr.ref_is_policy
+    tr.refresh_reference(2)
+    assert tr.ref_is_policy
+    state = tr.state_dict()
+    other = cartpole_trainer(beta=0.1, update_ref_model_freq=2, grpo_epochs=1, minibatches=1)
+    other.ref_is_policy = False
+    other.load_state_dict(state)
+    assert other.ref_is_policy
+
+
+# ---------------------------------------------------------------------------------------------
+# the old-log-prob shortcut refuses a random forward (correctness pass, item 4)
+# ---------------------------------------------------------------------------------------------
+
+
+class _DropoutTable(torch.nn.Module):
+    def __init__(self, base: torch.nn.Module, p: float):
+        super().__init__()
+        self.logits = base.logits
+        self.drop = torch.nn.Dropout(p)
+
+
+class _DropoutAdapter(ToyAdapter):
+    """A policy whose training forward applies dropout to its logits; sampling (and its
+    log-probs) use the deterministic eval forward; old_logp left to the loop."""
+
+    def __init__(self, p=0.3, **kw):
+        super().__init__(**kw)
+        self.policy = _DropoutTable(self.policy, p)
+
+    def collect(self, **kw):
+        r = super().collect(**kw)
+        r.inputs["sampling_logp"] = r.old_logp
+        r.old_logp = None
+        return r
+
+    def logp_and_entropy(self, model, rollout, rows):
+        logits = model.drop(model.logits) if torch.is_grad_enabled() else model.logits
+        logp_all = torch.log_softmax(logits, -1)
+        tokens = rollout.inputs["tokens"][rows]
+        logp = logp_all.gather(1, tokens.T).T
+        entropy = -(logp_all.exp() * logp_all).sum(-1).expand(len(rows), -1)
+        return logp, entropy
+
+
+class _NoDropoutCheck(GRPOTrainer):
+    """The loop before the correctness pass: takes old log-probs from the update's forward."""
+
+    def _checked_forward(self, check):
+        return super()._checked_forward(False)
+
+
+def test_old_logp_shortcut_refuses_dropout():
+    """One epoch, one minibatch, dropout in the grad-mode forward: the loop refuses, naming the
+    module. Without the check the ratio reads exactly 1 while the true one (grad forward vs
+    the sampling forward) is not."""
+    from grpo_core.determinism import StochasticForwardError
+
+    cfg = GRPOConfig(group_size=4, groups_per_iteration=2, grpo_epochs=1, minibatches=1, beta=0.0,
+                     lr=1e-2)
+    adapter = _DropoutAdapter(seed=1)
+    adapter.policy.train()
+    with pytest.raises(StochasticForwardError, match=r"drop \(Dropout, p=0.3\)"):
+        GRPOTrainer(adapter, cfg).step()
+
+    adapter = _DropoutAdapter(seed=1)
+    adapter.policy.train()
+    tr = _NoDropoutCheck(adapter, cfg)
+    torch.manual_seed(0)
+    m = tr.step()
+    assert m["ratio_min"] == m["ratio_max"] == 1.0  # forced
+    ro = adapter.collect(num_groups=2, group_size=4, iteration=5)
+    torch.manual_seed(1)
+    with torch.enable_grad():
+        logp, _ = adapter.logp_and_entropy(adapter.policy, ro, torch.arange(8))
+    true_ratio = (logp.detach() - ro.inputs["sampling_logp"]).exp()[ro.mask]
+    assert float((true_ratio - 1).abs().max()) > 0.05
+
+    # in eval mode the same policy is deterministic: accepted
+    adapter = _DropoutAdapter(seed=1)
+    adapter.policy.eval()
+    assert GRPOTrainer(adapter, cfg).step()["ratio_max"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# an inert KL term is announced (correctness pass, item 5)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_inert_kl_warns_and_is_inert():
+    """beta > 0 with a hard refresh every iteration, one epoch and one minibatch: a warning
+    naming the three settings, and indeed beta 1 and beta 0 train to the same weights (k2, k3,
+    k3_is: their gradient is 0 where the reference equals the policy)."""
+    inert = dict(group_size=4, groups_per_iteration=2, grpo_epochs=1, minibatches=1,
+                 update_ref_model_freq=1, lr=1e-2)
+    for name in ("k2", "k3", "k3_is"):
+        with pytest.warns(UserWarning, match="update_ref_model_freq=1.*grpo_epochs=1.*minibatches=1"):
+            a = cartpole_trainer(beta=1.0, kl_estimator=name, **inert)
+        b = cartpole_trainer(beta=0.0, **inert)
+        for _ in range(2):
+            a.step(), b.step()
+        assert same(params(a.policy), params(b.policy)), name
+    import warnings
+
+    for live in (dict(grpo_epochs=2), dict(minibatches=2), dict(update_ref_model_freq=2),
+                 dict(ref_update="soft"), dict(beta=0.0)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            GRPOConfig(**{**inert, "beta": 0.1, **live})

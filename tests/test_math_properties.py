@@ -36,44 +36,103 @@ def core_kl(name, logp, ref_logp, old_logp):
 # ---------------------------------------------------------------------------------------------
 
 
+def normalised_rewards(adv_sample, gamma):
+    """Invert the discount of one sample's advantages: ``A_t - gamma * A_{t+1}`` (A past the
+    end 0), the per-step values whose discounted returns the advantages are."""
+    nxt = adv_sample[1:] + [0.0]
+    return [a - gamma * b for a, b in zip(adv_sample, nxt)]
+
+
 @given(
     batch=gs.value_batches(allow_empty=True),
+    gamma=gs.gammas(),
     scale=st.sampled_from(core.SCALES),
     stats_over=st.sampled_from(core.STATS_OVER),
     layout=gs.layouts(),
     seed=gs.seeds(),
 )
-def test_advantages_sum_to_zero_per_group(batch, scale, stats_over, layout, seed):
-    """Per group, advantages sum to 0: over valid steps ("steps") or over the samples' first
-    steps ("sequences"); in the core and in the oracle."""
-    returns, mask = gs.pad(batch.values, dtype=F64, junk=1e9, layout=layout, seed=seed)
-    adv = core.group_advantages(returns, mask, batch.group_size, scale=scale, stats_over=stats_over)
+def test_advantages_sum_to_zero_per_group(batch, gamma, scale, stats_over, layout, seed):
+    """Per group, advantages sum to 0 at every step: "steps" over every valid step's
+    advantage; "sequences" over every step's normalised reward (the advantages with the
+    discount inverted), i.e. the samples' normalised outcomes; in the core and the oracle."""
+    rewards, mask = gs.pad(batch.values, dtype=F64, junk=1e9, layout=layout, seed=seed)
+    adv = core.group_advantages(rewards, mask, batch.group_size, gamma=gamma, scale=scale,
+                                stats_over=stats_over)
     core_groups = gs.to_groups(gs.unpad(adv, mask), batch.group_size)
-    oracle_groups = ref.group_advantages(batch.groups(), scale=scale, stats_over=stats_over)
+    oracle_groups = ref.group_advantages(batch.groups(), gamma=gamma, scale=scale, stats_over=stats_over)
     for groups in (core_groups, oracle_groups):
         for group in groups:
             if stats_over == "steps":
                 terms = [a for sample in group for a in sample]
             else:
-                terms = [sample[0] for sample in group if sample]
-            top = max([abs(a) for a in terms], default=0.0)
-            assert abs(math.fsum(terms)) <= 1e-12 * len(terms) * max(top, 1e-300) * 16
+                terms = [x for sample in group for x in normalised_rewards(sample, gamma)]
+            top = max([abs(a) for sample in group for a in sample], default=0.0)
+            assert abs(math.fsum(terms)) <= 1e-12 * len(terms) * max(top, 1e-300) * 64
+
+
+@settings(max_examples=examples(0.5))
+@given(
+    group=st.lists(st.tuples(st.integers(1, 60), st.sampled_from([0.0, 0.5, 1.0, 2.0, -1.0])),
+                   min_size=1, max_size=8),
+    groups=st.integers(1, 3),
+    gamma=gs.gammas(),
+    scale=st.sampled_from(core.SCALES),
+    eps=st.sampled_from([0.0, 1e-8, 1e-4]),
+    layout=gs.layouts(),
+)
+def test_outcome_advantages_closed_form_at_every_token(group, groups, gamma, scale, eps, layout):
+    """GRPO outcome supervision, discounted: with a reward R_i on the last of L_i tokens and
+    statistics over sequences, token t gets gamma**(L_i-1-t) * (R_i - mean) / (std + eps),
+    computed here with ``statistics`` in float64 at every token, not only the first; a group
+    whose outcomes are all equal gets exactly 0 at every token, whatever the lengths."""
+    import statistics
+
+    samples = [group[(k * 3 + b) % len(group)] for b in range(groups) for k in range(len(group))]
+    g = len(group)
+    rewards = [[0.0] * (n - 1) + [r] for n, r in samples]
+    r_t, m_t = gs.pad(rewards, dtype=F64, junk=3.0, layout=layout, seed=len(samples))
+    got = gs.unpad(core.group_advantages(r_t, m_t, g, gamma=gamma, scale=scale,
+                                         stats_over="sequences", eps=eps), m_t)
+    outcomes = [r for _, r in samples]
+    batch_std = statistics.stdev(outcomes) if len(outcomes) > 1 else 0.0
+    for b in range(groups):
+        rs = outcomes[b * g:(b + 1) * g]
+        for i in range(g):
+            n = samples[b * g + i][0]
+            row = got[b * g + i]
+            if len(set(rs)) < 2:
+                assert row == [0.0] * n
+                continue
+            denom = {"group": statistics.stdev(rs) + eps, "batch": batch_std + eps, "none": 1.0}[scale]
+            norm = (rs[i] - statistics.fmean(rs)) / denom
+            want = [gamma ** (n - 1 - t) * norm for t in range(n)]
+            assert row == pytest.approx(want, rel=1e-12, abs=1e-12 * abs(norm))
 
 
 @pytest.mark.parametrize("scale", ["group", "batch"])
 @settings(max_examples=examples(0.5))
 @given(
-    batch=gs.value_batches(styles=("ties", "binary", "final-only", "zeros"), allow_empty=True),
+    batch=gs.value_batches(styles=("ties", "binary", "final-only", "zeros", "normal"), allow_empty=True),
     stats_over=st.sampled_from(core.STATS_OVER),
+    gamma=gs.gammas(),
     a=st.sampled_from([0.5, 2.0, 3.0, 10.0]),
     b=st.sampled_from([-100.0, 0.0, 7.5, 1000.0]),
 )
-def test_advantages_invariant_to_affine_rewards(scale, batch, stats_over, a, b):
-    """Scaled by a std (group or batch, eps=0), advantages of a*G + b (a > 0) equal those of G."""
-    returns, mask = gs.pad(batch.values, dtype=F64)
-    kw = dict(scale=scale, stats_over=stats_over, eps=0.0)
-    base = core.group_advantages(returns, mask, batch.group_size, **kw)
-    moved = core.group_advantages(a * returns + b, mask, batch.group_size, **kw)
+def test_advantages_invariant_to_affine_rewards(scale, batch, stats_over, gamma, a, b):
+    """Scaled by a std (group or batch, eps=0), advantages are invariant to a > 0 times the
+    rewards plus a shift of what is pooled: b added to every sample's outcome ("sequences":
+    at its last step) or to every return ("steps": b added to every reward with gamma = 0)."""
+    rewards, mask = gs.pad(batch.values, dtype=F64)
+    if stats_over == "steps":
+        gamma, shift = 0.0, b * mask
+    else:
+        shift = torch.zeros_like(rewards)
+        for i, n in enumerate(batch.lengths):
+            if n:
+                shift[i, n - 1] = b
+    kw = dict(gamma=gamma, scale=scale, stats_over=stats_over, eps=0.0)
+    base = core.group_advantages(rewards, mask, batch.group_size, **kw)
+    moved = core.group_advantages(a * rewards + shift, mask, batch.group_size, **kw)
     torch.testing.assert_close(moved, base, rtol=1e-8, atol=1e-8)
 
 
@@ -84,40 +143,62 @@ def test_advantages_invariant_to_affine_rewards(scale, batch, stats_over, a, b):
     b=st.sampled_from([-100.0, 0.0, 7.5, 1000.0]),
 )
 def test_unscaled_advantages_shift_invariant_and_linear(batch, stats_over, a, b):
-    """With scale="none" a shift b changes nothing and a factor a scales the advantages."""
-    returns, mask = gs.pad(batch.values, dtype=F64)
-    kw = dict(scale="none", stats_over=stats_over)
-    base = core.group_advantages(returns, mask, batch.group_size, **kw)
-    moved = core.group_advantages(a * returns + b, mask, batch.group_size, **kw)
+    """With scale="none" a shift b of every pooled value changes nothing and a factor a
+    scales the advantages (gamma = 0: returns are rewards, outcomes one step long)."""
+    rewards, mask = gs.pad(batch.values, dtype=F64)
+    kw = dict(gamma=0.0, scale="none", stats_over=stats_over)
+    if stats_over == "sequences":  # one-step samples: the outcome is the reward
+        rewards, mask = rewards[:, :1], (mask[:, :1] * 0 + 1)
+    base = core.group_advantages(rewards, mask, batch.group_size, **kw)
+    moved = core.group_advantages(a * rewards + b, mask, batch.group_size, **kw)
     torch.testing.assert_close(moved, a * base, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("scale", core.SCALES)
 @pytest.mark.parametrize("stats_over", core.STATS_OVER)
 @pytest.mark.parametrize("eps", [1e-8, 0.0])
-def test_no_signal_groups_give_exact_zeros(scale, stats_over, eps):
-    """Groups of size 1 and all-equal groups give advantages exactly 0, never NaN."""
+@pytest.mark.parametrize("gamma", [1.0, 0.995, 0.5])
+def test_no_signal_groups_give_exact_zeros(scale, stats_over, eps, gamma):
+    """Groups of size 1 and all-equal groups give advantages exactly 0 at every step, never
+    NaN, for every gamma."""
     single = t64([[3.0, 1.0, 2.0], [5.0, 0.0, 0.0]])
     mask1 = t64([[1, 1, 1], [1, 0, 0]])
     for dtype in (F64, torch.float32):
-        out = core.group_advantages(
-            single.to(dtype), mask1.to(dtype), 1, scale=scale, stats_over=stats_over, eps=eps
-        )
+        out = core.group_advantages(single.to(dtype), mask1.to(dtype), 1, gamma=gamma, scale=scale,
+                                    stats_over=stats_over, eps=eps)
         # stats_over="steps" pools the 3 steps of row 0: that group has signal
         if stats_over == "sequences":
             assert torch.equal(out, torch.zeros_like(out))
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         assert not out.isnan().any()
 
-    equal = t64([[2.0, 2.0], [2.0, 2.0], [2.0, 9.0], [2.0, 0.0]])  # group 0 all 2.0
-    mask2 = t64([[1, 1], [1, 0], [1, 1], [1, 1]])
-    out = core.group_advantages(equal, mask2, 2, scale=scale, stats_over=stats_over, eps=eps)
-    assert torch.equal(out[:2], torch.zeros_like(out[:2]))
+    # group 0: two samples of outcome 2 with lengths 2 and 1 (sequences: no signal);
+    # "steps" pools returns, equal only with one-step samples: group 2
+    equal = t64([[0.0, 2.0], [2.0, 0.0], [2.0, 9.0], [2.0, 0.0], [4.0, 0.0], [4.0, 0.0]])
+    mask2 = t64([[1, 1], [1, 0], [1, 1], [1, 1], [1, 0], [1, 0]])
+    out = core.group_advantages(equal, mask2, 2, gamma=gamma, scale=scale, stats_over=stats_over, eps=eps)
+    if stats_over == "sequences":
+        assert torch.equal(out[:2], torch.zeros_like(out[:2]))
+    assert torch.equal(out[4:], torch.zeros_like(out[4:]))
     assert not out.isnan().any()
 
-    oracle = ref.group_advantages([[[7.0, 7.0]], [[1.0], [1.0]]], scale=scale,
-                                  stats_over=stats_over)
-    assert oracle == [[[0.0, 0.0]], [[0.0], [0.0]]]
+    oracle = ref.group_advantages([[[0.0, 7.0], [7.0]], [[1.0], [1.0]]], gamma=gamma, scale=scale,
+                                  stats_over="sequences")
+    assert oracle == [[[0.0, 0.0], [0.0]], [[0.0], [0.0]]]
+
+
+def test_outcome_with_different_lengths_regression():
+    """The review's repro: equal outcomes, lengths 10 and 11, gamma 0.995 gave +13.4 at the
+    last token; a group of 8 with all rewards 1 and lengths 20..48 gave -1.4..+3.6. Both have
+    no signal: exactly 0 everywhere, in the core and the oracle."""
+    for lengths in ([10, 11], [20, 24, 28, 32, 36, 40, 44, 48]):
+        rewards = [[0.0] * (n - 1) + [1.0] for n in lengths]
+        r, m = gs.pad(rewards, dtype=F64)
+        out = core.group_advantages(r, m, len(lengths), gamma=0.995, scale="group", stats_over="sequences",
+                                    eps=1e-4)
+        assert torch.equal(out, torch.zeros_like(out))
+        oracle = ref.group_advantages([rewards], gamma=0.995, scale="group", stats_over="sequences", eps=1e-4)
+        assert all(a == 0.0 for s in oracle[0] for a in s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,29 +255,38 @@ def test_advantages_hand_computed():
     """Group statistics worked out by hand (eps = 0), core and oracle."""
     s = math.sqrt(0.5)
     # steps [1], [0]: mean .5, Bessel std sqrt(.5): A = +-.5 / sqrt(.5) = +-sqrt(.5)
-    (got_ref,) = ref.group_advantages([[[1.0], [0.0]]], scale="group", stats_over="steps", eps=0.0)
+    (got_ref,) = ref.group_advantages([[[1.0], [0.0]]], gamma=1.0, scale="group", stats_over="steps", eps=0.0)
     assert [a for (a,) in got_ref] == pytest.approx([s, -s], rel=1e-15)
-    got = core.group_advantages(t64([[1.0], [0.0]]), torch.ones(2, 1), 2, scale="group",
+    got = core.group_advantages(t64([[1.0], [0.0]]), torch.ones(2, 1), 2, gamma=1.0, scale="group",
                                 stats_over="steps", eps=0.0)
     assert got.flatten().tolist() == pytest.approx([s, -s], rel=1e-15)
 
-    # sequences: G_0 = 3, 1, 2 -> mean 2, std 1; every step uses (G_t - 2) / 1
-    group = [[3.0, 1.0], [1.0], [2.0, 2.0]]
-    want = [[[1.0, -1.0], [-1.0], [0.0, 0.0]]]
-    assert ref.group_advantages([group], scale="group", stats_over="sequences", eps=0.0) == want
-    got = core.group_advantages(t64([[3.0, 1.0], [1.0, 0.0], [2.0, 2.0]]),
-                                t64([[1, 1], [1, 0], [1, 1]]), 3, scale="group",
+    # sequences, per-step rewards, gamma 1: outcomes 1 + 2 = 3, 1, 2 -> mean 2, std 1;
+    # step t gets (reward-to-go - 2) / 1: [3-2, 2-2], [1-2], [2-2, 2-2]... the last sample
+    # [2, 0] has reward-to-go 2, 0 -> 0, -2
+    group = [[1.0, 2.0], [1.0], [2.0, 0.0]]
+    want = [[[1.0, 0.0], [-1.0], [0.0, -2.0]]]
+    assert ref.group_advantages([group], gamma=1.0, scale="group", stats_over="sequences", eps=0.0) == want
+    got = core.group_advantages(t64([[1.0, 2.0], [1.0, 0.0], [2.0, 0.0]]),
+                                t64([[1, 1], [1, 0], [1, 1]]), 3, gamma=1.0, scale="group",
                                 stats_over="sequences", eps=0.0)
-    assert got.tolist() == [[1.0, -1.0], [-1.0, 0.0], [0.0, 0.0]]
+    assert got.tolist() == [[1.0, 0.0], [-1.0, 0.0], [0.0, -2.0]]
+    # gamma .5, outcome rewards 0 (after 2 steps) and 2 (after 1 step): mean 1, std sqrt(2);
+    # the first sample's tokens get .5**(2-t) * (0 - 1) / sqrt(2)
+    r2 = math.sqrt(2.0)
+    got = core.group_advantages(t64([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0]]), t64([[1, 1, 1], [1, 0, 0]]), 2,
+                                gamma=0.5, scale="group", stats_over="sequences", eps=0.0)
+    assert got[0].tolist() == pytest.approx([-0.25 / r2, -0.5 / r2, -1 / r2], rel=1e-15)
+    assert got[1].tolist() == pytest.approx([1 / r2, 0.0, 0.0], rel=1e-15)
 
     # batch: groups [1, 3] and [0, 0]; batch mean 1, squares 0 + 4 + 1 + 1 = 6, std sqrt(6/3);
     # group 0 mean 2 -> -+1/sqrt(2); group 1 has no signal -> 0
     r = 1 / math.sqrt(2)
-    got_ref = ref.group_advantages([[[1.0], [3.0]], [[0.0], [0.0]]], scale="batch",
+    got_ref = ref.group_advantages([[[1.0], [3.0]], [[0.0], [0.0]]], gamma=1.0, scale="batch",
                                    stats_over="steps", eps=0.0)
     flat = [a for group in got_ref for (a,) in group]
     assert flat == pytest.approx([-r, r, 0.0, 0.0], rel=1e-15)
-    got = core.group_advantages(t64([[1.0], [3.0], [0.0], [0.0]]), torch.ones(4, 1), 2,
+    got = core.group_advantages(t64([[1.0], [3.0], [0.0], [0.0]]), torch.ones(4, 1), 2, gamma=1.0,
                                 scale="batch", stats_over="steps", eps=0.0)
     assert got.flatten().tolist() == pytest.approx([-r, r, 0.0, 0.0], rel=1e-15)
 
@@ -207,14 +297,15 @@ def test_aggregation_hand_computed():
         "token-mean": 10 / 4,  # all four tokens
         "seq-mean-token-mean": (2 + 4) / 2,  # row means 2 and 4
         "seq-mean-token-sum": (6 + 4) / 2,  # row sums 6 and 4
-        "seq-mean-token-sum-norm": (6 / 4 + 4 / 4) / 2,  # row sums over max_len 4
+        # Dr. GRPO: all sums over (every row, the empty one too) x max_len: 10 / (3 * 5)
+        "seq-mean-token-sum-norm": 10 / (3 * 5),
     }
     values = t64([[1.0, 2.0, 3.0, 0.0], [4.0, 7.0, 7.0, 7.0], [9.0, 9.0, 9.0, 9.0]])
     mask = t64([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
     for agg, want in cases.items():
-        assert ref.aggregate([[1.0, 2.0, 3.0], [4.0], []], agg, max_len=4) == pytest.approx(want)
-        assert float(core.agg_loss(values, mask, agg=agg)) == pytest.approx(want, rel=1e-15)
-        assert float(core.agg_loss(values, torch.zeros_like(mask), agg=agg)) == 0.0
+        assert ref.aggregate([[1.0, 2.0, 3.0], [4.0], []], agg, max_len=5) == pytest.approx(want, rel=1e-15)
+        assert float(core.agg_loss(values, mask, agg=agg, max_len=5)) == pytest.approx(want, rel=1e-15)
+        assert float(core.agg_loss(values, torch.zeros_like(mask), agg=agg, max_len=5)) == 0.0
 
 
 def test_clipped_loss_hand_computed():
@@ -271,7 +362,7 @@ def test_junk_under_mask_changes_no_returns_or_advantages(batch, junk, gamma, sc
     g_clean = core.discounted_returns(clean, mask, gamma)
     g_dirty = core.discounted_returns(dirty, mask, gamma)
     assert torch.equal(g_clean, g_dirty)
-    kw = dict(scale=scale, stats_over=stats_over)
+    kw = dict(gamma=gamma, scale=scale, stats_over=stats_over)
     a_clean = core.group_advantages(clean, mask, batch.group_size, **kw)
     a_dirty = core.group_advantages(dirty, mask, batch.group_size, **kw)
     assert torch.equal(a_clean, a_dirty)
@@ -299,7 +390,7 @@ def test_junk_under_mask_changes_no_loss_or_gradient(kind, batch, junks, name, a
         mask = gs.pad(fields[0], T, dtype, layout=layout, seed=1)[1]
         lp, olp, rlp, adv, ent = tensors
         lp.requires_grad_(True)
-        clip = dict(eps_low=0.2, eps_high=0.28, agg=agg)
+        clip = dict(eps_low=0.2, eps_high=0.28, agg=agg, max_len=T + 3)
         if kind == "policy":
             loss, stats = core.clipped_policy_loss(lp, olp, adv, mask, **clip)
         else:
@@ -476,7 +567,7 @@ def _closed_form_weights(mask: torch.Tensor, agg: str, max_len: int) -> torch.Te
         return mask / n_tok.clamp(min=1) / n_seq
     if agg == "seq-mean-token-sum":
         return mask / n_seq
-    return mask / (n_seq * max_len)
+    return mask / (max(mask.shape[0], 1) * max_len)  # Dr. GRPO: every row, empty ones too
 
 
 @pytest.mark.parametrize("agg", core.AGGS)
@@ -493,15 +584,16 @@ def test_first_epoch_gradient_is_plain_policy_gradient(agg, batch, clip, layout)
     olp, _ = gs.pad(batch.old_logp, dtype=F64, junk=-4.0, layout=layout)
     adv, _ = gs.pad(batch.adv, dtype=F64, junk=7.0, layout=layout)
     lp.requires_grad_(True)
+    max_len = mask.shape[1] + 2
     loss, stats = core.clipped_policy_loss(lp, olp, adv, mask, eps_low=clip[0], eps_high=clip[1],
-                                           agg=agg)
+                                           agg=agg, max_len=max_len)
     (grad,) = torch.autograd.grad(loss, lp)
-    w = _closed_form_weights(mask, agg, mask.shape[1])
+    w = _closed_form_weights(mask, agg, max_len)
     torch.testing.assert_close(grad, -adv * w, rtol=1e-12, atol=1e-300)
     floor = 1e-12 * float((adv * w).abs().sum())  # the sum may cancel: floor at its terms' size
     assert float(loss.detach()) == pytest.approx(float(-(adv * w).sum()), rel=1e-12, abs=floor)
 
-    plain = core.agg_loss(-(adv * lp), mask, agg=agg)
+    plain = core.agg_loss(-(adv * lp), mask, agg=agg, max_len=max_len)
     (plain_grad,) = torch.autograd.grad(plain, lp)
     torch.testing.assert_close(grad, plain_grad, rtol=1e-12, atol=1e-300)
     if batch.lengths and sum(batch.lengths):

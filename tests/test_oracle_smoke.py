@@ -29,6 +29,7 @@ CONFIG = {
     "lr": 1e-2,
     "adv_eps": 1e-8,
     "seed": 0,
+    "skip_zero_grad_steps": True,
     "an_unknown_key": "ignored",
 }
 
@@ -94,17 +95,26 @@ def test_returns_backward_recursion():
 
 
 def test_equal_episodes_give_zero_advantage():
-    ep = discounted_returns([1.0, 1.0, 1.0], 0.99)
-    adv = group_advantages([ep, ep, ep], 3, "group", "sequences", 1e-8)
+    ep = [1.0, 1.0, 1.0]
+    adv = group_advantages([ep, ep, ep], 3, "group", "sequences", 1e-8, 0.99)
     assert adv == [[0.0, 0.0, 0.0]] * 3
     # one-step episodes: the step-pooled values are all equal too
-    adv = group_advantages([[1.0], [1.0], [1.0]], 3, "group", "steps", 1e-8)
+    adv = group_advantages([[1.0], [1.0], [1.0]], 3, "group", "steps", 1e-8, 0.99)
     assert adv == [[0.0]] * 3
+    # equal outcomes, different lengths: no signal at any step, whatever gamma
+    adv = group_advantages([[0.0] * 9 + [1.0], [0.0] * 10 + [1.0]], 2, "group", "sequences", 1e-8, 0.995)
+    assert adv == [[0.0] * 10, [0.0] * 11]
 
 
 def test_group_advantage_literal():
-    # G_0 = 1, 2, 3: mean 2, Bessel std 1
-    adv = group_advantages([[1.0], [2.0], [3.0]], 3, "group", "sequences", 1e-8)
+    # outcomes 1, 2, 3: mean 2, Bessel std 1
+    adv = group_advantages([[1.0], [2.0], [3.0]], 3, "group", "sequences", 1e-8, 0.99)
     assert adv == [[-1.0 / (1.0 + 1e-8)], [0.0], [1.0 / (1.0 + 1e-8)]]
-    adv = group_advantages([[1.0], [2.0], [3.0]], 3, "none", "sequences", 1e-8)
+    adv = group_advantages([[1.0], [2.0], [3.0]], 3, "none", "sequences", 1e-8, 0.99)
     assert adv == [[-1.0], [0.0], [1.0]]
+    # outcome 1 after two steps (length 3) vs 3 at once: mean 2, std sqrt(2);
+    # the longer episode's first step is 0.5**2 * (1 - 2) / sqrt(2)
+    adv = group_advantages([[0.0, 0.0, 1.0], [3.0]], 2, "group", "sequences", 0.0, 0.5)
+    s = math.sqrt(2.0)
+    assert adv[0] == pytest.approx([-0.25 / s, -0.5 / s, -1.0 / s], rel=1e-15)
+    assert adv[1] == pytest.approx([1.0 / s], rel=1e-15)

@@ -138,9 +138,13 @@ def test_logprob_consistency(tiny_dirs, family):
     assert len(set(ro.inputs["prompt_attn"].sum(1).tolist())) == 4  # padded prompts
     assert sorted(len(g) for g in ro.inputs["grids"]) == [1, 1, 1, 2]  # one prompt has 2 images
     assert logprob_consistency(ad, ro) < 1e-4
-    # old log-probs are the training forward's, at rollout time
+    # old log-probs are the training forward's, at rollout time, of the distribution sampled
+    # from (suppressed ids masked), not of the full vocabulary (the convention before the
+    # correctness pass, which gave the ratio and the KL tokens from another distribution)
     valid = ro.inputs["completion_attn"].bool()
-    assert torch.allclose(ro.old_logp[valid], ro.inputs["gen_logp"][valid], atol=1e-4)
+    assert torch.allclose(ro.old_logp[valid], ro.inputs["gen_sample_logp"][valid], atol=1e-4)
+    full_vocab_gap = (ro.old_logp - ro.inputs["gen_logp"])[valid].abs().max()
+    assert full_vocab_gap > 1e-2, "the suppressed ids carry mass on the tiny model: the test can tell"
 
 
 def test_unextended_mm_token_type_ids_silently_break_qwen2_5_vl(tiny_dirs):
@@ -163,8 +167,8 @@ def test_unextended_mm_token_type_ids_raise_on_qwen2_vl(tiny_dirs):
 # --- sampling conventions ------------------------------------------------------------------------
 
 def test_temperature_is_pinned(tiny_dirs):
-    """old_logp = log_softmax(logits / T) of a plain forward; the sampled distribution is the
-    same logits / T with the suppressed tokens removed (no top-k, no repetition penalty)."""
+    """old_logp = log_softmax(logits / T) of a plain forward with the suppressed ids at -inf,
+    which is exactly the sampled distribution (no top-k, no repetition penalty)."""
     temperature = 0.7
     ad = make_adapter(tiny_dirs, record_generation_logp=True, temperature=temperature)
     ro = ad.collect(num_groups=2, group_size=3, iteration=1)
@@ -174,15 +178,41 @@ def test_temperature_is_pinned(tiny_dirs):
         logits = ad.policy(**kw, use_cache=False).logits[:, -t_len - 1:-1].double()
     ids = ro.inputs["completion_ids"]
     valid = ro.inputs["completion_attn"].bool()
-    want = torch.log_softmax(logits / temperature, -1).gather(-1, ids[..., None])[..., 0]
-    assert torch.allclose(ro.old_logp.double()[valid], want[valid], atol=1e-5)
-    wrong = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
-    assert (ro.old_logp.double()[valid] - wrong[valid]).abs().max() > 1e-3  # T matters here
-
     scaled = logits / temperature
     scaled[..., ad.suppress_ids] = -math.inf
     sampled = torch.log_softmax(scaled, -1).gather(-1, ids[..., None])[..., 0]
+    assert torch.allclose(ro.old_logp.double()[valid], sampled[valid], atol=1e-5)
     assert torch.allclose(ro.inputs["gen_sample_logp"].double()[valid], sampled[valid], atol=1e-5)
+    wrong = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+    assert (ro.old_logp.double()[valid] - wrong[valid]).abs().max() > 1e-3  # T matters here
+    full_vocab = torch.log_softmax(logits / temperature, -1).gather(-1, ids[..., None])[..., 0]
+    assert (ro.old_logp.double()[valid] - full_vocab[valid]).abs().max() > 1e-3  # so does the mask
+
+
+def test_top_p_below_one_is_refused(tiny_dirs):
+    """Nucleus sampling draws from a truncated distribution the training forward cannot
+    reproduce: refused with a message naming top_p."""
+    with pytest.raises(ValueError, match=r"top_p=0.9 is not supported"):
+        make_adapter(tiny_dirs, top_p=0.9)
+
+
+def test_training_entropy_is_the_sampled_distributions(tiny_dirs):
+    """The entropy the loss sees is that of the masked distribution (float64 formula), and
+    its gradient is finite with suppressed ids at -inf."""
+    ad = make_adapter(tiny_dirs, temperature=1.0)
+    ro = ad.collect(num_groups=1, group_size=3, iteration=0)
+    n, t_len = ro.mask.shape
+    logp, ent = ad.logp_and_entropy(ad.policy, ro, torch.arange(n))
+    kw = ad.model_inputs(ro, torch.arange(n))
+    with torch.no_grad():
+        logits = ad.policy(**kw, use_cache=False).logits[:, -t_len - 1:-1].double()
+    logits[..., ad.suppress_ids] = -math.inf
+    lq = torch.log_softmax(logits, -1)
+    want = -(lq.exp() * torch.where(torch.isinf(lq), torch.zeros_like(lq), lq)).sum(-1)
+    valid = ro.mask.bool()
+    assert torch.allclose(ent.double()[valid], want[valid], atol=1e-5)
+    (ent[valid].sum() + logp[valid].sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in ad.policy.parameters() if p.grad is not None)
 
 
 def test_completion_mask_ends_at_eos(tiny_dirs):
@@ -285,10 +315,8 @@ def test_none_reward_masks_the_sample_out(tiny_dirs):
     assert ro.mask[[0, 1, 3]].any(1).all()
     assert ro.info["scored_frac"] == 7 / 8
     from grpo_core.advantages import group_advantages
-    from grpo_core.returns import discounted_returns
 
-    adv = group_advantages(discounted_returns(ro.rewards, ro.mask, 1.0), ro.mask, 4,
-                           scale="group", stats_over="sequences")
+    adv = group_advantages(ro.rewards, ro.mask, 4, gamma=1.0, scale="group", stats_over="sequences")
     assert (adv[2] == 0).all()
     # the group statistics use the 3 scored samples only: their G_0 are 1, 0, 1 (rows 0, 1, 3)
     g0 = torch.tensor([1.0, 0.0, 1.0])

@@ -82,9 +82,10 @@ def test_returns_and_advantages_match_oracle(batch, gamma, scale, stats_over):
     ro = batch["rollout"]
     rewards, mask = ro.rewards.double(), ro.mask
     ret = discounted_returns(rewards, mask, gamma)
-    adv = group_advantages(ret, mask, G, scale=scale, stats_over=stats_over, eps=1e-4)
+    adv = group_advantages(rewards, mask, G, gamma=gamma, scale=scale, stats_over=stats_over, eps=1e-4)
     want_ret = [oracle.discounted_returns(r, gamma) for r in ragged(rewards, mask)]
-    want_adv = oracle.group_advantages(grouped(want_ret, G), scale=scale, stats_over=stats_over, eps=1e-4)
+    want_adv = oracle.group_advantages(grouped(ragged(rewards, mask), G), gamma=gamma, scale=scale,
+                                       stats_over=stats_over, eps=1e-4)
     got_ret, got_adv = ragged(ret, mask), ragged(adv, mask)
     flat_want = [x for grp in want_adv for s in grp for x in s]
     assert len(got_ret) == len(want_ret)
@@ -99,8 +100,8 @@ def test_returns_and_advantages_match_oracle(batch, gamma, scale, stats_over):
 def test_loss_kl_and_gradient_match_oracle(batch, kl_estimator, agg):
     ro = batch["rollout"]
     mask = ro.mask
-    adv = group_advantages(discounted_returns(ro.rewards.double(), mask, 1.0), mask, G,
-                           scale="group", stats_over="sequences", eps=1e-4)
+    adv = group_advantages(ro.rewards.double(), mask, G, gamma=1.0, scale="group",
+                           stats_over="sequences", eps=1e-4)
     old = ro.old_logp.double()
     logp = batch["logp"].clone().requires_grad_()
     kw = dict(beta=0.04, ent_coef=0.01, kl_estimator=kl_estimator, eps_low=0.2, eps_high=0.28, agg=agg)

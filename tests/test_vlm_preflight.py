@@ -136,9 +136,12 @@ def test_a_fails_without_mm_token_type_ids_extension_on_qwen2_5_vl(tiny_dirs):
 
 
 def test_a_fails_when_qwen2_vl_raises(tiny_dirs):
+    """Qwen2-VL raises in the rollout's own forward: one failed ``rollout`` row naming the
+    error, the checks that need a rollout skipped (not four unrelated failures)."""
     rows = run_preflight(make_trainer(tiny_dirs, "qwen2_vl", cls=NoMMExtension), checks=(LOGPROB,))
-    assert failed_names(rows) == [LOGPROB]
-    assert "ValueError" in rows[0].explanation
+    assert failed_names(rows) == ["rollout"]
+    assert "ValueError" in rows[0].explanation and "mm_token_type_ids" in rows[0].explanation
+    assert by_name(rows)[LOGPROB].passed is None
 
 
 class PerturbingRefresh(VLMAdapter):
@@ -146,8 +149,8 @@ class PerturbingRefresh(VLMAdapter):
 
     def refresh_reference(self, reference, config):
         hard_refresh(reference, self.policy)
-        with torch.no_grad():
-            reference.lm_head.weight[0, 0] += 1e-3
+        with torch.no_grad():  # the EOS row: a sampleable token (a suppressed one is masked)
+            reference.lm_head.weight[self.eos_id, 0] += 1e-3
 
 
 def test_b_fails_on_a_reference_perturbed_after_refresh(tiny_dirs):
@@ -231,3 +234,45 @@ def test_train_vlm_refuses_on_a_failed_preflight_unless_skipped(tiny_dirs, tmp_p
     assert "preflight skipped" in cap.err and "check " not in cap.out
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert json.loads((out / "config.json").read_text())["grpo"]["beta"] == 0.04
+
+
+def _with_attention_dropout(trainer, p=0.3):
+    """Attention dropout p in every attention module, and gradient checkpointing, whose
+    grad-mode forward runs in train mode: the review's repro of a random training forward."""
+    from adapters.vlm import enable_checkpointing
+
+    names = []
+    for name, module in trainer.policy.named_modules():
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = p
+            names.append(name)
+    assert names, "the tiny model has attention modules with attention_dropout"
+    enable_checkpointing(trainer.policy)
+    return names
+
+
+def test_deterministic_forward_passes_on_the_tiny_models(tiny_dirs):
+    for family in ("qwen2_vl", "qwen2_5_vl"):
+        row = by_name(run_preflight(make_trainer(tiny_dirs, family), checks=("deterministic_forward",)))[
+            "deterministic_forward"]
+        assert row.passed and row.value == 0.0, row.explanation
+
+
+def test_deterministic_forward_fails_on_dropout_naming_the_module(tiny_dirs):
+    tr = make_trainer(tiny_dirs, "qwen2_vl")
+    names = _with_attention_dropout(tr)
+    row = by_name(run_preflight(tr, checks=("deterministic_forward",)))["deterministic_forward"]
+    assert row.failed and names[0] in row.explanation and "p=0.3" in row.explanation
+    assert row.value > 1e-3  # the two forwards really differ
+
+
+def test_loop_refuses_the_old_logp_shortcut_with_dropout(tiny_dirs):
+    """One epoch, one minibatch, old log-probs left to the loop: the loop stops at the first
+    update naming the attention module, instead of training with a ratio forced to 1."""
+    from grpo_core.determinism import StochasticForwardError
+
+    cfg = CFG.replace(beta=0.0, update_ref_model_freq=0)
+    tr = make_trainer(tiny_dirs, "qwen2_vl", cfg=cfg, old_logp_forward=False)
+    names = _with_attention_dropout(tr)
+    with pytest.raises(StochasticForwardError, match=names[0].replace(".", r"\.")):
+        tr.step()

@@ -1,4 +1,4 @@
-"""Estimator kit: property-test a new KL, advantage or returns estimator.
+"""Estimator kit: property-test a KL, advantage, returns estimator or a whole policy loss.
 
 Usage::
 
@@ -20,15 +20,26 @@ Signatures by kind:
   (``old_logp = logp.detach()``) and off-policy (tokens drawn from a third distribution).
 - ``"advantage"``: ``fn(scores) -> tensor``, scores ``(B, G)``, groups along the last dim.
 - ``"returns"``: ``fn(rewards, mask, gamma) -> tensor`` ``(N, T)``.
+- ``"loss"``: ``fn(logp, old_logp, adv, mask) -> scalar`` (or a tuple whose first element is
+  the scalar), all ``(N, T)``, ``mask`` 0/1 in the dtype of ``logp``; see
+  :mod:`.loss_checks`.
 
-Claims (:func:`declares`, or the ``claims`` argument, which overrides them): for kl
-``unbiased``, ``nonnegative`` (bools) and ``grad`` (``kl_policy_ref`` | ``kl_ref_policy`` |
-``zero``: which gradient the estimator follows as a loss term); for advantages
-``std_scaled`` and ``bessel`` (bools). A claimed property that the measurement contradicts
-fails; an unclaimed one is measured and shown as an info row.
+Claims (:func:`declares`, or the ``claims`` argument, which overrides them):
 
-:data:`BUILTINS` wraps the estimators of ``grpo_core`` with their claims; the kit reaches
-every claim by computation (sampling and exact enumeration), and they all pass.
+- kl: ``unbiased``, ``nonnegative`` (bools); ``grad`` (``kl_policy_ref`` | ``kl_ref_policy`` |
+  ``zero`` | ``neither``: which gradient the estimator follows as a loss term; clamped k3 and
+  ``|logp - ref_logp|`` follow neither); ``clamp`` (a number C: values clamped to [-C, C]).
+- advantage: ``std_scaled``, ``bessel`` (bools); ``eps`` (added to the std);
+  ``singleton`` (``zero`` | ``raw`` | ``unsupported``). Meanings in :mod:`.adv_checks`.
+- loss: ``eps_low``, ``eps_high``, ``agg``, ``max_len``, ``clip_ratio_c``; meanings in
+  :mod:`.loss_checks`.
+
+A claimed property that the measurement contradicts fails; an unclaimed one is measured and
+shown as an info row.
+
+:data:`BUILTINS` wraps the estimators and the policy loss of ``grpo_core`` with their claims;
+the kit reaches every claim by computation (sampling, exact enumeration, bisection), and they
+all pass.
 """
 
 from __future__ import annotations
@@ -38,14 +49,22 @@ from typing import Callable
 
 import torch
 
-from .. import discounted_returns, group_advantages, kl_k1, kl_k2, kl_k3, kl_k3_is
+from .. import (
+    clipped_policy_loss,
+    discounted_returns,
+    group_advantages,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    kl_k3_is,
+)
 from .checks import (
     CLAIM_KEYS,
     DEFAULT_SAMPLES,
-    GRAD_CLASSES,
     KINDS,
     CheckResult,
     Context,
+    Number,
     call_arity,
     fmt,
     run_rows,
@@ -73,21 +92,32 @@ class EstimatorUsageError(ValueError):
     """The estimator cannot be checked at all (bad signature, raises on a basic call, ...)."""
 
 
+def _check_value(key: str, value, spec):
+    """``value`` for claim ``key`` checked against its spec (bool, choices or Number)."""
+    if spec is bool:
+        if not isinstance(value, bool):
+            raise EstimatorUsageError(f"claim {key} must be true or false, got {value!r}")
+    elif isinstance(spec, tuple):
+        if value not in spec:
+            raise EstimatorUsageError(
+                f"claim {key}={value!r} is not valid; choose one of {', '.join(spec)}")
+    elif not spec.accepts(value):
+        raise EstimatorUsageError(f"claim {key} must be {spec.describe()}, got {value!r}")
+    if isinstance(spec, Number) and value is not None:
+        return int(value) if spec.integer else float(value)
+    return value
+
+
 def _validate_claims(claims: dict, kind: str | None = None) -> dict:
     keys = _ALL_KEYS if kind is None else CLAIM_KEYS[kind]
     out = {}
     for key, value in claims.items():
         if key not in keys:
-            where = "any kind" if kind is None else f"a {kind} estimator"
+            where = "any kind" if kind is None else f"{'an' if kind[0] in 'aeiou' else 'a'} " \
+                f"{kind} estimator"
             valid = ", ".join(sorted(keys)) or "none"
             raise EstimatorUsageError(f"unknown claim {key!r} for {where} (valid: {valid})")
-        if keys[key] is bool:
-            if not isinstance(value, bool):
-                raise EstimatorUsageError(f"claim {key} must be true or false, got {value!r}")
-        elif value not in GRAD_CLASSES:
-            raise EstimatorUsageError(
-                f"claim grad={value!r} is not valid; choose one of {', '.join(GRAD_CLASSES)}")
-        out[key] = value
+        out[key] = _check_value(key, value, keys[key])
     return out
 
 
@@ -116,10 +146,34 @@ def get_claims(fn: Callable) -> dict:
     return dict(getattr(fn, CLAIMS_ATTR, {}) or {})
 
 
-def parse_expect(text: str | None) -> dict:
-    """``"unbiased,nonnegative,grad=kl_policy_ref,bessel=false"`` -> claims dict.
+def _parse_value(key: str, sep: str, value: str):
+    spec = _ALL_KEYS[key]
+    if spec is bool:
+        if not sep:
+            return True
+        if value.lower() in ("true", "yes", "1"):
+            return True
+        if value.lower() in ("false", "no", "0"):
+            return False
+        raise EstimatorUsageError(f"claim {key} must be true or false, got {value!r}")
+    if not sep:
+        hint = "|".join(spec) if isinstance(spec, tuple) else spec.describe()
+        raise EstimatorUsageError(f"claim {key} needs a value: {key}={hint}")
+    if isinstance(spec, tuple):
+        return value
+    if value.lower() == "none":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise EstimatorUsageError(f"claim {key} must be {spec.describe()}, got {value!r}") from None
 
-    A bare key means ``True``; booleans accept true/false, yes/no, 1/0.
+
+def parse_expect(text: str | None) -> dict:
+    """``"unbiased,grad=kl_policy_ref,bessel=false,eps=1e-4"`` -> claims dict.
+
+    A bare key means ``True`` (boolean claims only); booleans accept true/false, yes/no, 1/0;
+    numbers parse as floats (``none`` for a claim that may be None).
     """
     out: dict = {}
     for item in (text or "").split(","):
@@ -131,20 +185,7 @@ def parse_expect(text: str | None) -> dict:
         if key not in _ALL_KEYS:
             raise EstimatorUsageError(
                 f"unknown claim {key!r} in --expect (valid: {', '.join(sorted(_ALL_KEYS))})")
-        if _ALL_KEYS[key] is bool:
-            if not sep:
-                out[key] = True
-            elif value.lower() in ("true", "yes", "1"):
-                out[key] = True
-            elif value.lower() in ("false", "no", "0"):
-                out[key] = False
-            else:
-                raise EstimatorUsageError(f"claim {key} must be true or false, got {value!r}")
-        else:
-            if not sep:
-                raise EstimatorUsageError(f"claim {key} needs a value: {key}=" +
-                                          "|".join(GRAD_CLASSES))
-            out[key] = value
+        out[key] = _parse_value(key, sep, value)
     return _validate_claims(out)
 
 
@@ -156,6 +197,13 @@ def _basic_inputs(kind: str, arity: int):
         return (logp, ref, logp.clone())[:arity], (2, 3, 5)
     if kind == "advantage":
         return (torch.randn(3, 4, generator=gen, dtype=torch.float64),), (3, 4)
+    if kind == "loss":
+        logp = -torch.rand(2, 5, generator=gen, dtype=torch.float64)
+        old = logp + 0.1 * torch.randn(2, 5, generator=gen, dtype=torch.float64)
+        adv = torch.randn(2, 5, generator=gen, dtype=torch.float64)
+        mask = torch.ones(2, 5, dtype=torch.float64)
+        mask[1, 3:] = 0
+        return (logp, old, adv, mask), ()
     rewards = torch.randn(3, 6, generator=gen, dtype=torch.float64)
     mask = torch.ones(3, 6, dtype=torch.float64)
     mask[1, 4:] = 0
@@ -179,6 +227,8 @@ def validate_estimator(fn: Callable, kind: str) -> int:
     args, _ = _basic_inputs(kind, arity)
     try:
         out = fn(*args)
+        if kind == "loss" and isinstance(out, (tuple, list)) and out:
+            out = out[0]  # (loss, stats, ...): the loss comes first
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else ""
         raise EstimatorUsageError(
@@ -255,8 +305,20 @@ def builtin_group_advantages(scores: torch.Tensor) -> torch.Tensor:
     """
     b, g = scores.shape
     flat = scores.reshape(b * g, 1)
-    out = group_advantages(flat, torch.ones_like(flat), g, scale="group", stats_over="sequences")
+    out = group_advantages(flat, torch.ones_like(flat), g, gamma=1.0, scale="group", stats_over="sequences")
     return out.reshape(b, g)
+
+
+def builtin_policy_loss(logp, old_logp, adv, mask):
+    """``grpo_core.clipped_policy_loss``: token-mean, eps 0.2 / 0.28 (clip-higher), no dual clip."""
+    return clipped_policy_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28,
+                               agg="token-mean")[0]
+
+
+def builtin_policy_loss_dual_clip(logp, old_logp, adv, mask):
+    """``grpo_core.clipped_policy_loss``: Dr. GRPO with max_len 48, eps 0.2, dual clip c = 3."""
+    return clipped_policy_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.2,
+                               agg="seq-mean-token-sum-norm", max_len=48, clip_ratio_c=3.0)[0]
 
 
 BUILTINS: dict[str, Callable] = {
@@ -265,8 +327,13 @@ BUILTINS: dict[str, Callable] = {
     "k3": declares(unbiased=True, nonnegative=True, grad="kl_ref_policy")(_wrapped(kl_k3, "k3")),
     "k3_is": declares(unbiased=True, nonnegative=True, grad="kl_policy_ref")(
         _wrapped(kl_k3_is, "k3_is")),
-    "group_advantages": declares(std_scaled=True, bessel=True)(builtin_group_advantages),
+    "group_advantages": declares(std_scaled=True, bessel=True, eps=1e-8, singleton="zero")(
+        builtin_group_advantages),
     "discounted_returns": _wrapped(discounted_returns, "discounted_returns"),
+    "policy_loss": declares(eps_low=0.2, eps_high=0.28, agg="token-mean", clip_ratio_c=None)(
+        builtin_policy_loss),
+    "policy_loss_dual_clip": declares(eps_low=0.2, eps_high=0.2, agg="seq-mean-token-sum-norm",
+                                      max_len=48, clip_ratio_c=3.0)(builtin_policy_loss_dual_clip),
 }
 BUILTIN_KINDS: dict[str, str] = {
     "k1": "kl",
@@ -275,4 +342,44 @@ BUILTIN_KINDS: dict[str, str] = {
     "k3_is": "kl",
     "group_advantages": "advantage",
     "discounted_returns": "returns",
+    "policy_loss": "loss",
+    "policy_loss_dual_clip": "loss",
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdict tables (the regression set in reports/verify.md)
+# ---------------------------------------------------------------------------------------------
+
+
+def verdict(label: str, kind: str, claims: dict, rows: list[CheckResult], *,
+            expected_exit: int | None = None, expected_failed=None) -> dict:
+    """One line of a verdict table: the exit status the CLI would give, the failed rows with
+    their measured values, and (when given) whether they are the expected ones."""
+    failed = [r for r in rows if r.failed]
+    out = {"label": label, "kind": kind, "claims": dict(claims), "exit": 1 if failed else 0,
+           "failed": [r.name for r in failed],
+           "evidence": {r.name: fmt(r.value) for r in failed}}
+    if expected_exit is not None:
+        out["expected_exit"] = expected_exit
+        out["expected_failed"] = sorted(expected_failed or ())
+        out["as_expected"] = (out["exit"] == expected_exit
+                              and set(out["failed"]) == set(out["expected_failed"]))
+    return out
+
+
+def verdicts_markdown(entries: list[dict]) -> str:
+    """A markdown table of :func:`verdict` lines."""
+    lines = ["| estimator | kind | claims | exit | failed rows (measured) | expected |",
+             "|---|---|---|---:|---|---|"]
+    for e in entries:
+        claims = ", ".join(f"{k}={fmt(v) if v is not None else 'none'}"
+                           for k, v in e["claims"].items()) or "none"
+        failed = ", ".join(f"{n} ({e['evidence'][n]})" for n in e["failed"]) or "-"
+        want = "-"
+        if "expected_exit" in e:
+            want = ("yes" if e["as_expected"] else
+                    f"NO: exit {e['expected_exit']}, {', '.join(e['expected_failed']) or '-'}")
+        lines.append(f"| {e['label']} | {e['kind']} | {claims} | {e['exit']} | {failed} | "
+                     f"{want} |".replace("\n", " "))
+    return "\n".join(lines)
