@@ -20,8 +20,8 @@ for the chain rule through ``x = logits / temperature``):
 Vocabulary masking (``masked_ids``): ids the sampler never draws (suppressed special tokens)
 get logit ``-inf`` in every block before the ``logsumexp``, so log-probs and entropies are those
 of the distribution actually sampled from, renormalised over the other ids. Their probability is
-exactly 0; ``0 * log 0`` is taken as 0 in the entropy and its gradient, and their logits get a
-zero gradient (never NaN).
+exactly 0; ``0 * log 0`` is taken as 0 in the entropy and its gradient (also for a logit that
+is already -inf), and their logits get a zero gradient (never NaN).
 
 Shapes: logits (N, T, V) or (R, V); ids (N, T) or (R,) -> (N, T) or (R,), float32.
 Only torch is imported.
@@ -136,13 +136,14 @@ def _block_x(logits: torch.Tensor, r: slice, c: slice, temperature: float, maske
     return x
 
 
-def _log_probs(x: torch.Tensor, block_lse: torch.Tensor, masked) -> torch.Tensor:
-    """``log p = x - lse`` in place, with the masked ids' ``-inf`` replaced by 0: every use
-    multiplies it by ``p = 0`` there, and ``0 * log 0`` is 0 (not NaN)."""
+def _log_probs(x: torch.Tensor, block_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log p = x - lse`` (in place) and ``p``; where ``p`` is 0 (a masked id, or a logit at
+    -inf) ``log p`` is set to 0: every use multiplies it by ``p``, and ``0 * log 0`` is 0, not
+    NaN."""
     logq = x.sub_(block_lse.unsqueeze(-1))
-    if masked is not None:
-        logq.index_fill_(-1, masked, 0.0)
-    return logq
+    p = torch.exp(logq)
+    logq.masked_fill_(torch.isneginf(logq), 0.0)
+    return logq, p
 
 
 class _ChunkedLogpEntropy(torch.autograd.Function):
@@ -162,10 +163,7 @@ class _ChunkedLogpEntropy(torch.autograd.Function):
                 logp[r, c] = x.gather(-1, ids[r, c].unsqueeze(-1)).squeeze(-1) - block_lse
             if want_entropy:
                 # H = -sum p log p with log p = x - lse (no cancellation against lse)
-                logq = _log_probs(x, block_lse, masked)
-                p = torch.exp(logq)
-                if masked is not None:
-                    p.index_fill_(-1, masked, 0.0)
+                logq, p = _log_probs(x, block_lse)
                 ent[r, c] = -(p.mul_(logq)).sum(-1)
             del x
         ctx.save_for_backward(logits, ids, lse, ent)
@@ -185,10 +183,7 @@ class _ChunkedLogpEntropy(torch.autograd.Function):
         use_ent = ctx.want_entropy and grad_ent is not None
         for r, c in _blocks(n, t, ctx.chunk):
             # d/dx = -p * (gl + ge * (log p + H)) + onehot(id) * gl
-            logq = _log_probs(_block_x(logits, r, c, ctx.temperature, ctx.masked), lse[r, c], ctx.masked)
-            p = torch.exp(logq)
-            if ctx.masked is not None:
-                p.index_fill_(-1, ctx.masked, 0.0)
+            logq, p = _log_probs(_block_x(logits, r, c, ctx.temperature, ctx.masked), lse[r, c])
             coef = logq  # reuse the buffer
             if use_ent:
                 coef.add_(ent[r, c].unsqueeze(-1)).mul_(grad_ent[r, c].float().unsqueeze(-1))

@@ -276,3 +276,23 @@ def test_loop_refuses_the_old_logp_shortcut_with_dropout(tiny_dirs):
     names = _with_attention_dropout(tr)
     with pytest.raises(StochasticForwardError, match=names[0].replace(".", r"\.")):
         tr.step()
+
+
+class FullVocabularyLogp(VLMAdapter):
+    """The convention before the correctness pass: training log-probs over the full vocabulary
+    while sampling suppresses the special tokens."""
+
+    def forward_logp(self, model, rollout, rows, *, want_entropy=True):
+        saved, self.suppress_ids = self.suppress_ids, []
+        try:
+            return super().forward_logp(model, rollout, rows, want_entropy=want_entropy)
+        finally:
+            self.suppress_ids = saved
+
+
+def test_a_fails_when_training_logp_is_not_the_sampled_distribution(tiny_dirs):
+    """logprob_consistency compares with generate's processed scores: a training forward that
+    leaves the suppressed ids in the softmax is caught before training."""
+    rows = run_preflight(make_trainer(tiny_dirs, "qwen2_vl", cls=FullVocabularyLogp), checks=(LOGPROB,))
+    assert failed_names(rows) == [LOGPROB], format_preflight(rows)
+    assert by_name(rows)[LOGPROB].value > 1e-2
