@@ -444,6 +444,8 @@ class CheckpointStore:
         self.folder = folder
         self.latest = folder.path / CHECKPOINT_FILE
         self.previous = folder.path / PREVIOUS_CHECKPOINT_FILE
+        self.used_previous = False
+        """``load`` fell back to the previous file (the next save then writes the latest)."""
 
     def save(self, state: dict[str, Any]) -> Path:
         import torch
@@ -454,22 +456,32 @@ class CheckpointStore:
         return self.latest
 
     def load(self, say) -> dict[str, Any]:
-        """The newest checkpoint that loads; ``say(line)`` reports a file that does not (it is
-        moved aside to ``<name>.corrupt``, so the next save does not rotate it into place)."""
+        """The newest checkpoint that loads; ``say(line)`` reports a newest one that does not
+        (it is moved aside to ``<name>.corrupt``, so the next save does not rotate it into the
+        previous one's place). UsageError, in one line, when none loads."""
+        reasons = []
         for path in (self.latest, self.previous):
             if not path.is_file():
-                if path == self.latest and self.previous.is_file():
-                    say(f"{path} is missing (a save was interrupted); using {self.previous.name}")
+                reasons.append(f"{path} is missing")
                 continue
             try:
-                return read_checkpoint(path)
+                state = read_checkpoint(path)
             except CheckpointError as e:
-                if path == self.previous or not self.previous.is_file():
-                    raise UsageError(f"cannot resume: {path}: {e}") from None
-                aside = path.with_name(path.name + ".corrupt")
-                os.replace(path, aside)
-                say(f"{path}: {e}; moved it to {aside.name} and using {self.previous.name}")
-        raise UsageError(f"cannot resume: no checkpoint at {self.latest}")
+                reasons.append(f"{path}: {e}")
+                continue
+            self.used_previous = path == self.previous
+            if self.used_previous:
+                if self.latest.is_file():
+                    aside = self.latest.with_name(self.latest.name + ".corrupt")
+                    os.replace(self.latest, aside)
+                    reasons[0] += f"; moved it to {aside.name}"
+                say(f"{reasons[0]}; resuming from {path.name}")
+            return state
+        if not self.previous.is_file():
+            reasons = reasons[:1]
+        raise UsageError(f"cannot resume: no checkpoint loads ({'; '.join(reasons)})"
+                         if self.latest.is_file() or self.previous.is_file()
+                         else f"cannot resume: no checkpoint at {self.latest}")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -578,7 +590,7 @@ class StopSignals:
             self._pending = True
             return
         if self.abandon or self.count > 1:
-            raise Interrupted(self.received)
+            raise self.stop()
         self.say(f"{SIGNAL_NAMES[signum]}: finishing this iteration, then saving "
                  "(send it again to stop now and keep the last checkpoint)")
 
@@ -592,7 +604,13 @@ class StopSignals:
         if self._pending and previous == "run":
             self._pending = False
             if self.abandon or self.count > 1:
-                raise Interrupted(self.received)
+                raise self.stop()
+
+    def stop(self) -> Interrupted:
+        """The exception that ends the run; from here on every signal is only noted, so that
+        a second or third one cannot interrupt the saving (or print a traceback)."""
+        self._mode = "saving"
+        return Interrupted(self.received if self.received is not None else signal.SIGINT)
 
     @contextlib.contextmanager
     def saving(self):
@@ -859,7 +877,8 @@ class TrainingRun:
         set_rng_state(ckpt["rng"])
         self.progress = dict(ckpt["progress"])
         self.load_extra_state(ckpt.get("extra") or {})
-        self.saved_iteration = self.completed = self.trainer.iteration
+        self.completed = self.trainer.iteration
+        self.saved_iteration = None if self.store.used_previous else self.completed
         dropped = drop_records_from(self.out / METRICS_FILE, self.trainer.iteration)
         if dropped:
             self.say(f"dropped {dropped} metrics line(s) past the checkpoint's iteration "
@@ -917,7 +936,7 @@ class TrainingRun:
             self.on_record(record)
             self._maybe_checkpoint()
             if self.signals.received is not None:
-                raise Interrupted(self.signals.received)
+                raise self.signals.stop()
             stop = self.stop_reason()
         return stop
 
