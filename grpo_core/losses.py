@@ -104,10 +104,12 @@ def clipped_policy_loss(
     return loss, stats
 
 
-LOG_RATIO_MAX = 20.0
-"""Bound on the log-ratio inside :func:`bounded_ratio`: exp(20) = 4.85e8 is finite with room in
-float32 (which overflows at 88.7) and bfloat16, and a ratio that far from 1 is outside any
-working trust region (verl clamps at the same 20)."""
+LOG_RATIO_MAX = 50.0
+"""Bound on the log-ratio inside :func:`bounded_ratio`. exp(50) = 5.2e21 leaves float32 (and
+bfloat16, same range), which overflows at 88.7, a factor 1e17 of room for |A| and the token
+sum; a ratio that far from 1 is outside any working trust region, and every log-prob gap the
+property tests draw (up to 30) stays below it, so no value in use changes. (verl clamps at 20,
+with a zero gradient beyond.)"""
 
 
 def bounded_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
@@ -116,14 +118,14 @@ def bounded_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
     Shapes: log_ratio (any) -> same.
 
     Up to the bound this is ``exp(x)`` exactly, value and gradient. Above it the value stays
-    ``exp(20)`` and the gradient stays the one at the bound (``d rho / d x = rho``) instead of
+    ``exp(LOG_RATIO_MAX)`` and the gradient stays the one at the bound (``d rho / d x = rho``) instead of
     overflowing (float32: inf at x > 88.7, and NaN gradients behind a clipped branch) or
     vanishing (a plain clamp): a token whose ratio ran away with ``A < 0`` keeps a finite
     gradient pushing it down. Where a clipped branch applies the value is irrelevant anyway.
     ``x`` must be finite.
     """
     over = log_ratio > LOG_RATIO_MAX
-    capped = log_ratio - log_ratio.detach() + LOG_RATIO_MAX  # value 20, gradient 1
+    capped = log_ratio - log_ratio.detach() + LOG_RATIO_MAX  # value the bound, gradient 1
     return torch.exp(torch.where(over, capped, log_ratio))
 
 

@@ -1,20 +1,22 @@
-"""``grpo-harness check-estimator``: property-test a KL, advantage or returns estimator.
+"""``grpo-harness check-estimator``: property-test a KL, advantage, returns estimator or a loss.
 
 ::
 
-    grpo-harness check-estimator TARGET --kind kl|advantage|returns
-        [--json] [--seed N] [--samples N]
-        [--expect unbiased,nonnegative,grad=kl_policy_ref|kl_ref_policy|zero,std_scaled,bessel=true]
+    grpo-harness check-estimator TARGET --kind kl|advantage|returns|loss
+        [--json] [--seed N] [--samples N] [--expect CLAIMS]
 
 TARGET is ``package.module:function``, ``path/to/file.py:function`` or ``builtin:NAME``
-(``k1``, ``k2``, ``k3``, ``k3_is``, ``group_advantages``, ``discounted_returns``; for these
-``--kind`` may be left out). ``--expect`` adds claims to (and overrides) those of the
-function's ``@declares``.
+(``k1``, ``k2``, ``k3``, ``k3_is``, ``group_advantages``, ``discounted_returns``,
+``policy_loss``, ``policy_loss_dual_clip``; for these ``--kind`` may be left out).
+``--expect`` adds claims to (and overrides) those of the function's ``@declares``, comma
+separated: ``unbiased``, ``nonnegative``, ``grad=...``, ``clamp=C`` (kl); ``std_scaled``,
+``bessel=true|false``, ``eps=E``, ``singleton=zero|raw|unsupported`` (advantage);
+``eps_low=E``, ``eps_high=E``, ``agg=NAME``, ``max_len=L``, ``clip_ratio_c=C|none`` (loss).
 
 Prints one row per check (name, PASS/FAIL/info, value, bound, explanation), or the rows as
 JSON with ``--json``. Exit status: 0 when every required and claimed check passes, 1 when one
 fails, 2 on a usage error (target not found, import error, not callable, wrong signature,
-raising on a basic call), said in one line on stderr.
+raising on a basic call, an unknown or ill-typed claim), said in one line on stderr.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-KIND_CHOICES = ("kl", "advantage", "returns")
+KIND_CHOICES = ("kl", "advantage", "returns", "loss")
 
 
 class UsageError(Exception):
@@ -35,12 +37,13 @@ class UsageError(Exception):
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(
         name,
-        help="property-test a KL, advantage or returns estimator",
+        help="property-test a KL, advantage or returns estimator, or a policy loss",
         description="Property-test an estimator: exit 0 when every required and claimed check "
         "passes, 1 when one fails, 2 on a usage error.",
     )
     p.add_argument("target", help="package.module:function, path/to/file.py:function, or "
-                   "builtin:NAME (k1, k2, k3, k3_is, group_advantages, discounted_returns)")
+                   "builtin:NAME (k1, k2, k3, k3_is, group_advantages, discounted_returns, "
+                   "policy_loss, policy_loss_dual_clip)")
     p.add_argument("--kind", choices=KIND_CHOICES,
                    help="estimator kind (may be left out for builtin targets)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -49,8 +52,12 @@ def add_parser(sub, name: str) -> None:
                    help="tokens sampled per categorical pair in the unbiasedness check "
                    "(default 20000)")
     p.add_argument("--expect", default=None,
-                   help="claims, comma-separated: unbiased, nonnegative, "
-                   "grad=kl_policy_ref|kl_ref_policy|zero, std_scaled, bessel=true|false")
+                   help="claims, comma-separated. kl: unbiased, nonnegative, "
+                   "grad=kl_policy_ref|kl_ref_policy|zero|neither, clamp=C; advantage: "
+                   "std_scaled, bessel=true|false, eps=E, singleton=zero|raw|unsupported; "
+                   "loss: eps_low=E, eps_high=E, agg=token-mean|seq-mean-token-mean|"
+                   "seq-mean-token-sum|seq-mean-token-sum-norm|grpo, max_len=L, "
+                   "clip_ratio_c=C|none")
     p.set_defaults(run=run)
 
 
@@ -126,7 +133,7 @@ def _print_json(target, kind, claims, rows, ok) -> None:
 def run(args) -> int:
     try:
         if args.kind is None and not args.target.startswith("builtin:"):
-            raise UsageError("--kind is required (kl, advantage or returns)")
+            raise UsageError("--kind is required (kl, advantage, returns or loss)")
         fn = resolve_target(args.target)
         from grpo_core.testing.kit import (  # torch is imported here, not at CLI start
             BUILTIN_KINDS,

@@ -165,7 +165,7 @@ def test_wrong_estimators_fail_the_named_rows(name, kind, rows_expected):
 
 
 @pytest.mark.parametrize("name,kind", [("correct_k3", "kl"), ("correct_adv", "advantage"),
-                                       ("correct_returns", "returns")])
+                                       ("correct_returns", "returns"), ("correct_loss", "loss")])
 def test_correct_estimators_pass(name, kind):
     rows = check_estimator(getattr(wrong, name), kind)
     assert all_passed(rows), format_table(rows)
@@ -264,10 +264,18 @@ def test_estimator_raising_inside_a_check_gives_a_failed_row():
     def fragile(scores):
         if scores.shape[-1] == 1:
             raise ValueError("need two samples")
+        if scores.abs().max() > 1e20:
+            raise OverflowError("too large")
         return BUILTINS["group_advantages"](scores)
 
-    row = next(r for r in check_estimator(fragile, "advantage") if r.name == "group_size_one")
+    rows = {r.name: r for r in check_estimator(fragile, "advantage")}
+    row = rows["group_size_one"]  # the row catches it itself and names it
     assert row.failed and "raised ValueError: need two samples" in row.explanation
+    row = rows["extreme_magnitudes"]  # any other row: the generic catch
+    assert row.failed and row.value == "raised" and "OverflowError: too large" in row.explanation
+    # declared unsupported, refusing groups of one is the declared convention
+    rows = check_estimator(fragile, "advantage", claims={"singleton": "unsupported"})
+    assert next(r for r in rows if r.name == "group_size_one").passed
 
 
 def test_oracle_row_is_info_when_reference_is_unavailable(monkeypatch):

@@ -55,7 +55,7 @@ def test_wrong_estimator_exits_1_naming_the_problem(name, kind, failing):
 
 
 @pytest.mark.parametrize("name,kind", [("correct_k3", "kl"), ("correct_adv", "advantage"),
-                                       ("correct_returns", "returns")])
+                                       ("correct_returns", "returns"), ("correct_loss", "loss")])
 def test_correct_estimator_exits_0(name, kind):
     proc = cli(f"{FILE}:{name}", "--kind", kind, "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -65,7 +65,8 @@ def test_correct_estimator_exits_0(name, kind):
 
 # k1 and k3 take the same path as k2 here (all six are checked in-process in test_kit.py);
 # k3 runs below with an overriding --expect.
-BUILTIN_NAMES = ["k2", "k3_is", "group_advantages", "discounted_returns"]
+BUILTIN_NAMES = ["k2", "k3_is", "group_advantages", "discounted_returns",
+                 "policy_loss_dual_clip"]
 
 
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
@@ -87,6 +88,47 @@ def test_expect_overrides_decorator_claims():
     assert rows["grad_direction"]["value"] == "kl_ref_policy"
 
 
+TRAINERS = "tests/trainer_estimators.py"
+
+
+def test_loss_kind_names_verl_issue_3741_against_a_dr_grpo_claim():
+    proc = cli(f"{TRAINERS}:verl_sum_norm_loss", "--kind", "loss")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    last = proc.stdout.splitlines()[-1]
+    assert last.startswith("result: FAIL (2 failed: aggregation, padding_invariance)")
+    assert "verl issue 3741" in proc.stdout
+
+
+def test_expect_sets_loss_and_advantage_claims():
+    proc = cli(f"{TRAINERS}:verl_policy_loss", "--kind", "loss", "--json",
+               "--expect", "agg=grpo,clip_ratio_c=none")
+    assert proc.returncode == 1
+    rows = rows_of(proc)
+    assert rows["aggregation"]["value"] == "token-mean" and rows["aggregation"]["status"] == "FAIL"
+    assert rows["clip_ratio_c"]["status"] == "FAIL" and rows["clip_ratio_c"]["value"] == 3.0
+    proc = cli(f"{TRAINERS}:verl_grpo_advantage", "--kind", "advantage", "--json",
+               "--expect", "eps=1e-6,singleton=raw")
+    failed = {n for n, r in rows_of(proc).items() if r["status"] == "FAIL"}
+    assert proc.returncode == 1 and failed == {"ties_float32"}
+
+
+def test_readme_example_passes(tmp_path):
+    """The estimators of the README's kit section: the loss run as the README runs it, the
+    other two in-process (same path, without two more torch imports)."""
+    from grpo_core.testing.kit import all_passed, check_estimator
+    from grpo_harness.check_cmd import resolve_target
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Checking your own estimator"):]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "my_estimators.py"
+    path.write_text(code)
+    proc = cli(f"{path}:my_loss", "--kind", "loss")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name, kind in (("my_k3", "kl"), ("my_adv", "advantage")):
+        assert all_passed(check_estimator(resolve_target(f"{path}:{name}"), kind, samples=4000))
+
+
 # {plain}: a small file without imports, so that these runs skip the torch import
 USAGE = {
     "missing_file": (["tests/no_such_file.py:f", "--kind", "kl"], "file not found"),
@@ -99,6 +141,10 @@ USAGE = {
     "wrong_signature": ([f"{FILE}:kl_wrong_signature", "--kind", "kl"], "wrong signature"),
     "raises_on_call": ([f"{FILE}:returns_raises", "--kind", "returns"],
                        "basic call raised RuntimeError"),
+    "bad_claim_value": ([f"{FILE}:correct_loss", "--kind", "loss", "--expect", "eps_low=abc"],
+                        "claim eps_low must be"),
+    "claim_of_another_kind": ([f"{FILE}:correct_loss", "--kind", "loss", "--expect", "eps=1e-4"],
+                              "unknown claim 'eps' for a loss estimator"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Deliberately wrong estimators (and three correct ones) for the estimator kit's own tests.
+"""Deliberately wrong estimators and losses (and four correct ones) for the estimator kit's own tests.
 
 Each wrong estimator declares the claims a correct estimator of its kind would make, so the
 kit must catch the bug by measurement. ``tests/test_kit_cli.py`` runs every one through
@@ -129,6 +129,61 @@ def returns_padding_leak(rewards, mask, gamma):
         running = rewards[:, t] + gamma * running
         out[:, t] = running
     return out * mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy losses: fn(logp, old_logp, adv, mask) -> scalar, all declaring a correct loss's claims
+# ---------------------------------------------------------------------------------------------
+
+
+def _ppo_tokens(ratio, adv, low=0.2, high=0.28):
+    return -torch.minimum(ratio * adv, ratio.clamp(1 - low, 1 + high) * adv)
+
+
+def _token_mean(tok, mask):
+    return (tok * mask).sum() / mask.sum().clamp(min=1)
+
+
+@declares(eps_low=0.2, eps_high=0.28, agg="token-mean", clip_ratio_c=None)
+def correct_loss(logp, old_logp, adv, mask):
+    """PPO clip-higher, token-mean, the log-ratio bounded at 20 before exp."""
+    return _token_mean(_ppo_tokens(torch.exp((logp - old_logp).clamp(max=20.0)), adv), mask)
+
+
+@declares(eps_low=0.2, eps_high=0.28, agg="token-mean", clip_ratio_c=None)
+def loss_unbounded_ratio(logp, old_logp, adv, mask):
+    """The core's clipped_policy_loss before the bound: exp of the raw log-ratio overflows in
+    float32 at a log-ratio near 100 (inf loss with A < 0, NaN gradient behind the clip)."""
+    return _token_mean(_ppo_tokens(torch.exp(logp - old_logp), adv), mask)
+
+
+@declares(eps_low=0.2, eps_high=0.28, agg="token-mean", clip_ratio_c=None)
+def loss_clip_leaks_gradient(logp, old_logp, adv, mask):
+    """Clipping written as a straight-through estimator: the clipped value, but the unclipped
+    gradient, so nothing is ever clipped for the optimizer."""
+    ratio = torch.exp((logp - old_logp).clamp(max=20.0))
+    clipped = ratio + (ratio.clamp(0.8, 1.28) - ratio).detach()
+    return _token_mean(-torch.minimum(ratio * adv, clipped * adv), mask)
+
+
+@declares(eps_low=0.2, eps_high=0.28, agg="token-mean", clip_ratio_c=None)
+def loss_mean_over_padding(logp, old_logp, adv, mask):
+    """Masks the tokens but averages over every position, padding included."""
+    ratio = torch.exp((logp - old_logp).clamp(max=20.0))
+    return (_ppo_tokens(ratio, adv) * mask).mean()
+
+
+@declares(eps_low=0.2, eps_high=0.28, agg="token-mean", clip_ratio_c=None)
+def loss_sign_flipped(logp, old_logp, adv, mask):
+    """Returns the surrogate objective instead of the loss: gradient ascent on -J."""
+    return -_token_mean(_ppo_tokens(torch.exp((logp - old_logp).clamp(max=20.0)), adv), mask)
+
+
+@declares(eps_low=0.2, eps_high=0.28, agg="token-mean", clip_ratio_c=None)
+def loss_clip_sides_swapped(logp, old_logp, adv, mask):
+    """eps_low and eps_high swapped: the ratio is clipped to [1 - 0.28, 1 + 0.2]."""
+    ratio = torch.exp((logp - old_logp).clamp(max=20.0))
+    return _token_mean(_ppo_tokens(ratio, adv, low=0.28, high=0.2), mask)
 
 
 # ---------------------------------------------------------------------------------------------

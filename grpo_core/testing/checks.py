@@ -1,9 +1,15 @@
-"""Property checks for KL, advantage and returns estimators: the rows of the estimator kit.
+"""Property checks of the estimator kit: the shared machinery, the KL rows, the returns rows.
 
 Every check takes a :class:`Context` (the estimator, its kind, its claims, a seed) and returns
 one :class:`CheckResult` row. :func:`grpo_core.testing.kit.check_estimator` runs all rows of a
 kind; the functions here are public so that a test can call one row, or the measurements
-behind it (:func:`measure_bias`, :func:`classify_gradient`), directly.
+behind it (:func:`measure_bias`, :func:`classify_gradient`), directly. The advantage rows live
+in :mod:`.adv_checks`, the whole-loss rows in :mod:`.loss_checks`.
+
+KL claim ``clamp=C``: the estimator's values are clamped to ``[-C, C]`` (verl's
+``low_var_kl`` clamps k3 at 10). The ``clamp`` row verifies that the values saturate exactly at
+``C``, says at which log-prob gaps, and reports the exact bias (by enumeration) on the pairs
+that reach it; ``unbiased`` is then judged on the pairs that stay below the clamp.
 
 Row kinds:
 
@@ -29,14 +35,52 @@ from typing import Any, Callable
 import torch
 
 F64 = torch.float64
-KINDS = ("kl", "advantage", "returns")
+KINDS = ("kl", "advantage", "returns", "loss")
 ROW_KINDS = ("required", "claim", "info")
-GRAD_CLASSES = ("kl_policy_ref", "kl_ref_policy", "zero")
-# claims each kind accepts, and the type of their value
-CLAIM_KEYS: dict[str, dict[str, type]] = {
-    "kl": {"unbiased": bool, "nonnegative": bool, "grad": str},
-    "advantage": {"std_scaled": bool, "bessel": bool},
+GRAD_CLASSES = ("kl_policy_ref", "kl_ref_policy", "zero", "neither")
+SINGLETONS = ("zero", "raw", "unsupported")
+# aggregations a loss may declare (``agg=``); loss_checks.AGG_MODELS defines each one
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+             "seq-mean-token-sum-norm", "grpo")
+
+
+@dataclass(frozen=True)
+class Number:
+    """A numeric claim's range: ``low`` (inclusive or not) up to ``high`` (exclusive)."""
+
+    low: float
+    inclusive: bool = True
+    high: float = math.inf
+    integer: bool = False
+    none_ok: bool = False  # the claim may be None ("none" on the command line)
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.none_ok
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not float(value).is_integer():
+            return False
+        above = value >= self.low if self.inclusive else value > self.low
+        return bool(above and value < self.high)
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        low = f"{'>=' if self.inclusive else '>'} {self.low:g}"
+        high = f" and < {self.high:g}" if math.isfinite(self.high) else ""
+        return f"{kind} {low}{high}" + (" or none" if self.none_ok else "")
+
+
+# Claims each kind accepts: bool, a tuple of choices, or a Number range. Meanings: kl in
+# kit.py's docstring; advantage in adv_checks.py's; loss in loss_checks.py's.
+CLAIM_KEYS: dict[str, dict[str, Any]] = {
+    "kl": {"unbiased": bool, "nonnegative": bool, "grad": GRAD_CLASSES,
+           "clamp": Number(0.0, inclusive=False)},
+    "advantage": {"std_scaled": bool, "bessel": bool, "eps": Number(0.0),
+                  "singleton": SINGLETONS},
     "returns": {},
+    "loss": {"eps_low": Number(0.0, high=1.0), "eps_high": Number(0.0), "agg": LOSS_AGGS,
+             "max_len": Number(1, integer=True), "clip_ratio_c": Number(1.0, False, none_ok=True)},
 }
 
 Z_BOUND = 5.0  # unbiasedness: |mean - KL| <= Z_BOUND standard errors (+ ABS_SLACK)
@@ -134,7 +178,7 @@ class Context:
     claims: dict = field(default_factory=dict)
     seed: int = 0
     samples: int = DEFAULT_SAMPLES
-    arity: int = 2  # kl only: 2 -> fn(logp, ref_logp); 3 -> fn(logp, ref_logp, old_logp)
+    arity: int = 2  # kl: 2 -> fn(logp, ref_logp); 3 -> fn(logp, ref_logp, old_logp)
     cache: dict = field(default_factory=dict, repr=False)  # measurements shared by rows
 
     def gen(self, salt: int) -> torch.Generator:
@@ -193,17 +237,20 @@ def call_arity(fn: Callable, kind: str) -> int:
 
     kl: 3 when ``fn`` requires exactly three positional parameters (``logp, ref_logp,
     old_logp``), else 2. advantage: 1 (``scores``). returns: 3 (``rewards, mask, gamma``).
+    loss: 4 (``logp, old_logp, adv, mask``).
     Raises ``TypeError`` naming the expected signature when ``fn`` cannot take them.
     """
     expected = {
         "kl": "fn(logp, ref_logp) or fn(logp, ref_logp, old_logp)",
         "advantage": "fn(scores)",
         "returns": "fn(rewards, mask, gamma)",
+        "loss": "fn(logp, old_logp, adv, mask)",
     }[kind]
+    fixed = {"kl": 2, "advantage": 1, "returns": 3, "loss": 4}[kind]
     try:
         required, accepted = positional_arity(fn)
     except ValueError:  # no signature available (some builtins): trust the caller
-        return {"kl": 2, "advantage": 1, "returns": 3}[kind]
+        return fixed
     except TypeError as e:
         raise TypeError(f"wrong signature for a {kind} estimator ({e}); expected {expected}")
     if kind == "kl":
@@ -211,11 +258,8 @@ def call_arity(fn: Callable, kind: str) -> int:
             return 3
         if required <= 2 <= accepted:
             return 2
-    elif kind == "advantage":
-        if required <= 1 <= accepted:
-            return 1
-    elif required <= 3 <= accepted:
-        return 3
+    elif required <= fixed <= accepted:
+        return fixed
     params = str(inspect.signature(fn))
     raise TypeError(f"wrong signature for a {kind} estimator: {params}; expected {expected}")
 
@@ -288,7 +332,9 @@ def measure_bias(
     look tight. k1 on the same samples is ``logp - ref_logp`` (importance-weighted
     off-policy).
 
-    Returns a dict: kl, mean, bias, var, se, z (= |bias| / se), finite, and k1_bias, k1_var.
+    Returns a dict: kl, mean, bias, var, se, z (= |bias| / se), finite, k1_bias, k1_var,
+    exact_bias (the estimator's expectation over the support minus the KL, no sampling: exact
+    when tokens come from the policy) and support_max (largest |value| over the support).
     """
     ctx = Context(fn=fn, kind="kl", samples=samples)
     ctx.arity = call_arity(fn, "kl") if arity is None else arity
@@ -331,6 +377,8 @@ def measure_bias(
         "finite": finite,
         "k1_bias": float(k1.mean()) - kl,
         "k1_var": float(k1.var()) if samples > 1 else 0.0,
+        "exact_bias": exact_mean - kl,  # by enumeration of the support (tokens from pi)
+        "support_max": float(support.abs().max()),
     }
 
 
@@ -611,21 +659,43 @@ def _measure_bias_rows(ctx: Context, off_policy: bool) -> list[dict]:
     return out
 
 
+def _below_clamp(ctx: Context, r: dict) -> bool:
+    """No value on the pair's support reaches the clamp (always true when none is declared).
+
+    The level is the declared clamp, or the measured saturation level when that is lower,
+    so that a wrong clamp value fails the ``clamp`` row only.
+    """
+    clamp = ctx.claims.get("clamp")
+    if clamp is None:
+        return True
+    top, saturates = _saturation(ctx)
+    level = min(clamp, top) if saturates else clamp
+    return r["support_max"] < level * (1 - 1e-12)
+
+
 def _unbiased_row(ctx: Context, off_policy: bool) -> CheckResult:
     name = "unbiased_off_policy" if off_policy else "unbiased"
-    rows = _bias_rows(ctx, off_policy)
+    all_rows = _bias_rows(ctx, off_policy)
+    rows = [r for r in all_rows if _below_clamp(ctx, r)]
+    if not rows:
+        return CheckResult(name, False if "unbiased" in ctx.claims else None, None, Z_BOUND,
+                           f"every pair reaches the clamp {ctx.claims['clamp']:g}: nothing "
+                           "left to judge unbiasedness on", ctx.row_kind("unbiased"))
     holds = all(r["ok"] for r in rows)
     worst = max(rows, key=lambda r: r["z"])
     passed = _judge(ctx, "unbiased", holds)
     where = "tokens from a third policy old, estimate of KL(pi||ref)" if off_policy else \
         "tokens from pi"
-    text = (f"{len(rows)} pairs x {ctx.samples} samples ({where}); "
+    below = "" if len(rows) == len(all_rows) else \
+        f" below the clamp ({len(all_rows) - len(rows)} pairs reaching it: see row clamp)"
+    text = (f"{len(rows)} pairs{below} x {ctx.samples} samples ({where}); "
             f"worst pair KL={worst['kl']:.3g}: "
             f"bias={worst['bias']:.3g} (k1 {worst['k1_bias']:.3g}), var={worst['var']:.3g} "
             f"(k1 {worst['k1_var']:.3g}), |bias|/SE={worst['z']:.3g}; "
             f"{'unbiased' if holds else 'BIASED'}; {_claim_text(ctx, 'unbiased')}")
     details = {"pairs": [{k: r[k] for k in ("support", "kl", "mean", "bias", "se", "z", "var",
-                                            "k1_bias", "k1_var")} for r in rows]}
+                                            "k1_bias", "k1_var", "exact_bias", "support_max")}
+                         for r in all_rows]}
     return CheckResult(name, passed, worst["z"], Z_BOUND, text, ctx.row_kind("unbiased"), details)
 
 
@@ -661,6 +731,60 @@ def kl_grad_direction(ctx: Context) -> CheckResult:
                        ctx.row_kind("grad"), {"pairs": rep.pairs})
 
 
+def _gap_scan(n: int = 20001) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d, logp, ref_logp) with d = ref_logp - logp on a grid over [-50, 50], both <= 0."""
+    d = torch.linspace(-50.0, 50.0, n, dtype=F64)
+    logp = -0.5 - d.clamp(min=0.0)
+    return d, logp, logp + d
+
+
+def _saturation(ctx: Context) -> tuple[float, bool]:
+    """(largest |value| over the gap scan, whether the values sit on a plateau there)."""
+    if "saturation" not in ctx.cache:
+        _, logp, ref = _gap_scan()
+        vals = kl_call(ctx, logp, ref).detach().to(F64).abs()
+        top = float(vals.max())
+        ctx.cache["saturation"] = (top, int((vals >= top * (1 - 1e-12)).sum()) >= 20)
+    return ctx.cache["saturation"]
+
+
+def kl_clamp(ctx: Context) -> CheckResult:
+    """Where the values saturate, and the bias that saturation causes (exact, by enumeration).
+
+    Claimed ``clamp=C``: the values must reach ``|value| = C`` on the gap grid and never
+    exceed it. The pairs whose support reaches the clamp are left out of ``unbiased`` and
+    their exact bias is reported here.
+    """
+    d, logp, ref = _gap_scan()
+    vals = kl_call(ctx, logp, ref).detach().to(F64).abs()
+    top, saturates = _saturation(ctx)
+    claim = ctx.claims.get("clamp")
+    level = claim if claim is not None else top
+    hit = vals >= level * (1 - 1e-12)
+    pos, neg = d[hit & (d > 0)], d[hit & (d < 0)]
+    reach = ", ".join(([f"d <= {float(neg.max()):.3g}"] if neg.numel() else []) +
+                      ([f"d >= {float(pos.min()):.3g}"] if pos.numel() else [])) or "nowhere"
+    hits = [r for r in _bias_rows(ctx, False) if not _below_clamp(ctx, r)] if claim else []
+    bias = ""
+    if hits:
+        w = max(hits, key=lambda r: abs(r["exact_bias"]))
+        bias = (f"; {len(hits)} of {len(_bias_rows(ctx, False))} pairs reach it, exact bias "
+                f"(enumerated) up to {w['exact_bias']:.3g} at KL={w['kl']:.3g}")
+    if claim is None:
+        text = (f"values saturate at |value| = {top:.4g} (reached for gaps {reach} of +-50): "
+                f"a clamp, declare clamp={top:.4g}" if saturates else
+                f"no saturation over gaps d = ref_logp - logp in [-50, 50] (max |value| "
+                f"{top:.3g})")
+        return CheckResult("clamp", None, top, None, text, "info")
+    holds = abs(top - claim) <= 1e-9 * claim
+    text = (f"|value| <= {claim:g} reached for gaps {reach} of +-50{bias}" if holds else
+            f"declared clamp={claim:g} but the values reach at most {top:.4g} over gaps +-50")
+    details = {"pairs_reaching": [{k: r[k] for k in ("kl", "exact_bias", "support_max")}
+                                  for r in hits]}
+    return CheckResult("clamp", holds, top, claim, f"{text}; claimed clamp={claim:g}", "claim",
+                       details)
+
+
 def kl_uses_old_logp(ctx: Context) -> CheckResult:
     g = ctx.gen(11)
     logp, ref = _rand_logp(g, (16,), -5.0), _rand_logp(g, (16,), -5.0)
@@ -670,204 +794,6 @@ def kl_uses_old_logp(ctx: Context) -> CheckResult:
     return CheckResult("uses_old_logp", None, used, None,
                        "the value depends on old_logp" if used else
                        "the value ignores old_logp", "info")
-
-
-# ---------------------------------------------------------------------------------------------
-# Advantage rows (scores (B, G), groups along the last dim)
-# ---------------------------------------------------------------------------------------------
-
-SCALE_TOL = 1e-4  # unit scale: |std(A) - 1| within this (room for an eps added to the std)
-
-
-def _scores(ctx: Context, salt: int, b: int = 5, g: int = 8, dtype=F64) -> torch.Tensor:
-    return (torch.randn(b, g, generator=ctx.gen(salt), dtype=F64) * 3.0 + 2.0).to(dtype)
-
-
-def _adv(ctx: Context, scores: torch.Tensor) -> torch.Tensor:
-    return _tensor_out(ctx.fn(scores), "the estimator")
-
-
-def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    d = (a.detach().to(F64) - b.detach().to(F64)).abs()
-    return float(d.max()) if d.numel() else 0.0
-
-
-def adv_shape_dtype(ctx: Context) -> CheckResult:
-    for shape in ((5, 8), (1, 3), (3, 2)):
-        for dtype in (torch.float32, F64):
-            out = _adv(ctx, _scores(ctx, 20, *shape, dtype=dtype))
-            if out.shape != torch.Size(shape) or out.dtype != dtype:
-                return CheckResult("shape_dtype", False, f"{tuple(out.shape)} {out.dtype}",
-                                   f"{shape} {dtype}",
-                                   "output shape or dtype differs from the input's")
-    return CheckResult("shape_dtype", True, "kept", "same as input",
-                       "output keeps the (B, G) shape and the dtype (float32/float64)")
-
-
-def adv_no_inplace(ctx: Context) -> CheckResult:
-    return _inplace_check("no_inplace", lambda a: ctx.fn(*a), [_scores(ctx, 21)])
-
-
-def adv_finite(ctx: Context) -> CheckResult:
-    bad = 0
-    for g in (2, 3, 8, 16):
-        bad += int((~torch.isfinite(_adv(ctx, _scores(ctx, 22, 4, g)))).sum())
-    return CheckResult("finite", bad == 0, bad, 0,
-                       "finite on random scores" if bad == 0 else f"{bad} non-finite advantages")
-
-
-def adv_zero_mean(ctx: Context) -> CheckResult:
-    worst = 0.0
-    for g in (2, 3, 8, 16):
-        a = _adv(ctx, _scores(ctx, 23, 4, g)).detach().to(F64)
-        scale = a.abs().amax(-1).clamp(min=1.0)
-        worst = max(worst, float((a.mean(-1).abs() / scale).max()))
-    ok = worst <= 1e-9
-    return CheckResult("zero_mean", ok, worst, 1e-9,
-                       "every group's advantages average to 0" if ok else
-                       f"a group's mean advantage is {worst:.3g} (relative to its largest)")
-
-
-def _std_convention(ctx: Context) -> tuple[str, float, float, dict]:
-    """Which std the advantages have per group: 'n-1', 'n' or 'neither' (worst deviations)."""
-    dev_b, dev_p = 0.0, 0.0
-    for g in (2, 3, 8, 16):
-        a = _adv(ctx, _scores(ctx, 24, 4, g)).detach().to(F64)
-        dev_b = max(dev_b, float((a.std(-1, correction=1) - 1).abs().max()))
-        dev_p = max(dev_p, float((a.std(-1, correction=0) - 1).abs().max()))
-    conv = "n-1" if dev_b <= SCALE_TOL else ("n" if dev_p <= SCALE_TOL else "neither")
-    return conv, dev_b, dev_p, {"dev_bessel": dev_b, "dev_population": dev_p}
-
-
-def adv_unit_scale(ctx: Context) -> CheckResult:
-    conv, dev_b, dev_p, details = _std_convention(ctx)
-    holds = conv != "neither"
-    passed = _judge(ctx, "std_scaled", holds)
-    text = (f"per-group std of the advantages: |std_(n-1) - 1| <= {dev_b:.3g}, "
-            f"|std_n - 1| <= {dev_p:.3g} ({'unit scale' if holds else 'NOT unit scale'}); "
-            f"{_claim_text(ctx, 'std_scaled')}")
-    return CheckResult("unit_scale", passed, min(dev_b, dev_p), SCALE_TOL, text,
-                       ctx.row_kind("std_scaled"), details)
-
-
-def adv_bessel(ctx: Context) -> CheckResult:
-    conv, dev_b, dev_p, details = _std_convention(ctx)
-    passed = None
-    if "bessel" in ctx.claims:
-        passed = conv == ("n-1" if ctx.claims["bessel"] else "n")
-    return CheckResult("bessel", passed, conv, "n-1" if ctx.claims.get("bessel", True) else "n",
-                       f"the group std that equals 1 divides by {conv} "
-                       f"(n-1: {dev_b:.3g} off, n: {dev_p:.3g} off); {_claim_text(ctx, 'bessel')}",
-                       ctx.row_kind("bessel"), details)
-
-
-def adv_shift_invariance(ctx: Context) -> CheckResult:
-    s = _scores(ctx, 25)
-    base = _adv(ctx, s).detach()
-    scale = max(1.0, float(base.abs().max()))
-    worst = max(_max_abs_diff(_adv(ctx, s + b), base) for b in (-7.0, 0.5, 1e3)) / scale
-    ok = worst <= 1e-8
-    return CheckResult("shift_invariance", ok, worst, 1e-8,
-                       "A(s + b) = A(s)" if ok else f"adding a constant changes the advantages "
-                       f"by {worst:.3g}")
-
-
-def adv_affine_invariance(ctx: Context) -> CheckResult:
-    s = _scores(ctx, 26)
-    base = _adv(ctx, s).detach()
-    scale = max(1.0, float(base.abs().max()))
-    inv, equi = 0.0, 0.0
-    for a, b in ((0.5, -7.0), (4.0, 1e3), (1e3, 3.0)):
-        inv = max(inv, _max_abs_diff(_adv(ctx, a * s + b), base) / scale)
-        equi = max(equi, _max_abs_diff(_adv(ctx, a * s) / a, base) / scale)
-    invariant = inv <= 1e-6
-    how = "invariant" if invariant else (
-        "equivariant: A(a s) = a A(s)" if equi <= 1e-8 else "neither")
-    claimed = ctx.claims.get("std_scaled")
-    if claimed:
-        passed, kind = invariant, "claim"
-    else:
-        passed, kind = None, "info"
-    return CheckResult("affine_invariance", passed, inv, 1e-6,
-                       f"under s -> a s + b (a > 0) the advantages are {how} "
-                       f"(max change {inv:.3g}); "
-                       + ("required by std_scaled" if claimed else "measured"), kind)
-
-
-def adv_permutation(ctx: Context) -> CheckResult:
-    s = _scores(ctx, 27)
-    base = _adv(ctx, s).detach()
-    gen = ctx.gen(28)
-    perm = torch.stack([torch.randperm(s.shape[1], generator=gen) for _ in range(s.shape[0])])
-    out = _adv(ctx, s.gather(1, perm)).detach()
-    err = _max_abs_diff(out, base.gather(1, perm)) / max(1.0, float(base.abs().max()))
-    ok = err <= 1e-10
-    return CheckResult("permutation_equivariance", ok, err, 1e-10,
-                       "permuting a group's scores permutes its advantages" if ok else
-                       f"permuting within groups changed the advantages by {err:.3g}")
-
-
-def adv_groups_independent(ctx: Context) -> CheckResult:
-    s = _scores(ctx, 29)
-    base = _adv(ctx, s).detach()
-    gen = ctx.gen(30)
-    for j, new in ((1, torch.randn(s.shape[1], generator=gen, dtype=F64) * 100 + 50),
-                   (0, torch.full((s.shape[1],), 4.0, dtype=F64)),
-                   (4, torch.randn(s.shape[1], generator=gen, dtype=F64) * 1e6)):
-        s2 = s.clone()
-        s2[j] = new
-        out = _adv(ctx, s2).detach()
-        keep = torch.ones_like(s, dtype=torch.bool)
-        keep[j] = False
-        if not _same_except(out, base, keep):
-            err = _max_abs_diff(out[keep], base[keep])
-            return CheckResult("groups_independent", False, err, 0.0,
-                               f"changing group {j}'s scores changed other groups' advantages "
-                               f"(by up to {err:.3g})")
-    return CheckResult("groups_independent", True, 0.0, 0.0,
-                       "changing one group's scores changes no other group's advantages")
-
-
-def adv_group_size_one(ctx: Context) -> CheckResult:
-    for dtype in (F64, torch.float32):
-        out = _adv(ctx, _scores(ctx, 31, 6, 1, dtype)).detach()
-        if out.shape != (6, 1) or not bool(torch.isfinite(out).all()) or bool((out != 0).any()):
-            bad = out.reshape(-1)[0].item() if out.numel() else "empty"
-            return CheckResult("group_size_one", False, bad, 0.0,
-                               f"a group of one sample must give exactly 0, got {bad} "
-                               f"({str(dtype)[6:]})")
-    return CheckResult("group_size_one", True, 0.0, 0.0,
-                       "groups of size 1 give exactly 0 (finite)")
-
-
-def adv_ties(ctx: Context) -> CheckResult:
-    for dtype in (F64, torch.float32):
-        s = _scores(ctx, 32, 4, 6, dtype)
-        s[0] = 3.7
-        s[1] = 0.0
-        s[3] = -1e6
-        out = _adv(ctx, s).detach()
-        if not bool(torch.isfinite(out).all()):
-            return CheckResult("ties", False, "non-finite", 0.0,
-                               f"all-equal groups give non-finite advantages ({str(dtype)[6:]})")
-        worst = float(out[[0, 1, 3]].abs().max())
-        if worst != 0.0:
-            return CheckResult("ties", False, worst, 0.0,
-                               f"all-equal groups must give exactly 0, got up to {worst:.3g}")
-    return CheckResult("ties", True, 0.0, 0.0, "all-equal groups give exactly 0 (finite)")
-
-
-def adv_extreme(ctx: Context) -> CheckResult:
-    for dtype in (F64, torch.float32):
-        for mag in (1e30, 1e-30):
-            out = _adv(ctx, (_scores(ctx, 33, 4, 8, F64) * mag).to(dtype)).detach()
-            bad = int((~torch.isfinite(out)).sum())
-            if bad:
-                return CheckResult("extreme_magnitudes", False, bad, 0,
-                                   f"{bad} NaN/inf advantages for scores of magnitude {mag:g} "
-                                   f"({str(dtype)[6:]})")
-    return CheckResult("extreme_magnitudes", True, 0, 0,
-                       "finite for scores of magnitude 1e30 and 1e-30 (float32 and float64)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1045,27 +971,13 @@ KL_ROWS = (
     ("grad_reaches_logp", "required", kl_grad_reaches_logp),
     ("nonnegative", "nonnegative", kl_nonnegative),
     ("unbiased", "unbiased", kl_unbiased),
+    ("clamp", "clamp", kl_clamp),
     ("variance_vs_k1", "info", kl_variance_vs_k1),
     ("grad_direction", "grad", kl_grad_direction),
 )
 KL3_ROWS = (
     ("unbiased_off_policy", "unbiased", kl_unbiased_off_policy),
     ("uses_old_logp", "info", kl_uses_old_logp),
-)
-ADV_ROWS = (
-    ("shape_dtype", "required", adv_shape_dtype),
-    ("no_inplace", "required", adv_no_inplace),
-    ("finite", "required", adv_finite),
-    ("zero_mean", "required", adv_zero_mean),
-    ("unit_scale", "std_scaled", adv_unit_scale),
-    ("bessel", "bessel", adv_bessel),
-    ("shift_invariance", "required", adv_shift_invariance),
-    ("affine_invariance", "std_scaled", adv_affine_invariance),
-    ("permutation_equivariance", "required", adv_permutation),
-    ("groups_independent", "required", adv_groups_independent),
-    ("group_size_one", "required", adv_group_size_one),
-    ("ties", "required", adv_ties),
-    ("extreme_magnitudes", "required", adv_extreme),
 )
 RET_ROWS = (
     ("shape_dtype", "required", ret_shape_dtype),
@@ -1081,10 +993,33 @@ RET_ROWS = (
 )
 
 
+# rows keyed by a claim that are required (not info) when nothing is claimed
+REQUIRED_UNCLAIMED = {"group_size_one"}
+
+
 def rows_for(kind: str, arity: int = 2):
+    """(row name, "required" | "info" | claim key, check) for every row of ``kind``."""
     if kind == "kl":
         return KL_ROWS + (KL3_ROWS if arity == 3 else ())
-    return {"advantage": ADV_ROWS, "returns": RET_ROWS}[kind]
+    if kind == "advantage":
+        from .adv_checks import ADV_ROWS
+
+        return ADV_ROWS
+    if kind == "loss":
+        from .loss_checks import LOSS_ROWS
+
+        return LOSS_ROWS
+    return RET_ROWS
+
+
+def _row_kind(ctx: Context, name: str, role: str) -> str:
+    if role in ("required", "info"):
+        return role
+    if name == "affine_invariance":  # judged only when std_scaled=True is claimed
+        return "claim" if ctx.claims.get("std_scaled") else "info"
+    if role not in ctx.claims and name in REQUIRED_UNCLAIMED:
+        return "required"
+    return ctx.row_kind(role)
 
 
 def run_rows(ctx: Context) -> list[CheckResult]:
@@ -1094,12 +1029,7 @@ def run_rows(ctx: Context) -> list[CheckResult]:
         try:
             out.append(check(ctx))
         except Exception as e:  # the estimator raised: report it on this row
-            if role in ("required", "info"):
-                kind = role
-            elif name == "affine_invariance":  # judged only when std_scaled=True is claimed
-                kind = "claim" if ctx.claims.get("std_scaled") else "info"
-            else:
-                kind = ctx.row_kind(role)
+            kind = _row_kind(ctx, name, role)
             msg = str(e).splitlines()[0] if str(e) else ""
             out.append(CheckResult(name, None if kind == "info" else False, "raised", None,
                                    f"the estimator raised {type(e).__name__}: {msg}", kind))

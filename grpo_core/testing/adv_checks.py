@@ -1,0 +1,455 @@
+"""Rows of the ``advantage`` kind: ``fn(scores) -> advantages``, scores ``(B, G)``.
+
+Groups run along the last dim. The form ``A = (x - mean) / (std + eps)`` is *fitted*, not
+assumed: on groups whose spreads run from 1e-3 to 1e2, every group's advantages must be its
+centred scores divided by one number ``d``, and ``d - std`` must be the same constant ``eps``
+for every group, with ``std`` the Bessel (n - 1) or the population (n) std. The fit tells the
+std convention and the eps; the rows ``unit_scale``, ``bessel`` and ``affine_invariance`` are
+then exact up to that eps (to 1e-10), whatever its size, instead of leaving a fixed room for
+it. When no constant eps fits (an eps under the square root, say), those rows fall back to a
+loose check (``|std(A) - 1| <= 1e-4`` on groups of std about 3) and say so.
+
+Claims: ``std_scaled`` and ``bessel`` (bools), ``eps`` (the number added to the std; checked
+against the fit), ``singleton`` (what a group of one sample gets: ``zero``; ``raw``, the score
+divided by ``1 + eps`` as with mean 0 and std 1 (verl); or ``unsupported``, the estimator is
+never called with groups of one (TRL requires at least two generations)).
+
+Ties are graded: the ``ties_float64`` and ``ties_float32`` rows feed all-equal groups of
+reward-scale values (|x| <= 10, group sizes 2 to 64) and report the worst advantage and its
+amplification factor, ``|A| / (dtype eps * |x|)``: how many times the rounding leftover of the
+mean was blown up. An exact 0 passes; a leftover of a few ulps (factor <= 16) passes; amplified
+noise passes while its worst advantage stays within :data:`TIE_NOISE_MAX` and fails beyond it,
+with the number.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+
+from .checks import (
+    F64,
+    CheckResult,
+    Context,
+    _claim_text,
+    _inplace_check,
+    _judge,
+    _same_except,
+    _tensor_out,
+    fmt,
+)
+
+SCALE_TOL = 1e-4  # fallback unit scale: |std(A) - 1| within this when no constant eps fits
+EXACT_TOL = 1e-10  # unit_scale / affine rows once the form fits: exact up to the eps
+FIT_SPREADS = tuple(10.0 ** (k / 2) for k in range(-6, 5))  # group stds 1e-3 .. 1e2
+FIT_SIZES = (2, 3, 8, 16)
+FIT_ULPS = 64  # eps of two groups agree to FIT_ULPS float64 ulps of (d + |x|)
+EPS_UNDECLARED_MAX = 1e-3  # a larger fitted eps counts as std scaling only when declared
+TIE_VALUES = (0.7, 3.7, 1 / 3, 0.1, -2.9, 7.3, 0.9, 0.0)  # reward scale, |x| <= 10
+TIE_SIZES = (2, 3, 5, 6, 7, 12, 16, 64)
+TIE_LEFTOVER = 16.0  # amplification factor up to which a tie's advantage is a rounding leftover
+TIE_NOISE_MAX = 1e-2  # worst |A| on all-equal groups: 1% of a unit-scale advantage
+SMALL_SPREADS = (1.0, 1e-2, 1e-4, 1e-6)
+
+
+def _scores(ctx: Context, salt: int, b: int = 5, g: int = 8, dtype=F64) -> torch.Tensor:
+    return (torch.randn(b, g, generator=ctx.gen(salt), dtype=F64) * 3.0 + 2.0).to(dtype)
+
+
+def _adv(ctx: Context, scores: torch.Tensor) -> torch.Tensor:
+    return _tensor_out(ctx.fn(scores), "the estimator")
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    d = (a.detach().to(F64) - b.detach().to(F64)).abs()
+    return float(d.max()) if d.numel() else 0.0
+
+
+def _std(x: torch.Tensor, conv: str) -> torch.Tensor:
+    return x.std(-1, keepdim=True, correction=1 if conv == "n-1" else 0)
+
+
+def _spread_groups(ctx: Context, salt: int, spreads, g: int) -> torch.Tensor:
+    """Groups of size ``g`` around 3.0 whose Bessel stds are ``spreads`` (float64)."""
+    z = torch.randn(len(spreads), g, generator=ctx.gen(salt), dtype=F64)
+    z = z - z.mean(-1, keepdim=True)
+    z = z / z.std(-1, keepdim=True)
+    return 3.0 + torch.tensor(spreads, dtype=F64)[:, None] * z
+
+
+# ---------------------------------------------------------------------------------------------
+# The fit: A = (x - mean) / (std + eps)
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_std_eps(ctx: Context) -> dict:
+    """Fit the form ``(x - mean) / (std + eps)`` (cached on ``ctx``).
+
+    Returns a dict: ``conv`` ("n-1", "n" or None when no constant eps fits), ``eps`` (the
+    fitted eps, from the group with the smallest spread, where it is most precise), ``spread``
+    (per convention, the largest disagreement of two groups' eps in units of the tolerance),
+    ``proportional`` (each group's advantages are its centred scores times one number).
+    """
+    if "fit" in ctx.cache:
+        return ctx.cache["fit"]
+    per = {"n-1": [], "n": []}
+    tol, proportional = [], True
+    for k, g in enumerate(FIT_SIZES):
+        x = _spread_groups(ctx, 60 + k, FIT_SPREADS, g)
+        a = _adv(ctx, x).detach().to(F64)
+        r = x - x.mean(-1, keepdim=True)
+        d = (r * r).sum(-1) / (r * a).sum(-1)
+        resid = (a - r / d[:, None]).abs().amax(-1) / a.abs().amax(-1).clamp(min=1e-300)
+        proportional = proportional and bool((resid <= 1e-9).all()) and bool(torch.isfinite(d).all())
+        for conv in per:
+            per[conv] += (d - _std(x, conv)[:, 0]).tolist()
+        tol += (FIT_ULPS * 2.0**-52 * (d.abs() + x.abs().amax(-1))).tolist()
+    out = {"conv": None, "eps": None, "spread": {}, "proportional": proportional}
+    for conv, eps in per.items():
+        ref = eps[min(range(len(eps)), key=lambda i: tol[i])]
+        worst = max(abs(e - ref) / t for e, t in zip(eps, tol))
+        out["spread"][conv] = worst
+        if proportional and worst <= 1.0 and ref >= -max(tol) and out["conv"] is None:
+            out["conv"], out["eps"] = conv, max(ref, 0.0)
+    ctx.cache["fit"] = out
+    return out
+
+
+def _eps_used(ctx: Context, fit: dict) -> tuple[float, str]:
+    """The eps the exact rows use: the fitted one, else the declared one, else 0. (A declared
+    eps is judged by the ``eps`` row alone, so a wrong one fails that row only.)"""
+    if fit["conv"] is not None:
+        return fit["eps"], f"fitted eps={fit['eps']:.3g}"
+    if "eps" in ctx.claims:
+        return float(ctx.claims["eps"]), f"declared eps={fmt(float(ctx.claims['eps']))}"
+    return 0.0, "no constant eps fits"
+
+
+def _fit_text(fit: dict) -> str:
+    if fit["conv"] is None:
+        why = "not proportional to the centred scores" if not fit["proportional"] else \
+            "d - std is not constant over spreads 1e-3..1e2"
+        return f"not of the form (x - mean)/(std + eps): {why}"
+    return f"of the form (x - mean)/(std_({fit['conv']}) + eps), fitted eps={fit['eps']:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------
+
+
+def adv_shape_dtype(ctx: Context) -> CheckResult:
+    for shape in ((5, 8), (1, 3), (3, 2)):
+        for dtype in (torch.float32, F64):
+            out = _adv(ctx, _scores(ctx, 20, *shape, dtype=dtype))
+            if out.shape != torch.Size(shape) or out.dtype != dtype:
+                return CheckResult("shape_dtype", False, f"{tuple(out.shape)} {out.dtype}",
+                                   f"{shape} {dtype}",
+                                   "output shape or dtype differs from the input's")
+    return CheckResult("shape_dtype", True, "kept", "same as input",
+                       "output keeps the (B, G) shape and the dtype (float32/float64)")
+
+
+def adv_no_inplace(ctx: Context) -> CheckResult:
+    return _inplace_check("no_inplace", lambda a: ctx.fn(*a), [_scores(ctx, 21)])
+
+
+def adv_finite(ctx: Context) -> CheckResult:
+    bad = 0
+    for g in (2, 3, 8, 16):
+        bad += int((~torch.isfinite(_adv(ctx, _scores(ctx, 22, 4, g)))).sum())
+    return CheckResult("finite", bad == 0, bad, 0,
+                       "finite on random scores" if bad == 0 else f"{bad} non-finite advantages")
+
+
+def adv_zero_mean(ctx: Context) -> CheckResult:
+    worst = 0.0
+    for g in (2, 3, 8, 16):
+        a = _adv(ctx, _scores(ctx, 23, 4, g)).detach().to(F64)
+        scale = a.abs().amax(-1).clamp(min=1.0)
+        worst = max(worst, float((a.mean(-1).abs() / scale).max()))
+    ok = worst <= 1e-9
+    return CheckResult("zero_mean", ok, worst, 1e-9,
+                       "every group's advantages average to 0" if ok else
+                       f"a group's mean advantage is {worst:.3g} (relative to its largest)")
+
+
+def _scale_devs(ctx: Context, eps: float) -> dict[str, float]:
+    """Per convention: max |std_c(A) - s_c / (s_c + eps)| on groups of std about 3."""
+    devs = {"n-1": 0.0, "n": 0.0}
+    for g in (2, 3, 8, 16):
+        x = _scores(ctx, 24, 4, g)
+        a = _adv(ctx, x).detach().to(F64)
+        for conv in devs:
+            s = _std(x, conv)
+            devs[conv] = max(devs[conv], float((_std(a, conv) - s / (s + eps)).abs().max()))
+    return devs
+
+
+def _scale_verdict(ctx: Context) -> tuple[bool, str, float, str]:
+    """(holds, convention, deviation, text) behind unit_scale and bessel."""
+    fit = fit_std_eps(ctx)
+    eps, _ = _eps_used(ctx, fit)
+    if fit["conv"] is None:  # loose fallback
+        loose = _scale_devs(ctx, 0.0)
+        conv = min(loose, key=loose.get)
+        holds = loose[conv] <= SCALE_TOL
+        return holds, conv if holds else "neither", loose[conv], (
+            f"{_fit_text(fit)}; loose check |std_({conv})(A) - 1| = {loose[conv]:.3g} "
+            f"(bound {SCALE_TOL:g})")
+    conv = fit["conv"]
+    devs = _scale_devs(ctx, eps)
+    large = "eps" not in ctx.claims and eps > EPS_UNDECLARED_MAX
+    holds = devs[conv] <= EXACT_TOL and not large
+    text = (f"{_fit_text(fit)}; |std_({conv})(A) - s/(s + eps)| = {devs[conv]:.3g} "
+            f"(bound {EXACT_TOL:g})")
+    if large:
+        text += f"; a fitted eps above {EPS_UNDECLARED_MAX:g} counts only when declared (eps=...)"
+    return holds, conv, devs[conv], text
+
+
+def adv_unit_scale(ctx: Context) -> CheckResult:
+    holds, _, dev, text = _scale_verdict(ctx)
+    return CheckResult("unit_scale", _judge(ctx, "std_scaled", holds), dev, EXACT_TOL,
+                       f"{'unit scale up to eps' if holds else 'NOT unit scale'}: {text}; "
+                       f"{_claim_text(ctx, 'std_scaled')}", ctx.row_kind("std_scaled"))
+
+
+def adv_bessel(ctx: Context) -> CheckResult:
+    _, conv, _, text = _scale_verdict(ctx)
+    passed = None
+    if "bessel" in ctx.claims:
+        passed = conv == ("n-1" if ctx.claims["bessel"] else "n")
+    return CheckResult("bessel", passed, conv, "n-1" if ctx.claims.get("bessel", True) else "n",
+                       f"the group std divides by {conv}: {text}; {_claim_text(ctx, 'bessel')}",
+                       ctx.row_kind("bessel"))
+
+
+def adv_eps(ctx: Context) -> CheckResult:
+    fit = fit_std_eps(ctx)
+    declared = ctx.claims.get("eps")
+    passed = None
+    if declared is not None:
+        tol = 1e-9 * float(declared) + 1e-13
+        passed = fit["conv"] is not None and abs(fit["eps"] - float(declared)) <= tol
+    value = fit["eps"] if fit["conv"] is not None else "no fit"
+    return CheckResult("eps", passed, value, declared if declared is not None else "measured",
+                       f"{_fit_text(fit)}; {_claim_text(ctx, 'eps')}", ctx.row_kind("eps"),
+                       {"spread_in_tolerances": fit["spread"]})
+
+
+def adv_eps_small_spread(ctx: Context) -> CheckResult:
+    """Info: how the eps shrinks groups of small spread (std of A at spreads 1 .. 1e-6)."""
+    x = _spread_groups(ctx, 70, SMALL_SPREADS, 8)
+    a = _adv(ctx, x).detach().to(F64)
+    stds = a.std(-1, correction=1).tolist()
+    text = ", ".join(f"{s:g}: {v:.4g}" for s, v in zip(SMALL_SPREADS, stds))
+    return CheckResult("eps_small_spread", None, stds[-1], None,
+                       f"Bessel std of the advantages of a group of 8 by the group's score std: "
+                       f"{text} (1 = unshrunk; an eps of e shrinks std s to s/(s + e))", "info",
+                       {"spreads": list(SMALL_SPREADS), "adv_std": stds})
+
+
+def adv_shift_invariance(ctx: Context) -> CheckResult:
+    s = _scores(ctx, 25)
+    base = _adv(ctx, s).detach()
+    scale = max(1.0, float(base.abs().max()))
+    worst = max(_max_abs_diff(_adv(ctx, s + b), base) for b in (-7.0, 0.5, 1e3)) / scale
+    ok = worst <= 1e-8
+    return CheckResult("shift_invariance", ok, worst, 1e-8,
+                       "A(s + b) = A(s)" if ok else f"adding a constant changes the advantages "
+                       f"by {worst:.3g}")
+
+
+def adv_affine_invariance(ctx: Context) -> CheckResult:
+    """A(a s + b) (s_c + eps / a) = A(s) (s_c + eps): invariance up to the eps, exactly."""
+    fit = fit_std_eps(ctx)
+    eps, source = _eps_used(ctx, fit)
+    conv = fit["conv"] or "n-1"
+    tol = EXACT_TOL if fit["conv"] is not None else 1e-6
+    s = _scores(ctx, 26)
+    base = _adv(ctx, s).detach().to(F64)
+    sd = _std(s, conv)
+    scale = max(1.0, float(base.abs().max()))
+    inv, equi = 0.0, 0.0
+    for a, b in ((0.5, -7.0), (4.0, 1e3), (1e3, 3.0)):
+        out = _adv(ctx, a * s + b).detach().to(F64)
+        inv = max(inv, _max_abs_diff(out * (sd + eps / a), base * (sd + eps)) / scale)
+        equi = max(equi, _max_abs_diff(_adv(ctx, a * s) / a, base) / scale)
+    invariant = inv <= tol
+    how = "invariant up to the eps" if invariant else (
+        "equivariant: A(a s) = a A(s)" if equi <= 1e-8 else "neither")
+    claimed = ctx.claims.get("std_scaled")
+    passed, kind = (invariant, "claim") if claimed else (None, "info")
+    return CheckResult("affine_invariance", passed, inv, tol,
+                       f"under s -> a s + b (a > 0) the advantages are {how} (max change "
+                       f"{inv:.3g} after the exact eps correction, {source}); "
+                       + ("required by std_scaled" if claimed else "measured"), kind)
+
+
+def adv_permutation(ctx: Context) -> CheckResult:
+    s = _scores(ctx, 27)
+    base = _adv(ctx, s).detach()
+    gen = ctx.gen(28)
+    perm = torch.stack([torch.randperm(s.shape[1], generator=gen) for _ in range(s.shape[0])])
+    out = _adv(ctx, s.gather(1, perm)).detach()
+    err = _max_abs_diff(out, base.gather(1, perm)) / max(1.0, float(base.abs().max()))
+    ok = err <= 1e-10
+    return CheckResult("permutation_equivariance", ok, err, 1e-10,
+                       "permuting a group's scores permutes its advantages" if ok else
+                       f"permuting within groups changed the advantages by {err:.3g}")
+
+
+def adv_groups_independent(ctx: Context) -> CheckResult:
+    s = _scores(ctx, 29)
+    base = _adv(ctx, s).detach()
+    gen = ctx.gen(30)
+    for j, new in ((1, torch.randn(s.shape[1], generator=gen, dtype=F64) * 100 + 50),
+                   (0, torch.full((s.shape[1],), 4.0, dtype=F64)),
+                   (4, torch.randn(s.shape[1], generator=gen, dtype=F64) * 1e6)):
+        s2 = s.clone()
+        s2[j] = new
+        out = _adv(ctx, s2).detach()
+        keep = torch.ones_like(s, dtype=torch.bool)
+        keep[j] = False
+        if not _same_except(out, base, keep):
+            err = _max_abs_diff(out[keep], base[keep])
+            return CheckResult("groups_independent", False, err, 0.0,
+                               f"changing group {j}'s scores changed other groups' advantages "
+                               f"(by up to {err:.3g})")
+    return CheckResult("groups_independent", True, 0.0, 0.0,
+                       "changing one group's scores changes no other group's advantages")
+
+
+def _singleton_kind(ctx: Context, eps: float) -> tuple[str, Any]:
+    """What groups of one get: zero, raw (s / (1 + eps)), non-finite, raised, or other."""
+    for dtype in (F64, torch.float32):
+        s = _scores(ctx, 31, 6, 1, dtype)
+        try:
+            with warnings.catch_warnings():  # torch.std of one sample warns; the row says it
+                warnings.simplefilter("ignore")
+                out = _adv(ctx, s).detach()
+        except Exception as e:  # the estimator refuses groups of one
+            return "raised", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if out.shape != s.shape:
+            return "wrong shape", tuple(out.shape)
+        if not bool(torch.isfinite(out).all()):
+            return "non-finite", out.reshape(-1)[0].item()
+        if bool((out == 0).all()):
+            kind = "zero"
+        else:
+            want = s.to(F64) / (1.0 + eps)
+            ulp = 4 * torch.finfo(dtype).eps
+            ok = bool(((out.to(F64) - want).abs() <= ulp * want.abs()).all())
+            kind = "raw" if ok else "other"
+        if dtype == F64:
+            first = kind
+        elif kind != first:
+            return "other", f"{first} in float64, {kind} in float32"
+    return first, out.reshape(-1)[0].item()
+
+
+def adv_group_size_one(ctx: Context) -> CheckResult:
+    """The singleton convention: declared (``singleton=``) and verified, or measured."""
+    eps, _ = _eps_used(ctx, fit_std_eps(ctx))
+    got, example = _singleton_kind(ctx, eps)
+    known = {"zero": "exactly 0", "raw": f"the score / (1 + {eps:.3g}) (mean 0, std 1)"}
+    claim = ctx.claims.get("singleton")
+    what = known.get(got, f"the estimator raised {example}" if got == "raised" else
+                     f"{got} ({example})")
+    if claim == "unsupported":
+        return CheckResult("group_size_one", True, got, "unsupported",
+                           f"declared unsupported (never called with groups of one); a group "
+                           f"of one gives {what}", "claim")
+    if claim is not None:
+        return CheckResult("group_size_one", got == claim, got, claim,
+                           f"a group of one gives {what}; claimed singleton={claim}", "claim")
+    ok = got in known
+    return CheckResult("group_size_one", ok, got, "zero or raw",
+                       f"a group of one gives {what}" + ("" if ok else
+                       "; declare singleton=unsupported if groups of one never occur"))
+
+
+def tie_noise(ctx: Context, dtype) -> dict:
+    """Worst |A| on all-equal groups of reward-scale values in ``dtype``, and its factor."""
+    worst, at, finite = 0.0, None, True
+    for g in TIE_SIZES:
+        s = torch.tensor(TIE_VALUES, dtype=F64)[:, None].expand(-1, g).clone()
+        s = torch.cat([s, torch.arange(g, dtype=F64)[None]]).to(dtype)  # plus one live group
+        out = _adv(ctx, s).detach()[:-1].to(F64)
+        finite = finite and bool(torch.isfinite(out).all())
+        row_worst = out.abs().nan_to_num(math.inf).amax(-1)
+        i = int(row_worst.argmax())
+        if float(row_worst[i]) > worst or at is None:
+            worst, at = max(worst, float(row_worst[i])), (TIE_VALUES[i], g)
+    unit = torch.finfo(dtype).eps * max(abs(at[0]), 1e-30)
+    factor = worst / unit
+    label = "exact 0" if worst == 0 else ("rounding leftover" if factor <= TIE_LEFTOVER
+                                          else "amplified noise")
+    return {"worst": worst, "value": at[0], "size": at[1], "factor": factor, "label": label,
+            "finite": finite}
+
+
+def _ties_row(ctx: Context, dtype) -> CheckResult:
+    name = f"ties_{str(dtype)[6:]}"
+    r = tie_noise(ctx, dtype)
+    where = f"x={r['value']:.4g}, G={r['size']}"
+    if not r["finite"]:
+        return CheckResult(name, False, "non-finite", TIE_NOISE_MAX,
+                           f"all-equal groups give non-finite advantages ({str(dtype)[6:]})")
+    ok = r["worst"] <= TIE_NOISE_MAX
+    text = {"exact 0": "all-equal groups give exactly 0",
+            "rounding leftover": f"rounding leftover, not amplified: worst |A| {r['worst']:.3g} "
+                                 f"(factor {r['factor']:.3g}) at {where}",
+            "amplified noise": f"AMPLIFIED NOISE: worst |A| {r['worst']:.3g} at {where}, the "
+                               f"mean's rounding leftover blown up {r['factor']:.3g}x"}[r["label"]]
+    if r["label"] == "amplified noise":
+        text += (f" (within {TIE_NOISE_MAX:g}: harmless)" if ok else
+                 f" > {TIE_NOISE_MAX:g}: groups without signal get a gradient")
+    return CheckResult(name, ok, r["worst"], TIE_NOISE_MAX,
+                       f"{text}; tied values |x| <= 10, G in 2..64 ({str(dtype)[6:]})",
+                       details=r)
+
+
+def adv_ties_float64(ctx: Context) -> CheckResult:
+    return _ties_row(ctx, F64)
+
+
+def adv_ties_float32(ctx: Context) -> CheckResult:
+    return _ties_row(ctx, torch.float32)
+
+
+def adv_extreme(ctx: Context) -> CheckResult:
+    for dtype in (F64, torch.float32):
+        for mag in (1e30, 1e-30):
+            out = _adv(ctx, (_scores(ctx, 33, 4, 8, F64) * mag).to(dtype)).detach()
+            bad = int((~torch.isfinite(out)).sum())
+            if bad:
+                return CheckResult("extreme_magnitudes", False, bad, 0,
+                                   f"{bad} NaN/inf advantages for scores of magnitude {mag:g} "
+                                   f"({str(dtype)[6:]})")
+    return CheckResult("extreme_magnitudes", True, 0, 0,
+                       "finite for scores of magnitude 1e30 and 1e-30 (float32 and float64)")
+
+
+ADV_ROWS = (
+    ("shape_dtype", "required", adv_shape_dtype),
+    ("no_inplace", "required", adv_no_inplace),
+    ("finite", "required", adv_finite),
+    ("zero_mean", "required", adv_zero_mean),
+    ("unit_scale", "std_scaled", adv_unit_scale),
+    ("bessel", "bessel", adv_bessel),
+    ("eps", "eps", adv_eps),
+    ("eps_small_spread", "info", adv_eps_small_spread),
+    ("shift_invariance", "required", adv_shift_invariance),
+    ("affine_invariance", "std_scaled", adv_affine_invariance),
+    ("permutation_equivariance", "required", adv_permutation),
+    ("groups_independent", "required", adv_groups_independent),
+    ("group_size_one", "singleton", adv_group_size_one),
+    ("ties_float64", "required", adv_ties_float64),
+    ("ties_float32", "required", adv_ties_float32),
+    ("extreme_magnitudes", "required", adv_extreme),
+)

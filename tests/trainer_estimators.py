@@ -1,0 +1,173 @@
+"""Estimators written to match real trainers' conventions: the kit's regression set.
+
+Each function follows the convention of a trainer as its documentation and source describe it
+(TRL's GRPOTrainer, verl's core_algos), written here from those descriptions, and declares
+the claims that are true of it. :data:`REGRESSION` lists every (estimator, claims) pair the
+kit is held against with the verdict it must give: the exit status of
+``grpo-harness check-estimator`` and the exact set of failed rows. A true claim never fails;
+a false one fails the row that names it; a real defect (float32 noise on tied groups, an
+overflow at a large log-ratio, verl issue 3741) fails its row with the measured number.
+
+Not a test module (no ``test_`` prefix): ``tests/test_kit_regression.py`` runs the table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_core.testing.kit import declares
+
+# ---------------------------------------------------------------------------------------------
+# Advantages: fn(scores (B, G)) -> (B, G)
+# ---------------------------------------------------------------------------------------------
+
+
+@declares(std_scaled=True, bessel=True, eps=1e-4, singleton="unsupported")
+def trl_group_advantage(scores):
+    """TRL GRPOTrainer, ``scale_rewards="group"``: (r - group mean) / (group std + 1e-4), the
+    std with Bessel's correction (torch.std); TRL refuses ``num_generations < 2``."""
+    mean = scores.mean(-1, keepdim=True)
+    std = scores.std(-1, keepdim=True)
+    return (scores - mean) / (std + 1e-4)
+
+
+@declares(std_scaled=True, bessel=True, eps=1e-6, singleton="raw")
+def verl_grpo_advantage(scores):
+    """verl ``compute_grpo_outcome_advantage`` (``norm_adv_by_std_in_grpo=True``): per group
+    torch.mean and torch.std, a group of one gets mean 0 and std 1 (its score passes through);
+    (s - mean) / (std + 1e-6), in the scores' dtype (float32 in verl)."""
+    if scores.shape[-1] == 1:
+        mean, std = torch.zeros_like(scores), torch.ones_like(scores)
+    else:
+        mean, std = scores.mean(-1, keepdim=True), scores.std(-1, keepdim=True)
+    return (scores - mean) / (std + 1e-6)
+
+
+@declares(std_scaled=True, bessel=True, eps=1e-8, singleton="unsupported")
+def textbook_advantage(scores):
+    """The textbook one-liner (s - mean) / (std + 1e-8); run in float32 it turns the rounding
+    leftover of a tied group's mean into advantages of order 1."""
+    return (scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, keepdim=True) + 1e-8)
+
+
+@declares(std_scaled=False, singleton="zero")
+def dr_grpo_advantage(scores):
+    """Dr. GRPO (Liu et al. 2025; TRL ``scale_rewards="none"``): r - group mean, no std. A tied
+    group keeps the mean's rounding leftover (an ulp), not amplified."""
+    return scores - scores.mean(-1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# KL: fn(logp, ref_logp) -> per token
+# ---------------------------------------------------------------------------------------------
+
+
+@declares(unbiased=True, nonnegative=True, grad="neither", clamp=10.0)
+def verl_low_var_kl(logp, ref_logp):
+    """verl ``kl_penalty="low_var_kl"``: k3 = exp(d) - d - 1 with d = ref - logp clamped to
+    [-20, 20], the result clamped to [-10, 10]. Unbiased below the clamp; the clamp biases it
+    and zeroes its gradient where reached, so it follows neither KL's gradient."""
+    d = (ref_logp - logp).clamp(-20.0, 20.0)
+    return (torch.exp(d) - d - 1).clamp(-10.0, 10.0)
+
+
+@declares(unbiased=False, nonnegative=True, grad="neither")
+def verl_abs_kl(logp, ref_logp):
+    """verl ``kl_penalty="abs"``: |logp - ref_logp|."""
+    return (logp - ref_logp).abs()
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy losses: fn(logp, old_logp, adv, mask) -> scalar
+# ---------------------------------------------------------------------------------------------
+
+
+def _verl_token_loss(logp, old_logp, adv, low, high, c):
+    """verl ``compute_policy_loss_vanilla``: log-ratio clamped to [-20, 20], PPO clip, dual
+    clip c for A < 0."""
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
+    ppo = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - low, 1 + high))
+    return torch.where(adv < 0, torch.minimum(-adv * c, ppo), ppo)
+
+
+@declares(eps_low=0.2, eps_high=0.28, agg="token-mean", clip_ratio_c=3.0)
+def verl_policy_loss(logp, old_logp, adv, mask):
+    """verl vanilla policy loss, ``loss_agg_mode="token-mean"`` (masked sum / (mask sum + 1e-8)),
+    clip_ratio_low 0.2, clip_ratio_high 0.28, clip_ratio_c 3."""
+    tok = _verl_token_loss(logp, old_logp, adv, 0.2, 0.28, 3.0)
+    return (tok * mask).sum() / (mask.sum() + 1e-8)
+
+
+@declares(eps_low=0.2, eps_high=0.2, agg="seq-mean-token-sum-norm", max_len=48, clip_ratio_c=3.0)
+def verl_sum_norm_loss(logp, old_logp, adv, mask):
+    """verl ``loss_agg_mode="seq-mean-token-sum-norm"`` as in verl issue 3741: the masked token
+    sum of the batch divided by ``loss_mask.shape[-1]``, with no division by the number of
+    sequences. Declared as Dr. GRPO, which it is not."""
+    tok = _verl_token_loss(logp, old_logp, adv, 0.2, 0.2, 3.0)
+    return (tok * mask).sum(-1).sum() / mask.shape[-1]
+
+
+def _trl_token_loss(logp, old_logp, adv, low=0.2, high=0.2):
+    """TRL GRPOTrainer: coef_1 = exp(log-ratio) (no bound), -min(coef_1 A, clip(coef_1) A)."""
+    coef_1 = torch.exp(logp - old_logp)
+    coef_2 = coef_1.clamp(1 - low, 1 + high)
+    return -torch.minimum(coef_1 * adv, coef_2 * adv)
+
+
+@declares(eps_low=0.2, eps_high=0.2, agg="grpo")
+def trl_grpo_loss(logp, old_logp, adv, mask):
+    """TRL ``loss_type="grpo"``: each completion's token mean (mask sum clamped at 1), then the
+    mean over every completion."""
+    tok = _trl_token_loss(logp, old_logp, adv)
+    return ((tok * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
+@declares(eps_low=0.2, eps_high=0.2, agg="seq-mean-token-sum-norm", max_len=48)
+def trl_dr_grpo_loss(logp, old_logp, adv, mask):
+    """TRL ``loss_type="dr_grpo"``: masked sum / (batch size x max_completion_length = 48)."""
+    tok = _trl_token_loss(logp, old_logp, adv)
+    return (tok * mask).sum() / (tok.size(0) * 48)
+
+
+# ---------------------------------------------------------------------------------------------
+# The regression table: (label, function name, kind, claims overriding the declared ones,
+# expected exit status, expected failed rows exactly)
+# ---------------------------------------------------------------------------------------------
+
+REGRESSION = [
+    ("TRL advantage, true claims", "trl_group_advantage", "advantage", {}, 0, set()),
+    ("TRL advantage, false eps=1e-8", "trl_group_advantage", "advantage", {"eps": 1e-8}, 1,
+     {"eps"}),
+    ("TRL advantage, false singleton=zero", "trl_group_advantage", "advantage",
+     {"singleton": "zero"}, 1, {"group_size_one"}),
+    ("verl advantage, true claims", "verl_grpo_advantage", "advantage", {}, 1, {"ties_float32"}),
+    ("verl advantage, false singleton=zero", "verl_grpo_advantage", "advantage",
+     {"singleton": "zero"}, 1, {"group_size_one", "ties_float32"}),
+    ("verl advantage, false bessel=false", "verl_grpo_advantage", "advantage",
+     {"bessel": False}, 1, {"bessel", "ties_float32"}),
+    ("textbook advantage (float32 ties), true claims", "textbook_advantage", "advantage", {}, 1,
+     {"ties_float32"}),
+    ("Dr. GRPO advantage, true claims", "dr_grpo_advantage", "advantage", {}, 0, set()),
+    ("Dr. GRPO advantage, false std_scaled", "dr_grpo_advantage", "advantage",
+     {"std_scaled": True}, 1, {"unit_scale", "affine_invariance"}),
+    ("verl low_var_kl, true claims (clamp=10)", "verl_low_var_kl", "kl", {}, 0, set()),
+    ("verl low_var_kl, clamp not declared", "verl_low_var_kl", "kl",
+     {"clamp": "undeclared", "grad": "kl_ref_policy"}, 1, {"unbiased", "grad_direction"}),
+    ("verl low_var_kl, false clamp=20", "verl_low_var_kl", "kl", {"clamp": 20.0}, 1, {"clamp"}),
+    ("verl abs KL, true claims", "verl_abs_kl", "kl", {}, 0, set()),
+    ("verl policy loss, true claims", "verl_policy_loss", "loss", {}, 0, set()),
+    ("verl policy loss, false agg=seq-mean-token-mean", "verl_policy_loss", "loss",
+     {"agg": "seq-mean-token-mean"}, 1, {"aggregation"}),
+    ("verl policy loss, false eps_high=0.2", "verl_policy_loss", "loss", {"eps_high": 0.2}, 1,
+     {"eps_high"}),
+    ("verl policy loss, false clip_ratio_c=none", "verl_policy_loss", "loss",
+     {"clip_ratio_c": None}, 1, {"clip_ratio_c"}),
+    ("verl seq-mean-token-sum-norm (issue 3741) declared Dr. GRPO", "verl_sum_norm_loss", "loss",
+     {}, 1, {"aggregation", "padding_invariance"}),
+    ("TRL grpo loss, true claims", "trl_grpo_loss", "loss", {}, 1, {"finite_extreme"}),
+    ("TRL grpo loss, false agg=seq-mean-token-mean", "trl_grpo_loss", "loss",
+     {"agg": "seq-mean-token-mean"}, 1, {"aggregation", "finite_extreme"}),
+    ("TRL dr_grpo loss, true claims", "trl_dr_grpo_loss", "loss", {}, 1, {"finite_extreme"}),
+    ("TRL dr_grpo loss, false max_len=64", "trl_dr_grpo_loss", "loss", {"max_len": 64}, 1,
+     {"aggregation", "finite_extreme"}),
+]
