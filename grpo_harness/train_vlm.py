@@ -196,7 +196,7 @@ def resolve_model_source(spec: str) -> str:
         raise UsageError(f"--model {spec}: is a file; expected a folder holding config.json, the weights "
                          "and the processor files")
     if not _looks_like_hub_id(spec) or path.parent.is_dir() and str(path.parent) not in ("", "."):
-        raise UsageError(f"--model {spec}: folder {path} does not exist")
+        raise UsageError(f"--model {spec}: folder {spec} does not exist")
     import huggingface_hub
 
     try:
@@ -211,8 +211,8 @@ def resolve_model_source(spec: str) -> str:
         raise UsageError(f"--model {spec}: no such model on the Hugging Face Hub (or it is private); "
                          "for a local model give its folder") from None
     except Exception as e:  # noqa: BLE001 - offline, DNS failure, timeout, HF_HUB_OFFLINE
-        raise UsageError(f"--model {spec}: not in the local Hugging Face cache, and the Hub cannot be "
-                         f"reached ({type(e).__name__}); {hint}") from None
+        raise UsageError(f"--model {spec}: no such folder, and as a Hub id it is not in the local Hugging "
+                         f"Face cache while the Hub cannot be reached ({type(e).__name__}); {hint}") from None
     return spec
 
 
@@ -480,8 +480,12 @@ class VLMRun(TrainingRun):
                     from adapters.vlm_lora import LoRAVLMAdapter
                 except ImportError as e:
                     raise UsageError(f"--lora-rank: {e}") from None
-                self.adapter = LoRAVLMAdapter(model, self.processor, train_ds, funcs,
-                                              lora_rank=self.model["lora_rank"], **kw)
+                import torch
+
+                with torch.random.fork_rng():  # LoRA's A factors are drawn from the global stream:
+                    torch.manual_seed(self.cfg.seed)  # seed them, whatever ran before in the process
+                    self.adapter = LoRAVLMAdapter(model, self.processor, train_ds, funcs,
+                                                  lora_rank=self.model["lora_rank"], **kw)
             else:
                 self.adapter = VLMAdapter(model, self.processor, train_ds, funcs, **kw)
             return GRPOTrainer(self.adapter, self.cfg)
