@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,vlm,lora
 PYTEST_WORKERS ?= 2
 
-.PHONY: install verify verify-deep test smoke clean
+.PHONY: install verify verify-deep test smoke soak clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 
@@ -21,7 +21,7 @@ verify: install
 	@rm -rf reports/fragments; mkdir -p reports
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -q -n $(PYTEST_WORKERS) \
 		--junitxml=reports/junit.xml; status=$$?; \
-	$(PY) -m grpo_harness.report reports/junit.xml --out reports; exit $$status
+	$(PY) -m grpo_harness.report reports/junit.xml --out reports; rm -rf reports/fragments; exit $$status
 
 # Same suite with many more hypothesis examples per property.
 verify-deep:
@@ -34,6 +34,12 @@ test: install
 # Train CartPole-v1 on the default config.
 smoke: install
 	$(PY) -m grpo_harness.cli train cartpole --out runs/smoke-$$(date +%Y%m%d-%H%M%S)
+
+# Not in CI: CartPole for SOAK_MINUTES with SIGKILL/SIGTERM every 5-40 s and a resume after each,
+# compared with an uninterrupted run (benchmarks/soak.py; figures in benchmarks/RESULTS.md).
+SOAK_MINUTES ?= 10
+soak: install
+	$(PY) benchmarks/soak.py --minutes $(SOAK_MINUTES)
 
 clean:
 	rm -rf $(VENV) reports runs .pytest_cache .hypothesis

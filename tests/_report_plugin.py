@@ -1,7 +1,8 @@
 """Pytest plugin: counts hypothesis examples per test and leaves a fragment for the report.
 
-Each worker (pytest-xdist) writes ``reports/fragments/hypothesis-<worker>.json``; the
-verification report sums them.
+Each worker (pytest-xdist) writes ``reports/fragments/hypothesis-<worker>.json`` (examples,
+tests, the hypothesis profile); the verification report sums them, and ``make verify`` removes
+the folder once the report is written.
 """
 
 from __future__ import annotations
@@ -27,5 +28,6 @@ def pytest_sessionfinish(session):
     folder = Path(session.config.rootpath) / "reports" / "fragments"
     folder.mkdir(parents=True, exist_ok=True)
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    data = {"examples": sum(_counts.values()), "tests": len(_counts)}
+    data = {"examples": sum(_counts.values()), "tests": len(_counts),
+            "profile": os.environ.get("HYPOTHESIS_PROFILE", "dev")}
     (folder / f"hypothesis-{worker}.json").write_text(json.dumps(data))

@@ -137,7 +137,7 @@ def test_sigterm_from_outside(tmp_path):
     """What a scheduler does: SIGTERM at some moment of a real process; exit 143, the
     checkpoint matches the metrics lines, the resumed run completes the budget."""
     out = tmp_path / "run"
-    slow = [*TINY, "--eval-every", "1", "--eval-episodes", "200", "--checkpoint-every", "100"]
+    slow = [*TINY, "--eval-every", "1", "--eval-episodes", "20", "--checkpoint-every", "100"]
     cmd = [sys.executable, "-m", "grpo_harness.cli", "train", "cartpole", "--out", str(out)]
     proc = subprocess.Popen([*cmd, "--max-iterations", "40", *slow], cwd=ROOT, env=_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -149,9 +149,7 @@ def test_sigterm_from_outside(tmp_path):
     done = len(metrics(out))
     assert load_ckpt(out)["trainer"]["iteration"] == done
     assert (out / "curve.png").read_bytes()[:8] == PNG
-    resumed = subprocess.run([*cmd, "--resume", "--max-iterations", str(done + 1)], cwd=ROOT, env=_env(),
-                             capture_output=True, text=True, timeout=120)
-    assert resumed.returncode == 0, resumed.stderr
+    assert train(out, "--resume", "--max-iterations", str(done + 1)) == 0
     assert [r["iteration"] for r in metrics(out)] == list(range(done + 1))
 
 
