@@ -347,6 +347,13 @@ class RunFolder:
                     shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
         self._made = self._before = None
 
+    def remove_stale_temporaries(self) -> None:
+        """Delete the temporary files of writes a SIGKILL cut short (``atomic_write``'s
+        ``.<name>.<random>.tmp``); the files they were meant to replace are intact."""
+        if self.writes:
+            for tmp in self.path.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
     def write_json(self, name: str, doc: dict) -> None:
         if self.writes:
             atomic_write(self.path / name, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
@@ -455,10 +462,13 @@ class CheckpointStore:
             atomic_write(self.latest, lambda tmp: torch.save(state, tmp), keep_previous=keep)
         return self.latest
 
-    def load(self, say) -> dict[str, Any]:
-        """The newest checkpoint that loads; ``say(line)`` reports a newest one that does not
-        (it is moved aside to ``<name>.corrupt``, so the next save does not rotate it into the
-        previous one's place). UsageError, in one line, when none loads."""
+    def load(self, say) -> dict[str, Any] | None:
+        """The newest checkpoint that loads, None when there is no checkpoint file at all (a
+        run killed before its first save). ``say(line)`` reports a newest one that does not
+        load (it is moved aside to ``<name>.corrupt``, so the next save does not rotate it into
+        the previous one's place). UsageError, in one line, when none loads."""
+        if not self.latest.is_file() and not self.previous.is_file():
+            return None
         reasons = []
         for path in (self.latest, self.previous):
             if not path.is_file():
@@ -477,11 +487,7 @@ class CheckpointStore:
                     reasons[0] += f"; moved it to {aside.name}"
                 say(f"{reasons[0]}; resuming from {path.name}")
             return state
-        if not self.previous.is_file():
-            reasons = reasons[:1]
-        raise UsageError(f"cannot resume: no checkpoint loads ({'; '.join(reasons)})"
-                         if self.latest.is_file() or self.previous.is_file()
-                         else f"cannot resume: no checkpoint at {self.latest}")
+        raise UsageError(f"cannot resume: no checkpoint loads ({'; '.join(reasons)})")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -802,8 +808,13 @@ class TrainingRun:
         checkpoint = None
         if self.resumed:
             self._resolve(self.folder.read_config(self.env))
+            self.folder.remove_stale_temporaries()
             checkpoint = self.store.load(self.say)
-            self._check_checkpoint(checkpoint)
+            if checkpoint is None:
+                self.say(f"no checkpoint in {self.out} yet (the run stopped before its first save): "
+                         "starting it again from iteration 0 with its saved settings")
+            else:
+                self._check_checkpoint(checkpoint)
         else:
             self._resolve(None)
             self.folder.check_new()
@@ -814,6 +825,8 @@ class TrainingRun:
         self.progress = {**self.initial_progress(), "wall_time": 0.0, "last_x": None}
         if checkpoint is not None:
             self._restore(checkpoint)
+        elif self.resumed:
+            self._drop_metrics_from(0)
         if not self.preflight():
             return False
         self.folder.write_json(CONFIG_FILE, self.config_doc())
@@ -871,18 +884,21 @@ class TrainingRun:
                              f"differs from {self.out / CONFIG_FILE} in " + "; ".join(diffs[:4]) + more)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        from .trainlog import METRICS_FILE, drop_records_from
-
         load_trainer_state(self.trainer, ckpt["trainer"])
         set_rng_state(ckpt["rng"])
         self.progress = dict(ckpt["progress"])
         self.load_extra_state(ckpt.get("extra") or {})
         self.completed = self.trainer.iteration
         self.saved_iteration = None if self.store.used_previous else self.completed
-        dropped = drop_records_from(self.out / METRICS_FILE, self.trainer.iteration)
+        self._drop_metrics_from(self.trainer.iteration)
+
+    def _drop_metrics_from(self, iteration: int) -> None:
+        from .trainlog import METRICS_FILE, drop_records_from
+
+        dropped = drop_records_from(self.out / METRICS_FILE, iteration)
         if dropped:
-            self.say(f"dropped {dropped} metrics line(s) past the checkpoint's iteration "
-                     f"{self.trainer.iteration - 1} (they are regenerated)")
+            self.say(f"dropped {dropped} metrics line(s) from iteration {iteration} on, past the "
+                     "checkpoint (they are regenerated)")
 
     # --- checkpoints --------------------------------------------------------------------------
     def capture(self) -> dict[str, Any]:
@@ -948,9 +964,9 @@ class TrainingRun:
         self.start_iteration = self.completed = self.trainer.iteration
         self.wall_base, self.session_start = self.progress["wall_time"], time.perf_counter()
         self._last_save = time.monotonic()
-        last_x = self.progress["last_x"]
-        self.log = MetricsLog(self.out, x_key=self.x_key, purge_step=None if last_x is None else int(last_x) + 1,
-                              writes=self.folder.writes)
+        last_x = self.progress["last_x"]  # TensorBoard drops what a killed session logged past it
+        purge = None if not self.resumed else (0 if last_x is None else int(last_x) + 1)
+        self.log = MetricsLog(self.out, x_key=self.x_key, purge_step=purge, writes=self.folder.writes)
         self.bar = self.make_display()
         self._size_snapshots()
         verb = f"resuming at iteration {self.start_iteration}" if self.resumed else "training"

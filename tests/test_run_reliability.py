@@ -413,3 +413,20 @@ def test_cpu_copy_of_a_trainer_state_on_an_accelerator(tmp_path):
     assert devices(copy.deepcopy(state)) == {"cuda"}  # the old snapshot: rejected by the line above
     got = run_module.trainer_state(Trainer())["optimizer"]["param_groups"]
     assert got == [{"lr": 1.0}]
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path, capsys):
+    """SIGKILL before the first save leaves config.json, metrics lines, TensorBoard events and
+    a half-written temporary file: --resume starts over with the saved settings, and the run
+    ends as an uninterrupted one (each TensorBoard point once)."""
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert train(straight, "--max-iterations", "3", *TINY) == 0
+    assert train(out, "--max-iterations", "3", *TINY) == 0
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "curve.png"):
+        (out / name).unlink(missing_ok=True)
+    (out / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    assert train(out, "--resume") == 0
+    assert "starting it again from iteration 0" in capsys.readouterr().err
+    assert not (out / ".checkpoint.pt.x1y2.tmp").exists()
+    assert_same_run(straight, out)
+    assert tb_steps(out / "tb") == [r["env_steps"] for r in metrics(out)]
