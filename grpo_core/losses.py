@@ -118,11 +118,11 @@ def bounded_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
     Shapes: log_ratio (any) -> same.
 
     Up to the bound this is ``exp(x)`` exactly, value and gradient. Above it the value stays
-    ``exp(LOG_RATIO_MAX)`` and the gradient stays the one at the bound (``d rho / d x = rho``) instead of
-    overflowing (float32: inf at x > 88.7, and NaN gradients behind a clipped branch) or
-    vanishing (a plain clamp): a token whose ratio ran away with ``A < 0`` keeps a finite
-    gradient pushing it down. Where a clipped branch applies the value is irrelevant anyway.
-    ``x`` must be finite.
+    ``exp(LOG_RATIO_MAX)`` and the gradient stays the one at the bound (``d rho / d x = rho``)
+    instead of overflowing (float32: inf at x > 88.7, and NaN gradients behind a clipped
+    branch) or vanishing (a plain clamp): a token whose ratio ran away with ``A < 0`` keeps a
+    finite gradient pushing it down. Where a clipped branch applies the value is irrelevant
+    anyway. ``x`` must be finite.
     """
     over = log_ratio > LOG_RATIO_MAX
     capped = log_ratio - log_ratio.detach() + LOG_RATIO_MAX  # value the bound, gradient 1

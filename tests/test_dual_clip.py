@@ -63,7 +63,8 @@ def test_loss_and_gradient_equal_the_oracle_twin(dtype, agg, clip_ratio_c):
             size = weights[i][t] * ref.bounded_ratio(x)[0] * abs(a)
             tiny = torch.finfo(dtype).tiny  # exp(-100) underflows in float32
             assert abs(float(grad[i, t]) - weights[i][t] * d) <= RTOL[dtype] * size + tiny, (x, a)
-            n_dual += clip_ratio_c is not None and a < 0 and math.exp(min(x, LOG_RATIO_MAX)) > clip_ratio_c
+            capped = clip_ratio_c is not None and a < 0
+            n_dual += capped and math.exp(min(x, LOG_RATIO_MAX)) > clip_ratio_c
     assert abs(float(loss.detach()) - math.fsum(want)) <= RTOL[dtype] * math.fsum(scale)
     assert stats["clip_frac_dual"] == n_dual / int(mask.sum())
     assert grad[mask == 0].abs().sum() == 0

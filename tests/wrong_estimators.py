@@ -1,4 +1,4 @@
-"""Deliberately wrong estimators and losses (and four correct ones) for the estimator kit's own tests.
+"""Deliberately wrong estimators and losses (and four correct ones) for the kit's own tests.
 
 Each wrong estimator declares the claims a correct estimator of its kind would make, so the
 kit must catch the bug by measurement. ``tests/test_kit_cli.py`` runs every one through

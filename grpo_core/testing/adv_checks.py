@@ -103,7 +103,8 @@ def fit_std_eps(ctx: Context) -> dict:
         r = x - x.mean(-1, keepdim=True)
         d = (r * r).sum(-1) / (r * a).sum(-1)
         resid = (a - r / d[:, None]).abs().amax(-1) / a.abs().amax(-1).clamp(min=1e-300)
-        proportional = proportional and bool((resid <= 1e-9).all()) and bool(torch.isfinite(d).all())
+        ok = bool((resid <= 1e-9).all()) and bool(torch.isfinite(d).all())
+        proportional = proportional and ok
         for conv in per:
             per[conv] += (d - _std(x, conv)[:, 0]).tolist()
         tol += (FIT_ULPS * 2.0**-52 * (d.abs() + x.abs().amax(-1))).tolist()

@@ -305,7 +305,8 @@ def builtin_group_advantages(scores: torch.Tensor) -> torch.Tensor:
     """
     b, g = scores.shape
     flat = scores.reshape(b * g, 1)
-    out = group_advantages(flat, torch.ones_like(flat), g, gamma=1.0, scale="group", stats_over="sequences")
+    out = group_advantages(flat, torch.ones_like(flat), g, gamma=1.0, scale="group",
+                           stats_over="sequences")
     return out.reshape(b, g)
 
 
