@@ -524,6 +524,20 @@ def rng_state() -> dict[str, Any]:
             "python": random.getstate()}
 
 
+def seed_everything(seed: int) -> None:
+    """Seed the global torch, numpy and Python streams at the start of a new run, so that code
+    drawing from them (a user's reward function, a library's initialiser) repeats across
+    processes; checkpoints then carry them on across a resume."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     import random
 
@@ -821,6 +835,7 @@ class TrainingRun:
         self._set_threads()
         if not self.resumed:
             self.folder.create()
+        seed_everything(self.cfg.seed)  # a resumed run then restores the checkpoint's streams
         self.trainer = self.build()
         self.progress = {**self.initial_progress(), "wall_time": 0.0, "last_x": None}
         if checkpoint is not None:
