@@ -63,9 +63,12 @@ class CartPoleAdapter:
     """The longest episode (the time limit): Dr. GRPO's constant normaliser."""
 
     def __init__(self, *, seed: int = 0, hidden: int = 64, dtype: torch.dtype = torch.float32,
-                 policy: nn.Module | None = None):
+                 policy: nn.Module | None = None, outcome_reward: bool = False):
         self.seed = seed
         self.dtype = dtype
+        self.outcome_reward = outcome_reward
+        """False: CartPole's reward 1 at every step. True: the episode's return (its length) paid
+        once, at its last step, an outcome reward for ``stats_over="sequences"``."""
         if policy is None:
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
@@ -101,8 +104,12 @@ class CartPoleAdapter:
         length = mask.sum(1)
         t_len = int(length.max())
         m = torch.from_numpy(mask[:, :t_len])
+        rewards = m.to(self.dtype)
+        if self.outcome_reward:
+            rewards = torch.zeros_like(rewards)
+            rewards[torch.arange(n), torch.from_numpy(length - 1)] = torch.from_numpy(length).to(self.dtype)
         rollout = Rollout(
-            rewards=m.to(self.dtype), mask=m, old_logp=torch.empty(0),
+            rewards=rewards, mask=m, old_logp=torch.empty(0),
             inputs={"obs": torch.from_numpy(obs[:, :t_len]).to(self.dtype),
                     "actions": torch.from_numpy(actions[:, :t_len])},
             info={"mean_return": float(length.mean()), "mean_length": float(length.mean()),

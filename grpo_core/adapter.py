@@ -34,6 +34,9 @@ class Rollout:
     """Whatever the adapter needs to recompute log-probs (observations, token ids...)."""
     info: dict[str, float] = field(default_factory=dict)
     """Task metrics for logging (mean return, episode length, env steps...)."""
+    scored: torch.Tensor | None = None
+    """0/1 mask of the steps where a reward is given (process supervision), read with
+    ``stats_over="sequences"`` only; None: each sequence's last valid step (outcome reward)."""
 
     def validate(self, group_size: int, num_groups: int) -> None:
         """Raise ValueError naming the culprit if shapes, mask or rewards are unusable."""
@@ -49,6 +52,11 @@ class Rollout:
             if t.shape != self.rewards.shape:
                 raise ValueError(f"adapter returned Rollout.{name} of shape {tuple(t.shape)} but "
                                  f"rewards has shape {tuple(self.rewards.shape)}")
+        if self.scored is not None and (not isinstance(self.scored, torch.Tensor)
+                                        or self.scored.shape != self.rewards.shape):
+            shape = tuple(self.scored.shape) if isinstance(self.scored, torch.Tensor) else type(self.scored).__name__
+            raise ValueError(f"adapter returned Rollout.scored of shape {shape} but rewards has shape "
+                             f"{tuple(self.rewards.shape)}")
         m = as_mask(self.mask, self.rewards, "Rollout.mask")
         check_finite("Rollout.rewards", self.rewards, m)
         if self.old_logp is not None:

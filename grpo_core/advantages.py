@@ -26,27 +26,28 @@ def group_advantages(
     scale: str,
     stats_over: str,
     eps: float = 1e-8,
+    scored: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Group-relative advantage of every valid step.
 
-    Shapes: rewards (N, T), mask (N, T) of 0/1, N = B * group_size -> advantages (N, T).
+    Shapes: rewards (N, T), mask (N, T) of 0/1, scored (N, T) of 0/1 or None, N = B * group_size
+    -> advantages (N, T).
 
-    With ``G_t`` the discounted return (``discounted_returns``), ``m``/``s`` a group's mean and
-    std of its pooled values and ``s' = s + eps``:
+    With ``m``/``s`` a group's mean and std of its pooled values and ``s' = s + eps``:
 
     - ``stats_over="steps"`` (the CartPole GRPO of the plan, item 5): the pool is every valid
-      ``G_t`` of every sample of the group, and ``A_t = (G_t - m) / s'``.
-    - ``stats_over="sequences"`` (GRPO outcome supervision, Shao et al. 2024, sec. 4.1.2): the
-      pool is one outcome per sample, the sum of its rewards ``S_i = sum_t r_it`` (samples with
-      no valid step are left out). The outcome is normalised where it is scored, at the
-      sample's last valid step: the normalised rewards are ``r~_it = (r_it - m [t = last]) / s'``
-      and the advantages are their discounted returns,
-      ``A_it = (G_it - gamma**k_it * m) / s'`` with ``k_it`` the valid steps after ``t``. With a
-      single outcome reward ``R_i`` on the last step this is ``gamma**k_it (R_i - m) / s'``:
-      every token gets the sample's normalised outcome, discounted by its distance to the end
-      (gamma = 1: the paper's ``A_it = r~_i``). With per-step rewards and gamma = 1 it is the
-      reward-to-go minus the group's mean outcome, a baseline constant over the steps
-      (REINFORCE with a baseline, Williams 1992).
+      discounted return ``G_t`` (``discounted_returns``) of every sample of the group, and
+      ``A_t = (G_t - m) / s'``.
+    - ``stats_over="sequences"``: GRPO's supervision (Shao et al. 2024, DeepSeekMath), with a
+      discount. The pool is the rewards at the *scored* steps of the group's samples: by
+      default each sample's last valid step (outcome supervision, sec. 4.1.2), or the steps
+      marked in ``scored`` (process supervision, sec. 4.1.3: the ends of reasoning steps). Each
+      scored reward is normalised, ``r~ = (r - m) / s'``, and a token's advantage is the
+      discounted sum of the normalised rewards from it onwards, ``A_t = sum_{k >= t} gamma**j
+      r~_k`` (``j`` valid steps from t to k; gamma = 1 is the paper's sum). With one outcome
+      reward ``R_i`` on the last of ``L_i`` tokens: ``A_t = gamma**(L_i - 1 - t) (R_i - m) / s'``.
+      A reward at a valid step that is not scored is refused (ValueError naming it): per-step
+      rewards need ``scored``, or ``"steps"``.
     - ``scale="group"``: ``s`` is the std of the group's pool; ``"batch"``: of all pools of the
       batch together, around the batch mean, the mean ``m`` staying per group (TRL
       ``scale_rewards="batch"``); ``"none"``: ``s' = 1`` (Dr. GRPO, Liu et al. 2025).
@@ -54,9 +55,10 @@ def group_advantages(
       is added to the std, outside the square root.
     - A group whose pool has fewer than two values, or all values equal, has no signal: every
       one of its steps gets exactly 0, for every gamma (never NaN, never eps-amplified noise).
+      A sample with no valid step is left out of its group's pool.
     - Masked positions of the output are exactly 0; junk under the mask is never read.
     """
-    check_same_shape(rewards=rewards, mask=mask)
+    check_same_shape(rewards=rewards, mask=mask, scored=scored)
     check_2d("rewards", rewards)
     check_choice("scale", scale, SCALES)
     check_choice("stats_over", stats_over, STATS_OVER)
@@ -71,20 +73,41 @@ def group_advantages(
     m = as_mask(mask, rewards)
     check_finite("rewards", rewards, m)
     r = torch.where(m, rewards, torch.zeros_like(rewards))
+    n, t_len = r.shape
     if stats_over == "steps":
         g = discounted_returns(r, m, gamma)
-        mean, denom, no_signal = _group_stats(g.reshape(-1, group_size * r.shape[1]),
-                                              m.reshape(-1, group_size * r.shape[1]), scale, eps)
-        adv = (g.view(-1, group_size, r.shape[1]) - mean[:, None, None]) / denom[:, None, None]
+        mean, denom, no_signal = _group_stats(g.reshape(-1, group_size * t_len),
+                                              m.reshape(-1, group_size * t_len), scale, eps)
+        adv = (g.view(-1, group_size, t_len) - mean[:, None, None]) / denom[:, None, None]
     else:
-        outcome = r.sum(1).view(-1, group_size)
-        mean, denom, no_signal = _group_stats(outcome, m.any(1).view(-1, group_size), scale, eps)
-        last = _last_valid(m)
-        shift = torch.zeros_like(r).scatter(1, last[:, None], mean.repeat_interleave(group_size)[:, None])
-        normed = (r - shift * m.to(r.dtype)).view(-1, group_size, r.shape[1]) / denom[:, None, None]
-        adv = discounted_returns(normed.reshape_as(r), m, gamma).view_as(normed)
+        p = _scored_steps(r, m, scored)
+        mean, denom, no_signal = _group_stats(r.reshape(-1, group_size * t_len),
+                                              p.reshape(-1, group_size * t_len), scale, eps)
+        normed = (r.view(-1, group_size, t_len) - mean[:, None, None]) / denom[:, None, None]
+        normed = normed.reshape(n, t_len) * p.to(r.dtype)
+        adv = discounted_returns(normed, m, gamma).view(-1, group_size, t_len)
     adv = torch.where(no_signal[:, None, None], torch.zeros_like(adv), adv)
-    return adv.reshape_as(r) * m.to(r.dtype)
+    return adv.reshape(n, t_len) * m.to(r.dtype)
+
+
+def _scored_steps(r: torch.Tensor, m: torch.Tensor, scored: torch.Tensor | None) -> torch.Tensor:
+    """The scored valid steps (default: each row's last valid step); refuses a reward at a valid
+    step that is not scored. Shapes: (N, T) -> (N, T) bool."""
+    if scored is None:
+        p = torch.zeros_like(m)
+        rows = m.any(1)
+        p[rows, _last_valid(m)[rows]] = True
+    else:
+        p = as_mask(scored, r, "scored") & m
+    stray = (r != 0) & m & ~p
+    if bool(stray.any()):
+        i, t = (int(x) for x in stray.nonzero()[0])
+        where = "is not the row's last valid step" if scored is None else "is not marked in scored"
+        raise ValueError(
+            f"stats_over='sequences' normalises the rewards of scored steps only, but row {i} has "
+            f"reward {float(r[i, t])!r} at step {t}, which {where}; per-step rewards need a scored "
+            "mask (process supervision) or stats_over='steps'")
+    return p
 
 
 def _group_stats(vals: torch.Tensor, valid: torch.Tensor, scale: str, eps: float):

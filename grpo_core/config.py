@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .advantages import SCALES, STATS_OVER
-from .kl import KL_ESTIMATORS
+from .kl import FLAT_AT_REFERENCE, KL_ESTIMATORS
 from .losses import AGGS
 
 REF_UPDATES = ("hard", "soft")
@@ -47,6 +47,10 @@ class GRPOConfig:
     """Lower PPO clip: the ratio is clipped at 1 - eps_low (Schulman et al., 2017), in [0, 1)."""
     clip_eps_high: float = 0.2
     """Upper PPO clip, 1 + eps_high; a larger value is DAPO's "clip-higher". >= 0."""
+    clip_ratio_c: float | None = None
+    """Dual-clip PPO (Ye et al. 2020; verl's clip_ratio_c): for A < 0 the token loss is capped
+    at c*|A|, with no gradient once the ratio exceeds c. None turns it off; otherwise > 1,
+    usually >= 1 + clip_eps_high (verl's default is 3)."""
     beta: float = 0.04
     """KL coefficient; the KL term is added to the loss, beta * agg(kl). >= 0 (0: no reference
     log-probs are computed)."""
@@ -99,6 +103,8 @@ class GRPOConfig:
         _check_float(self, "ref_mix_alpha", 0.0, 1.0)
         _check_float(self, "clip_eps_low", 0.0, 1.0, high_open=True)
         _check_float(self, "clip_eps_high", 0.0, float("inf"))
+        if self.clip_ratio_c is not None:
+            _check_float(self, "clip_ratio_c", 1.0, float("inf"), low_open=True)
         _check_float(self, "beta", 0.0, float("inf"))
         _check_float(self, "adv_eps", 0.0, float("inf"))
         _check_float(self, "ent_coef", 0.0, float("inf"))
@@ -114,17 +120,20 @@ class GRPOConfig:
         _check_choice(self, "loss_agg", AGGS)
         if self.kl_is_inert():
             warnings.warn(
-                f"beta={self.beta} does nothing with update_ref_model_freq=1 (hard refresh), "
-                "grpo_epochs=1 and minibatches=1: the reference equals the policy at every update, "
-                "where the KL term's expected gradient is 0; use grpo_epochs > 1, minibatches > 1, "
-                "a less frequent or soft refresh, or beta=0", KLInertWarning, stacklevel=3)
+                f"beta={self.beta} does nothing with kl_estimator={self.kl_estimator!r}, "
+                "update_ref_model_freq=1 (hard refresh), grpo_epochs=1 and minibatches=1: the "
+                "reference equals the policy at every update, where this estimator's gradient is 0; "
+                "use grpo_epochs > 1, minibatches > 1, a less frequent or soft refresh, or beta=0",
+                KLInertWarning, stacklevel=3)
 
     def kl_is_inert(self) -> bool:
-        """True when the KL term can never have a non-zero expected gradient: every update sees
-        a reference that was hard-copied from the policy with no optimizer step since."""
+        """True when the KL term can never move the weights: every update sees a reference
+        hard-copied from the policy with no optimizer step since, and the estimator's gradient
+        is exactly 0 there (k2, k3, k3_is; k1's is not)."""
         hard = self.ref_update == "hard" or self.ref_mix_alpha == 1.0
         return (self.beta != 0 and self.update_ref_model_freq == 1 and hard
-                and self.grpo_epochs == 1 and self.minibatches == 1)
+                and self.grpo_epochs == 1 and self.minibatches == 1
+                and self.kl_estimator in FLAT_AT_REFERENCE)
 
     @classmethod
     def field_names(cls) -> list[str]:

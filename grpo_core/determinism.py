@@ -12,7 +12,9 @@ import contextlib
 
 import torch
 
-_ATTENTION_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout_p")
+_ATTENTION_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout_p", "dropout")
+"""Float attributes that modules pass to a functional dropout: transformers' attention classes
+(``attention_dropout``; CLIP-style ``dropout``), ``torch.nn.MultiheadAttention`` (``dropout``)."""
 
 
 class StochasticForwardError(RuntimeError):
@@ -22,8 +24,8 @@ class StochasticForwardError(RuntimeError):
 def dropout_rate(module: torch.nn.Module) -> float:
     """The dropout probability ``module`` applies when in train mode (0 if none).
 
-    ``torch.nn`` dropout layers (``p``) and attention modules that call a functional dropout
-    with a float attribute (``attention_dropout``, as transformers' attention classes do)."""
+    ``torch.nn`` dropout layers (``p``) and modules that call a functional dropout with a float
+    attribute (``_ATTENTION_DROPOUT_ATTRS``)."""
     if isinstance(module, torch.nn.modules.dropout._DropoutNd):
         return float(module.p)
     for name in _ATTENTION_DROPOUT_ATTRS:

@@ -72,6 +72,12 @@ KL_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
     "k3_is": kl_k3_is,
 }
 NEEDS_OLD_LOGP = frozenset({"k3_is"})
+FLAT_AT_REFERENCE = frozenset({"k2", "k3", "k3_is"})
+"""Estimators whose per-token gradient is exactly 0 where ``logp == ref_logp`` (k2: ``-d``; k3:
+``1 - exp(d)``; k3_is: ``ratio * (k3 + 1 - exp(d))``, all 0 at ``d = 0``). Not k1: its per-token
+gradient is 1, so its term ``agg(logp - ref_logp)`` moves the weights even at the reference (with
+token-mean or seq-mean-token-mean weights that depend on the sampled lengths its expected
+gradient is not even 0)."""
 
 
 def kl_estimate(

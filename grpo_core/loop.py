@@ -19,14 +19,14 @@ Per iteration, in the plan's order:
 The zero-signal skip (``skip_zero_grad_steps``) is decided from the signal, before the forward,
 never from a gradient norm (rounding noise is never exactly zero). A minibatch carries no signal
 when (a) every advantage of its valid tokens is exactly 0, (b) ``ent_coef == 0``, and (c)
-``beta == 0`` or the reference equals the policy weight for weight (a hard refresh, or a soft
-one with alpha 1, or the initial copy, and no optimizer step since). Under (c) the expected
-gradient of every KL estimator is 0: k2, k3 and k3_is have a per-token gradient proportional to
-``ref_logp - logp`` or ``1 - exp(ref_logp - logp)``, 0 when the weights agree, and k1's per-token
-gradient ``grad logp`` has mean ``E[grad log pi] = 0`` under the sampling policy. What a forward
-computes there (about 1e-7 apart between a policy and its frozen copy) is rounding noise, which
-Adam would turn into weight changes of up to lr. A skipped minibatch still runs its forward
-(no graph) for the metrics, and counts in ``skipped_steps``.
+``beta == 0``, or the reference equals the policy weight for weight (a hard refresh, or a soft
+one with alpha 1, or the initial copy, and no optimizer step since) and the KL estimator's
+per-token gradient is exactly 0 there (k2, k3, k3_is: ``kl.FLAT_AT_REFERENCE``; not k1, whose
+term moves the weights at the reference too). Under (c) the KL term's gradient is 0 in exact
+arithmetic; what a forward computes there (log-probs about 1e-7 apart between a policy and its
+frozen copy on another kernel path) is rounding noise, which Adam would turn into weight changes
+of up to lr. A skipped minibatch still runs its forward (no graph) for the metrics, and counts
+in ``skipped_steps``; nothing of the optimizer runs for it (no step, no decoupled weight decay).
 
 ``GRPOTrainer.step()`` returns the iteration's metrics as a flat dict of floats.
 """
@@ -44,10 +44,11 @@ from .adapter import Adapter, Rollout
 from .advantages import group_advantages
 from .config import GRPOConfig
 from .determinism import StochasticForwardError, watch_stochastic_modules
+from .kl import FLAT_AT_REFERENCE
 from .losses import DR_GRPO, grpo_loss
 from .refmodel import hard_refresh, soft_refresh
 
-_MEAN_STATS = ("loss", "policy_loss", "kl", "entropy", "clip_frac_low", "clip_frac_high",
+_MEAN_STATS = ("loss", "policy_loss", "kl", "entropy", "clip_frac_low", "clip_frac_high", "clip_frac_dual",
                "approx_kl", "grad_norm")
 
 
@@ -88,7 +89,8 @@ class GRPOTrainer:
         cfg, it = self.config, self.iteration
         rollout = self._collect()
         adv = group_advantages(rollout.rewards, rollout.mask, cfg.group_size, gamma=cfg.gamma,
-                               scale=cfg.scale, stats_over=cfg.stats_over, eps=cfg.adv_eps)
+                               scale=cfg.scale, stats_over=cfg.stats_over, eps=cfg.adv_eps,
+                               scored=rollout.scored)
         self.refresh_reference(it)
         ref_logp = self._batch_logp(self.reference, rollout) if cfg.beta != 0 else None
         if rollout.old_logp is None and (cfg.grpo_epochs > 1 or cfg.minibatches > 1):
@@ -169,6 +171,7 @@ class GRPOTrainer:
             adv[rows], rollout.mask[rows], entropy=entropy, beta=cfg.beta,
             ent_coef=cfg.ent_coef, kl_estimator=cfg.kl_estimator, eps_low=cfg.clip_eps_low,
             eps_high=cfg.clip_eps_high, agg=cfg.loss_agg, max_len=self.max_len,
+            clip_ratio_c=cfg.clip_ratio_c,
         )
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLossError(f"iteration {self.iteration}: loss is {stats['loss']} "
@@ -186,7 +189,9 @@ class GRPOTrainer:
 
     def _no_signal(self, adv: torch.Tensor, mask: torch.Tensor) -> bool:
         """No term of this minibatch's loss has a non-zero expected gradient (module doc)."""
-        if self.config.ent_coef != 0 or (self.config.beta != 0 and not self.ref_is_policy):
+        cfg = self.config
+        flat_kl = self.ref_is_policy and cfg.kl_estimator in FLAT_AT_REFERENCE
+        if cfg.ent_coef != 0 or (cfg.beta != 0 and not flat_kl):
             return False
         return not bool((adv[mask.bool()] != 0).any())
 

@@ -46,6 +46,10 @@ def agg_loss(values: torch.Tensor, mask: torch.Tensor, *, agg: str, max_len: int
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
             raise ValueError(f"agg={DR_GRPO!r} needs max_len, a positive int (the maximum "
                              f"completion length), got {max_len!r}")
+        longest = int(mf.sum(-1).max()) if mf.numel() else 0
+        if longest > max_len:
+            raise ValueError(f"agg={DR_GRPO!r}: a sequence has {longest} valid tokens, more than "
+                             f"max_len={max_len}; max_len must be the maximum completion length")
         return v.sum() / (max(values.shape[0], 1) * max_len)
     per_seq = v.sum(-1)
     n_tok = mf.sum(-1)
@@ -193,12 +197,14 @@ def grpo_loss(
     eps_high: float,
     agg: str,
     max_len: int | None = None,
+    clip_ratio_c: float | None = None,
 ):
     """``loss = policy_loss + beta * agg(kl) - ent_coef * agg(entropy)``.
 
     The KL term sits in the loss (not in the reward), with the same aggregation as the
     policy loss; ``ref_logp`` is treated as a constant. With ``beta = 0`` the reference is
     not needed (``ref_logp`` may be None); with ``ent_coef = 0`` neither is ``entropy``.
+    ``clip_ratio_c``: the dual clip of ``clipped_policy_loss`` (None: off).
 
     Shapes: logp, old_logp, ref_logp, adv, mask, entropy (N, T) -> scalar, stats.
     stats: the policy-loss stats plus ``policy_loss``, ``kl``, ``entropy``, ``loss``.
@@ -207,7 +213,8 @@ def grpo_loss(
                      entropy=entropy)
     check_choice("kl_estimator", kl_estimator, tuple(KL_ESTIMATORS))
     pg, stats = clipped_policy_loss(
-        logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, agg=agg, max_len=max_len
+        logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, agg=agg, max_len=max_len,
+        clip_ratio_c=clip_ratio_c,
     )
     loss = pg
     stats["policy_loss"] = float(pg.detach())

@@ -17,9 +17,10 @@ Equation numbers in the comments refer to this list:
   (1)  G_t = r_t + gamma * G_{t+1},  G_T = 0                        returns
   (2a) A_t = (G_t - mean_g) / (std + adv_eps), mean and std over every
        step's G_t of the group (stats_over="steps")                 advantages
-  (2b) A_t = (1) of the rewards with mean_g subtracted at the last step,
-       divided by (std + adv_eps); mean and std over each episode's
-       sum of rewards (stats_over="sequences", GRPO outcome supervision)
+  (2b) A_t = (1) of the normalised outcome (R - mean_g) / (std + adv_eps)
+       placed at the last step; mean and std over each episode's outcome
+       reward R, paid at its last step (stats_over="sequences", GRPO outcome
+       supervision; needs cfg["outcome_reward"])
   (3)  ratio_t = exp(logp_t - old_logp_t)
   (4)  pg_t = -min(ratio_t A_t, clip(ratio_t, 1-eps_lo, 1+eps_hi) A_t)
   (5)  d_t = ref_logp_t - logp_t;  k1 = -d,  k2 = d^2/2,
@@ -30,8 +31,10 @@ Equation numbers in the comments refer to this list:
   (9)  Dr. GRPO: agg = sum of every term / (episodes x max_len), max_len the
        config's or the 500-step time limit
   (10) skip the optimizer step (skip_zero_grad_steps) when the minibatch has no
-       signal: every advantage is 0, ent_coef is 0, and beta is 0 or every
-       reference parameter equals the policy's
+       signal: every advantage is 0, ent_coef is 0, and beta is 0 or (every
+       reference parameter equals the policy's and the estimator's derivative
+       (5') is 0 at d = 0: k2 -d, k3 1 - exp(d), k3_is ratio (k3 + 1 - exp(d));
+       k1's is 1)
 """
 
 from __future__ import annotations
@@ -93,7 +96,8 @@ def group_start_seed(seed: int, it: int, b: int) -> int:
     return int(np.random.SeedSequence([seed, 0, it, b]).generate_state(1)[0])
 
 
-def run_episode(env, params: dict, start_seed: int, uniforms: np.ndarray) -> dict:
+def run_episode(env, params: dict, start_seed: int, uniforms: np.ndarray,
+                outcome_reward: bool = False) -> dict:
     """Play one episode; action_t = 0 if u_t < p0(s_t) else 1.
 
     The observation is the env's internal float64 state (not the float32 copy
@@ -115,6 +119,8 @@ def run_episode(env, params: dict, start_seed: int, uniforms: np.ndarray) -> dic
         state = np.array(env.unwrapped.state, dtype=np.float64)
         if terminated or truncated:
             break
+    if outcome_reward:  # the episode's return paid once, at its last step
+        rewards = [0.0] * (len(rewards) - 1) + [float(len(rewards))]
     # Old log-probs under the rollout policy.  Computed with the same per-episode
     # forward the update uses, so the first update of an iteration sees ratio == 1
     # exactly (the policy has not moved during the rollout).
@@ -136,7 +142,7 @@ def collect(env, params: dict, cfg: dict, it: int) -> list:
         start_seed = group_start_seed(seed, it, b)
         for i in range(G):
             u = np.random.default_rng([seed, 1, it, b, i]).random(MAX_STEPS)
-            episodes.append(run_episode(env, params, start_seed, u))
+            episodes.append(run_episode(env, params, start_seed, u, cfg.get("outcome_reward", False)))
     return episodes
 
 
@@ -172,11 +178,13 @@ def _bessel_std(values: list) -> float:
 
 def _pooled(group_rewards: list, stats_over: str, gamma: float) -> list:
     """The values a group's statistics are taken over: every step's return (2a), or each
-    episode's outcome, the sum of its rewards (2b)."""
+    episode's outcome reward, paid at its last step (2b)."""
     if stats_over == "steps":
         return [g for ep in group_rewards for g in discounted_returns(ep, gamma)]
     if stats_over == "sequences":
-        return [float(sum(ep)) for ep in group_rewards if ep]
+        if any(r != 0.0 for ep in group_rewards for r in ep[:-1]):
+            raise ValueError("stats_over='sequences' takes an outcome reward at the last step only")
+        return [ep[-1] for ep in group_rewards if ep]
     raise ValueError(f"unknown stats_over {stats_over!r}")
 
 
@@ -185,11 +193,9 @@ def _episode_advantages(rewards: list, mean_g: float, denom: float, gamma: float
     """(2a) or (2b) for every step of one episode."""
     if stats_over == "steps":
         return [(g - mean_g) / denom for g in discounted_returns(rewards, gamma)]
-    # (2b): the outcome's baseline is charged at the last step, where the outcome is
-    # scored, then discounted back like any reward: normalise the rewards, then (1).
-    shifted = list(rewards)
-    shifted[-1] = shifted[-1] - mean_g
-    return [g / denom for g in discounted_returns(shifted, gamma)]
+    # (2b): the normalised outcome, discounted back from the last step by (1)
+    outcome = [0.0] * (len(rewards) - 1) + [(rewards[-1] - mean_g) / denom]
+    return discounted_returns(outcome, gamma)
 
 
 def group_advantages(
@@ -332,6 +338,8 @@ def has_no_signal(params, reference, batch, idx, cfg) -> bool:
         return False
     if cfg["beta"] == 0:
         return True
+    if cfg["kl_estimator"] == "k1":  # (10): d k1 / d logp = 1, also at d = 0
+        return False
     return all(torch.equal(reference[k], params[k].detach()) for k in params)
 
 

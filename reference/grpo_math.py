@@ -19,7 +19,9 @@ Sources (each convention of this module is taken from these, never from ``grpo_c
 
 [GRPO]  Shao et al. 2024, "DeepSeekMath", sec. 4.1.2 (outcome supervision):
         r~_i = (r_i - mean(r)) / std(r) over the G outputs of one question, and
-        A_{i,t} = r~_i for every token t of output i.
+        A_{i,t} = r~_i for every token t of output i.  Sec. 4.1.3 (process supervision):
+        a reward r_i^index(j) at the end of each step j, r~ = (r - mean(R)) / std(R) with R
+        every step reward of the group, and A_{i,t} = sum over index(j) >= t of r~_i^index(j).
 [PLAN]  The CartPole GRPO plan (item 5): A = (G - mean) / (std + 1e-8) with mean and
         std over the whole group; a group of one sample, or of equal returns, gives 0.
         Item 3: G_t = r_t + gamma * G_{t+1}, G_T = 0.
@@ -35,14 +37,15 @@ Conventions fixed here:
   ------------------------------  -------------------------------------------  -----------
   returns                         G_t = r_t + gamma G_{t+1}, G past end = 0     [PLAN] 3
   "steps" pool                    every G_t of every sample of the group        [PLAN] 5
-  "sequences" pool                one outcome per sample: S_i = sum_t r_{i,t}   [GRPO] 4.1.2
-                                  (an empty sample has no outcome: left out)
-  where the outcome is scored     the sample's last step; the advantage of      [GRPO] 4.1.2
-                                  token t is the outcome's normalised value     with [PLAN] 3
-                                  discounted by the steps after t: with an
-                                  outcome reward only, gamma^(L_i-1-t) r~_i;
-                                  per-step rewards add their own discounted
-                                  sums (E6)
+  "sequences" pool                every scored reward of the group: by default  [GRPO] 4.1.2
+                                  each sample's last step (outcome), or the     [GRPO] 4.1.3
+                                  steps marked scored (process supervision);
+                                  an empty sample has none; a reward at an
+                                  unscored step is an error
+  "sequences" advantage           sum over scored steps k >= t of the           [GRPO] 4.1.3
+                                  normalised rewards, discounted by             with [PLAN] 3
+                                  gamma^(k - t): outcome only gives
+                                  gamma^(L_i-1-t) r~_i (E6)
   std                             Bessel's correction (n - 1)                   [TRL]
   eps                             added to the std, outside the square root     [PLAN] 5
   scale="none"                    no division                                   [DR]
@@ -50,8 +53,9 @@ Conventions fixed here:
                                   around the batch mean; mean per group
   no-signal group                 fewer than 2 pooled values or all equal:      [PLAN] 5
                                   exactly 0 at every step, any gamma
-  first valid step                not special: nothing is read at the first     (E6)
-                                  step only; every step has its own value
+  first valid step                not special: nothing is read at the first     [GRPO] 4.1.2
+                                  step only; every token gets its own value     (A_{i,t} for
+                                                                                every t)
   Dr. GRPO loss normaliser        constant max_len x every sequence of the      [DR], [TRL]
                                   batch, an empty one included (A4)
 """
@@ -102,14 +106,28 @@ def _bessel_std(values):
     return math.sqrt(math.fsum((x - m) ** 2 for x in values) / (len(values) - 1))
 
 
-def _pool(group_rewards, stats_over, gamma):
+def _scored_positions(sample, scored_sample):
+    """The steps of one sample where a reward is given: ``scored_sample`` (process
+    supervision, [GRPO] 4.1.3: the end of each reasoning step) or, when None, the last step
+    only (outcome supervision, [GRPO] 4.1.2).  A reward anywhere else is an error."""
+    if scored_sample is None:
+        positions = [len(sample) - 1] if sample else []
+    else:
+        positions = [t for t, flag in enumerate(scored_sample) if flag]
+    for t, r in enumerate(sample):
+        if r != 0.0 and t not in positions:
+            raise ValueError(f"a reward at step {t} that is not scored")
+    return positions
+
+
+def _pool(group_rewards, group_scored, stats_over, gamma):
     """The values a group's statistics are computed from (see the table above)."""
     pooled = []
-    for sample in group_rewards:
+    for sample, scored_sample in zip(group_rewards, group_scored):
         if stats_over == "steps":
             pooled.extend(discounted_returns(sample, gamma))
-        elif len(sample) > 0:
-            pooled.append(math.fsum(sample))  # S_i, the outcome
+        else:
+            pooled.extend(sample[t] for t in _scored_positions(sample, scored_sample))
     return pooled
 
 
@@ -126,30 +144,29 @@ def _denominator(pooled, batch_std, scale, eps):
     return batch_std + eps
 
 
-def _sequence_advantages(sample, mean_g, denom, gamma):
-    """(E6) for one sample of L steps, term by term (no recursion):
+def _supervised_advantages(sample, positions, mean_g, denom, gamma):
+    """(E6) for one sample, term by term (no recursion): the normalised reward of every
+    scored step k,  r~_k = (r_k - mean_g) / denom,  and for every token t
 
-    A_t = ( sum_{k=t}^{L-1} gamma^(k-t) r_k  -  gamma^(L-1-t) * mean_g ) / denom
+        A_t = sum over scored k >= t of  gamma^(k - t) * r~_k
 
-    i.e. the discounted reward-to-go, minus the group's mean outcome discounted from the
-    last step where the outcome is scored.  With r_k = 0 for k < L-1 and r_{L-1} = R_i
-    this is gamma^(L-1-t) (R_i - mean_g) / denom: [GRPO]'s r~_i, discounted.
+    ([GRPO] 4.1.3's "sum of the normalised rewards of the following steps", discounted; with
+    the last step as the only scored one, [GRPO] 4.1.2's A_t = r~_i, discounted).
     """
-    n = len(sample)
-    out = []
-    for t in range(n):
-        to_go = math.fsum(gamma ** (k - t) * sample[k] for k in range(t, n))
-        out.append((to_go - gamma ** (n - 1 - t) * mean_g) / denom)
-    return out
+    normed = {k: (sample[k] - mean_g) / denom for k in positions}
+    return [math.fsum(gamma ** (k - t) * v for k, v in normed.items() if k >= t)
+            for t in range(len(sample))]
 
 
-def group_advantages(rewards, *, gamma, scale, stats_over, eps=1e-8):
+def group_advantages(rewards, *, gamma, scale, stats_over, eps=1e-8, scored=None):
     """GRPO group-relative advantages of every step.
 
-    ``rewards`` is nested groups -> samples -> per-step rewards (a sample may be empty).
+    ``rewards`` is nested groups -> samples -> per-step rewards (a sample may be empty);
+    ``scored`` (only for "sequences") the same nesting of booleans marking the steps where a
+    reward is given, or None for outcome supervision (the last step of each sample).
 
     (E3)  "steps":      A_t = (G_t - mean_g) / denom, G_t from (E1), the pool every G_t.
-    (E6)  "sequences":  see ``_sequence_advantages``; the pool is each sample's S_i.
+    (E6)  "sequences":  see ``_supervised_advantages``; the pool is every scored reward.
     (E4)  denom = 1 (scale="none"), std_g + eps ("group"), std_batch + eps ("batch").
 
     A group without signal (``_has_signal``) gets exactly 0.0 at every step.
@@ -158,13 +175,15 @@ def group_advantages(rewards, *, gamma, scale, stats_over, eps=1e-8):
         raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
     if stats_over not in _STATS_OVER:
         raise ValueError(f"stats_over must be one of {_STATS_OVER}, got {stats_over!r}")
+    if scored is None:
+        scored = [[None] * len(group) for group in rewards]
 
-    pools = [_pool(group, stats_over, gamma) for group in rewards]
+    pools = [_pool(group, sc, stats_over, gamma) for group, sc in zip(rewards, scored)]
     everything = [x for pool in pools for x in pool]
     batch_std = _bessel_std(everything) if len(everything) >= 2 else 0.0
 
     advantages = []
-    for group, pool in zip(rewards, pools):
+    for group, group_scored, pool in zip(rewards, scored, pools):
         if not _has_signal(pool):
             advantages.append([[0.0] * len(sample) for sample in group])
             continue
@@ -174,7 +193,9 @@ def group_advantages(rewards, *, gamma, scale, stats_over, eps=1e-8):
             advantages.append([[(g - mean_g) / denom for g in discounted_returns(sample, gamma)]
                                for sample in group])  # (E3)
         else:
-            advantages.append([_sequence_advantages(sample, mean_g, denom, gamma) for sample in group])
+            advantages.append([
+                _supervised_advantages(sample, _scored_positions(sample, sc), mean_g, denom, gamma)
+                for sample, sc in zip(group, group_scored)])
     return advantages
 
 

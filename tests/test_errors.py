@@ -232,3 +232,13 @@ def test_non_finite_padding_is_fine(value):
     mask[2, 1] = 0
     out = core.discounted_returns(rewards, mask, 0.9)
     assert bool(torch.isfinite(out).all())
+
+
+def test_dr_grpo_needs_a_max_len_at_least_the_longest_sequence():
+    """Dr. GRPO divides by a constant: missing, or shorter than a valid sequence, is refused."""
+    values, mask = ones(2, 4), ones(2, 4)
+    with raises("needs max_len"):
+        core.agg_loss(values, mask, agg="seq-mean-token-sum-norm")
+    with raises("4 valid tokens", "max_len=3"):
+        core.agg_loss(values, mask, agg="seq-mean-token-sum-norm", max_len=3)
+    assert float(core.agg_loss(values, mask, agg="seq-mean-token-sum-norm", max_len=4)) == 1.0

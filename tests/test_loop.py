@@ -304,13 +304,15 @@ def test_no_signal_step_is_skipped_despite_rounding_noise():
     assert moved > 0.1 * cfg.lr, "Adam normalises the noise into a step of the order of lr"
 
 
-@pytest.mark.parametrize("case", ["reference-differs", "entropy-bonus", "signal"])
+@pytest.mark.parametrize("case", ["reference-differs", "entropy-bonus", "signal", "k1"])
 def test_steps_with_a_real_gradient_are_taken(case):
     """The other side: zero advantages with a reference that differs from the policy (a real
-    KL gradient), or with an entropy bonus, or advantages that are not all 0, all step."""
+    KL gradient), or with an entropy bonus, or with k1 (gradient 1 per token even at the
+    reference), or advantages that are not all 0: all step."""
     overrides = {"reference-differs": dict(update_ref_model_freq=0),
                  "entropy-bonus": dict(ent_coef=0.01),
-                 "signal": dict(beta=0.0)}[case]
+                 "signal": dict(beta=0.0),
+                 "k1": dict(kl_estimator="k1")}[case]
     cfg = GRPOConfig(**{**NOISY, **overrides})
     adapter = ToyAdapter(seed=3) if case == "signal" else _NoSignalNoisyReference(seed=3)
     tr = GRPOTrainer(adapter, cfg)
@@ -436,8 +438,47 @@ def test_inert_kl_warns_and_is_inert():
         assert same(params(a.policy), params(b.policy)), name
     import warnings
 
+    # k1 is not inert there: its per-token gradient is 1, and it moves the weights
+    a = cartpole_trainer(beta=1.0, kl_estimator="k1", **inert)
+    b = cartpole_trainer(beta=0.0, **inert)
+    a.step(), b.step()
+    assert not same(params(a.policy), params(b.policy))
     for live in (dict(grpo_epochs=2), dict(minibatches=2), dict(update_ref_model_freq=2),
-                 dict(ref_update="soft"), dict(beta=0.0)):
+                 dict(ref_update="soft"), dict(beta=0.0), dict(kl_estimator="k1")):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             GRPOConfig(**{**inert, "beta": 0.1, **live})
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.nn.Dropout(0.2),
+    lambda: torch.nn.MultiheadAttention(8, 2, dropout=0.5),
+])
+def test_dropout_detection_in_train_mode_only(make):
+    """nn.Dropout (p) and modules calling a functional dropout with a float rate (MHA's
+    ``dropout``) are reported in train mode, and not in eval mode."""
+    from grpo_core.determinism import watch_stochastic_modules
+
+    module = make()
+    x = torch.randn(3, 1, 8)
+
+    def run():
+        return module(x) if isinstance(module, torch.nn.Dropout) else module(x, x, x)
+
+    module.train()
+    with watch_stochastic_modules(module) as active:
+        run()
+    assert active and type(module).__name__ in active[0]
+    module.eval()
+    with watch_stochastic_modules(module) as active:
+        run()
+    assert active == []
+
+
+def test_dual_clip_is_a_config_option():
+    """clip_ratio_c reaches the loss (its statistic is reported) and is validated."""
+    m = cartpole_trainer(clip_ratio_c=3.0, beta=0.0).step()
+    assert "clip_frac_dual" in m and 0.0 <= m["clip_frac_dual"] <= 1.0
+    for bad in (1.0, 0.5, float("nan")):
+        with pytest.raises(ValueError, match="clip_ratio_c"):
+            GRPOConfig(clip_ratio_c=bad)

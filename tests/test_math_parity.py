@@ -22,6 +22,8 @@ import grpo_core as core
 from grpo_core.testing import strategies as gs
 from reference import grpo_math as ref
 
+from ._supervision import scored_tensor, supervise
+
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 KL_NAMES = ("k1", "k2", "k3", "k3_is")
 CLIP_RANGES = [(0.2, 0.2), (0.2, 0.28), (0.0, 0.0), (0.1, 0.5)]
@@ -60,11 +62,13 @@ def assert_close(got: float, want: float, rtol: float, atol: float, what: str) -
     )
 
 
-def pooled(group, stats_over, gamma):
+def pooled(group, group_scored, stats_over, gamma):
     """The values a group's statistics pool (for the tolerance only)."""
     if stats_over == "steps":
         return [x for sample in group for x in ref.discounted_returns(sample, gamma)]
-    return [math.fsum(sample) for sample in group if sample]
+    if group_scored is None:
+        return [sample[-1] for sample in group if sample]
+    return [x for sample, flags in zip(group, group_scored) for x, f in zip(sample, flags) if f]
 
 
 def term_sizes(batch_rows, eps_high, name):
@@ -202,21 +206,27 @@ def test_group_advantages_parity(scale, stats_over, batch, gamma, dtype, layout,
     """Advantages equal the oracle's at every valid step, for every scale x stats_over x gamma,
     including degenerate groups and empty samples."""
     T = width(batch.lengths, extra)
-    rewards, mask = padded(batch.values, dtype, layout, seed, T)
+    values_in, scored = batch.values, None
+    if stats_over == "sequences":  # outcome or process supervision, alternately
+        values_in, scored = supervise(batch.values, seed, "outcome" if seed % 2 else "process")
+    rewards, mask = padded(values_in, dtype, layout, seed, T)
+    scored_t = scored_tensor(scored, mask, layout, seed)
     got = core.group_advantages(rewards, mask, batch.group_size, gamma=gamma, scale=scale,
-                                stats_over=stats_over)
+                                stats_over=stats_over, scored=scored_t)
     assert got.dtype == dtype
     assert torch.all(got[mask == 0] == 0), "masked advantages must be exactly 0"
     seen = gs.to_groups(gs.unpad(rewards, mask), batch.group_size)
-    want = ref.group_advantages(seen, gamma=gamma, scale=scale, stats_over=stats_over)
+    seen_scored = None if scored is None else gs.to_groups(scored, batch.group_size)
+    want = ref.group_advantages(seen, gamma=gamma, scale=scale, stats_over=stats_over, scored=seen_scored)
     got_groups = gs.to_groups(gs.unpad(got, mask), batch.group_size)
 
-    everything = [x for group in seen for x in pooled(group, stats_over, gamma)]
+    group_flags = seen_scored or [None] * len(seen)
+    everything = [x for group, fl in zip(seen, group_flags) for x in pooled(group, fl, stats_over, gamma)]
     # the largest quantity a step's advantage is computed from: a sum of |rewards|
     big = max([math.fsum(abs(x) for x in s) for group in seen for s in group], default=0.0)
     batch_std = statistics.stdev(everything) if len(everything) >= 2 else 0.0
     for b, (g_group, w_group, group) in enumerate(zip(got_groups, want, seen)):
-        values = pooled(group, stats_over, gamma)
+        values = pooled(group, group_flags[b], stats_over, gamma)
         if len(values) < 2 or len(set(values)) == 1:  # degenerate: exactly 0
             assert all(a == 0.0 for s in g_group for a in s), f"group {b} must be exactly 0"
             continue

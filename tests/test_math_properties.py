@@ -14,6 +14,8 @@ import grpo_core as core
 from grpo_core.testing import strategies as gs
 from reference import grpo_math as ref
 
+from ._supervision import scored_tensor, supervise
+
 F64 = torch.float64
 KL_NAMES = ("k1", "k2", "k3", "k3_is")
 
@@ -52,14 +54,19 @@ def normalised_rewards(adv_sample, gamma):
     seed=gs.seeds(),
 )
 def test_advantages_sum_to_zero_per_group(batch, gamma, scale, stats_over, layout, seed):
-    """Per group, advantages sum to 0 at every step: "steps" over every valid step's
-    advantage; "sequences" over every step's normalised reward (the advantages with the
-    discount inverted), i.e. the samples' normalised outcomes; in the core and the oracle."""
-    rewards, mask = gs.pad(batch.values, dtype=F64, junk=1e9, layout=layout, seed=seed)
+    """Per group, advantages sum to 0: "steps" over every valid step's advantage;
+    "sequences" over every step's normalised reward (the advantages with the discount
+    inverted), i.e. the group's normalised scored rewards; in the core and the oracle."""
+    values, scored = batch.values, None
+    if stats_over == "sequences":
+        values, scored = supervise(batch.values, seed, "outcome" if seed % 2 else "process")
+    rewards, mask = gs.pad(values, dtype=F64, junk=1e9, layout=layout, seed=seed)
     adv = core.group_advantages(rewards, mask, batch.group_size, gamma=gamma, scale=scale,
-                                stats_over=stats_over)
+                                stats_over=stats_over, scored=scored_tensor(scored, mask, layout, seed))
     core_groups = gs.to_groups(gs.unpad(adv, mask), batch.group_size)
-    oracle_groups = ref.group_advantages(batch.groups(), gamma=gamma, scale=scale, stats_over=stats_over)
+    oracle_groups = ref.group_advantages(
+        gs.to_groups(values, batch.group_size), gamma=gamma, scale=scale, stats_over=stats_over,
+        scored=None if scored is None else gs.to_groups(scored, batch.group_size))
     for groups in (core_groups, oracle_groups):
         for group in groups:
             if stats_over == "steps":
@@ -120,9 +127,12 @@ def test_outcome_advantages_closed_form_at_every_token(group, groups, gamma, sca
 )
 def test_advantages_invariant_to_affine_rewards(scale, batch, stats_over, gamma, a, b):
     """Scaled by a std (group or batch, eps=0), advantages are invariant to a > 0 times the
-    rewards plus a shift of what is pooled: b added to every sample's outcome ("sequences":
-    at its last step) or to every return ("steps": b added to every reward with gamma = 0)."""
-    rewards, mask = gs.pad(batch.values, dtype=F64)
+    rewards plus a shift of what is pooled: b added to every outcome ("sequences": at each
+    sample's last step) or to every return ("steps": b added to every reward with gamma = 0)."""
+    values = batch.values
+    if stats_over == "sequences":
+        values, _ = supervise(batch.values, 0, "outcome")
+    rewards, mask = gs.pad(values, dtype=F64)
     if stats_over == "steps":
         gamma, shift = 0.0, b * mask
     else:
@@ -164,17 +174,17 @@ def test_no_signal_groups_give_exact_zeros(scale, stats_over, eps, gamma):
     single = t64([[3.0, 1.0, 2.0], [5.0, 0.0, 0.0]])
     mask1 = t64([[1, 1, 1], [1, 0, 0]])
     for dtype in (F64, torch.float32):
+        scored = mask1.to(dtype) if stats_over == "sequences" else None  # every step scored
         out = core.group_advantages(single.to(dtype), mask1.to(dtype), 1, gamma=gamma, scale=scale,
-                                    stats_over=stats_over, eps=eps)
-        # stats_over="steps" pools the 3 steps of row 0: that group has signal
-        if stats_over == "sequences":
-            assert torch.equal(out, torch.zeros_like(out))
+                                    stats_over=stats_over, eps=eps, scored=scored)
+        # row 0 pools its 3 steps (returns, or scored rewards): that group has signal
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         assert not out.isnan().any()
 
     # group 0: two samples of outcome 2 with lengths 2 and 1 (sequences: no signal);
     # "steps" pools returns, equal only with one-step samples: group 2
-    equal = t64([[0.0, 2.0], [2.0, 0.0], [2.0, 9.0], [2.0, 0.0], [4.0, 0.0], [4.0, 0.0]])
+    equal = t64([[0.0, 2.0], [2.0, 0.0], [0.0, 9.0], [0.0, 1.0], [4.0, 0.0], [4.0, 0.0]])
     mask2 = t64([[1, 1], [1, 0], [1, 1], [1, 1], [1, 0], [1, 0]])
     out = core.group_advantages(equal, mask2, 2, gamma=gamma, scale=scale, stats_over=stats_over, eps=eps)
     if stats_over == "sequences":
@@ -185,6 +195,11 @@ def test_no_signal_groups_give_exact_zeros(scale, stats_over, eps, gamma):
     oracle = ref.group_advantages([[[0.0, 7.0], [7.0]], [[1.0], [1.0]]], gamma=gamma, scale=scale,
                                   stats_over="sequences")
     assert oracle == [[[0.0, 0.0], [0.0]], [[0.0], [0.0]]]
+    # process supervision: every scored reward of the group equal -> no signal
+    r = t64([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    out = core.group_advantages(r, torch.ones_like(r), 2, gamma=gamma, scale=scale, stats_over="sequences",
+                                eps=eps, scored=(r != 0).double())
+    assert torch.equal(out, torch.zeros_like(out))
 
 
 def test_outcome_with_different_lengths_regression():
@@ -261,16 +276,22 @@ def test_advantages_hand_computed():
                                 stats_over="steps", eps=0.0)
     assert got.flatten().tolist() == pytest.approx([s, -s], rel=1e-15)
 
-    # sequences, per-step rewards, gamma 1: outcomes 1 + 2 = 3, 1, 2 -> mean 2, std 1;
-    # step t gets (reward-to-go - 2) / 1: [3-2, 2-2], [1-2], [2-2, 2-2]... the last sample
-    # [2, 0] has reward-to-go 2, 0 -> 0, -2
-    group = [[1.0, 2.0], [1.0], [2.0, 0.0]]
-    want = [[[1.0, 0.0], [-1.0], [0.0, -2.0]]]
-    assert ref.group_advantages([group], gamma=1.0, scale="group", stats_over="sequences", eps=0.0) == want
+    # process supervision, gamma 1: scored rewards 1, 2 | 1 | 2 (the last sample's second step
+    # unscored) -> pool 1, 2, 1, 2: mean 1.5, std sqrt(1/3); normalised -+sqrt(3)/2; a token
+    # gets the sum of the normalised rewards from it on
+    h = math.sqrt(3) / 2
+    group, flags = [[1.0, 2.0], [1.0], [2.0, 0.0]], [[True, True], [True], [True, False]]
+    want = [[[0.0, h], [-h], [h, 0.0]]]
+    got_ref = ref.group_advantages([group], gamma=1.0, scale="group", stats_over="sequences", eps=0.0,
+                                   scored=[flags])
+    assert [a for s_ in got_ref[0] for a in s_] == pytest.approx([a for s_ in want[0] for a in s_], abs=1e-15)
     got = core.group_advantages(t64([[1.0, 2.0], [1.0, 0.0], [2.0, 0.0]]),
                                 t64([[1, 1], [1, 0], [1, 1]]), 3, gamma=1.0, scale="group",
-                                stats_over="sequences", eps=0.0)
-    assert got.tolist() == [[1.0, 0.0], [-1.0, 0.0], [0.0, -2.0]]
+                                stats_over="sequences", eps=0.0, scored=t64([[1, 1], [1, 0], [1, 0]]))
+    assert got.flatten().tolist() == pytest.approx([0.0, h, -h, 0.0, h, 0.0], abs=1e-15)
+    with pytest.raises(ValueError, match="row 0 has reward 1.0 at step 0"):  # no scored mask
+        core.group_advantages(t64([[1.0, 2.0]]), t64([[1, 1]]), 1, gamma=1.0, scale="group",
+                              stats_over="sequences")
     # gamma .5, outcome rewards 0 (after 2 steps) and 2 (after 1 step): mean 1, std sqrt(2);
     # the first sample's tokens get .5**(2-t) * (0 - 1) / sqrt(2)
     r2 = math.sqrt(2.0)
@@ -357,12 +378,15 @@ def test_junk_under_mask_changes_no_returns_or_advantages(batch, junk, gamma, sc
                                                           layout):
     """Whatever sits under a zero mask (NaN, inf, huge), returns and advantages are identical."""
     T = max([1, *batch.lengths]) + 2
-    clean, mask = gs.pad(batch.values, T, F64, 0.0, layout=layout)
-    dirty, _ = gs.pad(batch.values, T, F64, junk, layout=layout)
+    values, scored = batch.values, None
+    if stats_over == "sequences":
+        values, scored = supervise(batch.values, T, "outcome" if T % 2 else "process")
+    clean, mask = gs.pad(values, T, F64, 0.0, layout=layout)
+    dirty, _ = gs.pad(values, T, F64, junk, layout=layout)
     g_clean = core.discounted_returns(clean, mask, gamma)
     g_dirty = core.discounted_returns(dirty, mask, gamma)
     assert torch.equal(g_clean, g_dirty)
-    kw = dict(gamma=gamma, scale=scale, stats_over=stats_over)
+    kw = dict(gamma=gamma, scale=scale, stats_over=stats_over, scored=scored_tensor(scored, mask, layout, 0))
     a_clean = core.group_advantages(clean, mask, batch.group_size, **kw)
     a_dirty = core.group_advantages(dirty, mask, batch.group_size, **kw)
     assert torch.equal(a_clean, a_dirty)

@@ -95,9 +95,11 @@ def test_returns_backward_recursion():
 
 
 def test_equal_episodes_give_zero_advantage():
-    ep = [1.0, 1.0, 1.0]
+    ep = [0.0, 0.0, 3.0]  # an outcome reward, paid at the last step
     adv = group_advantages([ep, ep, ep], 3, "group", "sequences", 1e-8, 0.99)
     assert adv == [[0.0, 0.0, 0.0]] * 3
+    with pytest.raises(ValueError, match="outcome reward at the last step only"):
+        group_advantages([[1.0, 1.0], [1.0]], 2, "group", "sequences", 1e-8, 0.99)
     # one-step episodes: the step-pooled values are all equal too
     adv = group_advantages([[1.0], [1.0], [1.0]], 3, "group", "steps", 1e-8, 0.99)
     assert adv == [[0.0]] * 3
