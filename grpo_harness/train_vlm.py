@@ -95,9 +95,18 @@ DESCRIPTION = "GRPO on an image-text model; see grpo_harness/train_vlm.py for th
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``train vlm`` options to ``p`` and set ``run`` as its default."""
-    d, td, md = VLM_DEFAULTS["train"], TASK_DEFAULTS, MODEL_DEFAULTS
-    src = p.add_argument_group("task and model")
-    src.add_argument("--task", choices=["colours"], help="built-in task (default: colours unless --data)")
+    _add_task_arguments(p.add_argument_group("task and model"))
+    _add_training_arguments(p.add_argument_group("run"))
+    p.set_defaults(run=run_vlm)
+    return p
+
+
+def _add_task_arguments(src) -> None:
+    from adapters.vlm_tasks import TASKS
+
+    td, md = TASK_DEFAULTS, MODEL_DEFAULTS
+    src.add_argument("--task", choices=list(TASKS), help="built-in task: colours (one word) or attributes "
+                     "(three words credited per position; adapters.vlm_tasks) (default: colours unless --data)")
     src.add_argument("--data", type=Path, metavar="FILE.jsonl",
                      help="JSONL rows with columns image (path), prompt, answer (+ any others)")
     src.add_argument("--eval-data", type=Path, metavar="FILE.jsonl", help="held-out rows for greedy evaluation")
@@ -117,7 +126,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src.add_argument("--lora-rank", type=int, metavar="R",
                      help="train LoRA adapters of rank R instead of the full model; the reference is a second "
                      "adapter on the same base weights (0: off, default; needs peft, the lora extra)")
-    run = p.add_argument_group("run")
+
+
+def _add_training_arguments(run) -> None:
+    d = VLM_DEFAULTS["train"]
     add_run_arguments(run, d, threads="1 for the built tiny model, where more threads only wait on each "
                       "other, else torch's choice")
     run.add_argument("--lr-schedule", choices=LR_SCHEDULES,
@@ -138,8 +150,6 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="do not run the preflight checks (log-prob consistency, reference refresh, finite "
                      "loss, KL gradient, estimator kit; see adapters.vlm_preflight) that otherwise run before "
                      "training and refuse to train when one fails")
-    p.set_defaults(run=run_vlm)
-    return p
 
 
 def run_vlm(args) -> int:
@@ -370,7 +380,8 @@ class VLMRun(TrainingRun):
         if saved is None:
             if args.data is not None and args.task is not None:
                 raise UsageError("give either --task or --data, not both")
-            self.task = {"name": "data" if args.data is not None else "colours", **TASK_DEFAULTS, **task}
+            name = "data" if args.data is not None else (args.task or "colours")
+            self.task = {"name": name, **TASK_DEFAULTS, **task}
             self.model = {**MODEL_DEFAULTS, **model}
             return
         self.task, self.model = dict(saved.get("task", {})), dict(saved.get("model", {}))
@@ -385,7 +396,9 @@ class VLMRun(TrainingRun):
     def check_train(self) -> None:
         t, task, m = self.train, self.task, self.model
         if t["max_new_tokens"] is None:
-            t["max_new_tokens"] = 2 if task["name"] == "colours" else 32
+            from adapters.vlm_tasks import TASKS
+
+            t["max_new_tokens"] = TASKS[task["name"]].max_new_tokens if task["name"] in TASKS else 32
         for key, low in (("max_iterations", 1), ("max_new_tokens", 1), ("window", 1)):
             check_int(t, key, low)
         self._check_floats()
@@ -428,28 +441,30 @@ class VLMRun(TrainingRun):
 
     # build ------------------------------------------------------------------------------------
     def _datasets(self):
-        from adapters.vlm_tasks import colours_dataset, first_word_reward
+        from adapters.vlm_tasks import TASKS
 
         task, seed = self.task, self.cfg.seed
         funcs = load_rewards(task["reward"])
-        if task["name"] == "colours":
-            train = colours_dataset(task["num_prompts"], k=task["colours"], seed=2 * seed)
-            held = colours_dataset(task["eval_size"], k=task["colours"], seed=2 * seed + 1)
-            return train, held, funcs or [first_word_reward]
+        if task["name"] in TASKS:
+            spec = TASKS[task["name"]]
+            train = spec.dataset(task["num_prompts"], k=task["colours"], seed=2 * seed)
+            held = spec.dataset(task["eval_size"], k=task["colours"], seed=2 * seed + 1)
+            return train, held, funcs or [spec.reward]
         held = load_rows(Path(task["eval_data"])) if task["eval_data"] else None
         return load_rows(Path(task["data"])), held, funcs
 
     def _load_model(self):
         import torch
 
-        from adapters.vlm_tasks import colours_vocabulary
+        from adapters.vlm_tasks import TASKS
         from adapters.vlm_tiny import build_tiny_vlm, load_vlm
 
         source = self.model_source
         if source is None:
             source = self.out / "model"
             if not (source / "config.json").is_file():
-                build_tiny_vlm(source, words=colours_vocabulary(self.task["colours"]), family=self.model["family"],
+                words = TASKS[self.task["name"]].vocabulary(self.task["colours"])
+                build_tiny_vlm(source, words=words, family=self.model["family"],
                                seed=self.cfg.seed)
         try:
             model, processor = load_vlm(source, dtype=getattr(torch, self.train["dtype"]))
