@@ -53,9 +53,12 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def writing_checkpoint(out: Path) -> bool:
+def writing_checkpoint(out: Path, since: float) -> bool:
+    """A checkpoint's temporary file made after ``since`` (time.time()) exists: a write is under
+    way (an older one is the leftover of a write an earlier SIGKILL cut short)."""
     try:
-        return any(n.startswith(".checkpoint.pt.") and n.endswith(".tmp") for n in os.listdir(out))
+        return any(p.name.startswith(".checkpoint.pt.") and p.name.endswith(".tmp") and p.stat().st_mtime >= since
+                   for p in out.iterdir())
     except OSError:
         return False
 
@@ -75,6 +78,7 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
 def session(cmd: list[str], log: Path, out: Path, *, kill_after: float | None, signum: int, at_write: bool) -> dict:
     """One process: sample its RSS each second; kill it ``kill_after`` s after its start (or
     let it finish). ``at_write``: once the time is up, wait for a checkpoint write to begin."""
+    wall0 = time.time()
     proc, t0, rss, in_write = start(cmd, log), time.monotonic(), [], False
     next_sample = t0
     while proc.poll() is None:
@@ -86,9 +90,10 @@ def session(cmd: list[str], log: Path, out: Path, *, kill_after: float | None, s
             next_sample += 1.0
         if kill_after is not None and now - t0 >= kill_after:
             deadline = now + 10.0
-            while at_write and not writing_checkpoint(out) and time.monotonic() < deadline and proc.poll() is None:
-                pass  # spin: a checkpoint write lasts milliseconds
-            in_write = writing_checkpoint(out)
+            while at_write and time.monotonic() < deadline and proc.poll() is None:
+                if writing_checkpoint(out, wall0):  # spin: a checkpoint write lasts milliseconds
+                    break
+            in_write = writing_checkpoint(out, wall0)
             proc.send_signal(signum)
             break
         time.sleep(0.02)
@@ -106,7 +111,8 @@ def soak(out: Path, seed: int, minutes: float, rng: random.Random) -> list[dict]
         kill_after = max(5.0, t_end - time.monotonic()) if last else rng.uniform(5, 40)
         s = session(command(out, seed, "--max-iterations", str(OPEN_BUDGET), *resume), log, out,
                     kill_after=kill_after, signum=signum, at_write=len(sessions) % 4 == 3 and not last)
-        s["metrics_lines"] = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
+        lines = out / "metrics.jsonl"
+        s["metrics_lines"] = len(lines.read_text().splitlines()) if lines.exists() else 0
         sessions.append(s)
         print(f"session {len(sessions):>3}: {s['signal']} after {s['seconds']:5.1f} s (rc {s['rc']}"
               f"{', during a checkpoint write' if s['in_write'] else ''}), {s['metrics_lines']} metrics lines",

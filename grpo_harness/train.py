@@ -59,8 +59,10 @@ def add_arguments(p) -> None:
     d = CARTPOLE_DEFAULTS["train"]
     add_run_arguments(p, d, threads="1: a small MLP gains nothing from more, and extra threads spin against "
                       "other processes on a busy machine")
-    p.add_argument("--max-env-steps", type=int, metavar="N", help=f"total env-step budget (default {d['max_env_steps']:,})")
-    p.add_argument("--eval-episodes", type=int, metavar="N", help=f"episodes per evaluation (default {d['eval_episodes']})")
+    p.add_argument("--max-env-steps", type=int, metavar="N",
+                   help=f"total env-step budget (default {d['max_env_steps']:,})")
+    p.add_argument("--eval-episodes", type=int, metavar="N",
+                   help=f"episodes per evaluation (default {d['eval_episodes']})")
     p.add_argument("--no-early-stop", dest="early_stop", action="store_false", default=None,
                    help=f"keep training after an evaluation mean reaches {SOLVED_THRESHOLD:g}")
     p.add_argument("--hidden", type=int, metavar="H", help=f"policy hidden width (default {d['hidden']})")
