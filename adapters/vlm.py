@@ -13,6 +13,14 @@ Conventions (the loop sees only ``Rollout`` tensors):
   cut depends on the sampling policy's own ranking, which the training forward does not share. The model's own ``generation_config`` is swapped out for the call, so
   a checkpoint's repetition penalty, top-k or temperature cannot leak into sampling. Random
   numbers come from a generator seeded by ``derive_seed(seed, "sample", iteration)``.
+- Work done once per prompt (``encode_once``, the default): ``generate`` gets the B prompts and
+  ``num_return_sequences=G`` (transformers encodes the B prompts' images and M-RoPE index
+  before expanding the batch), and the training forward runs the vision tower on the B
+  prompts' images once per call (``image_features``) and passes the features
+  (``mm_encoder_outputs=``) and the M-RoPE ``position_ids`` (computed once per rollout by
+  ``get_rope_index`` on the B prompts, continued over the completion) instead of G copies of
+  the pixels. Samples and float32 log-probs are bit-identical to the repeated path
+  (``encode_once=False``) on the tiny models; gradients agree to rounding.
 - Completion mask: 1 up to and including the first EOS; a completion that never emits EOS keeps
   all ``max_new_tokens`` tokens valid (``mask_truncated=True`` masks such rows out instead).
 - Log-probs and entropies (old, policy and reference) come from one forward over prompt +
@@ -21,9 +29,9 @@ Conventions (the loop sees only ``Rollout`` tensors):
   the sampleable ids; TRL instead uses the full vocabulary, so its KL and ratio see tokens drawn
   from another distribution than the one they score). Padding after the EOS is scored as EOS
   (masked out anyway; a suppressed pad id would give ``-inf``). ``pixel_values`` are
-  split per image by the grid products and repeated per completion, ``image_grid_thw``
-  repeated, ``mm_token_type_ids`` extended with zeros (text) over the completion and the cached
-  ``rope_deltas`` reset first. Qwen2.5-VL silently computes wrong M-RoPE positions when
+  split per image by the grid products and (repeated path) repeated per completion,
+  ``image_grid_thw`` repeated, ``mm_token_type_ids`` extended with zeros (text) over the
+  completion and the cached ``rope_deltas`` reset first. Qwen2.5-VL silently computes wrong M-RoPE positions when
   ``mm_token_type_ids`` does not cover the completion; ``logprob_consistency`` catches it.
 - Rewards: see ``adapters.vlm_rewards``; the scalar reward of a completion sits on its last
   valid token, zeros elsewhere; a None reward masks the row out.
@@ -32,7 +40,7 @@ Conventions (the loop sees only ``Rollout`` tensors):
 from __future__ import annotations
 
 import contextlib
-
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -105,7 +113,7 @@ class VLMAdapter:
                  seed: int = 0, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16,
                  mask_truncated: bool = False, chunk: int = DEFAULT_CHUNK, forward_batch: int = 64,
                  record_generation_logp: bool = False, extend_mm_token_type_ids: bool = True,
-                 old_logp_forward: bool = True):
+                 old_logp_forward: bool = True, encode_once: bool = True):
         if not len(dataset):
             raise ValueError("the dataset is empty")
         if not (temperature > 0):
@@ -142,8 +150,16 @@ class VLMAdapter:
         vocabulary) for ``logprob_consistency``; costs an (N, T, V) copy of the logits per
         rollout, so off for training."""
         self.extend_mm_token_type_ids = extend_mm_token_type_ids
-        """False drops mm_token_type_ids from the training forward: only for the test that shows
-        why the extension is needed (Qwen2-VL raises, Qwen2.5-VL silently shifts positions)."""
+        """False drops mm_token_type_ids from the training forward (and selects the repeated
+        forward, which is the one that reads them): only for the test that shows why the
+        extension is needed (Qwen2-VL raises, Qwen2.5-VL silently shifts positions)."""
+        self.encode_once = encode_once
+        """True: ``generate`` runs on the B prompts with ``num_return_sequences=G`` (the vision
+        tower and the M-RoPE index on B prompts, expanded by transformers afterwards), and the
+        training forward runs the vision tower once per prompt of a block and takes the M-RoPE
+        positions computed once per rollout (``prompt_positions``), extended over the completion.
+        False: every row's inputs repeated G times and encoded by the model's own forward (the
+        plain path the tests compare the fast one against: samples and log-probs equal)."""
         self.old_logp_forward = old_logp_forward
         """True: ``collect`` runs a forward for ``Rollout.old_logp`` (and the sample-entropy
         metric). False: it leaves ``old_logp`` None for the loop, which saves that forward when
@@ -241,13 +257,15 @@ class VLMAdapter:
         return pv, grid
 
     def generate(self, batch: dict, group_size: int, iteration: int):
-        """Sample ``group_size`` completions per prompt; returns generate's output."""
+        """Sample ``group_size`` completions per prompt (row ``b * G + i``); returns generate's
+        output. ``encode_once``: the B prompts with ``num_return_sequences=G``; else the prompts
+        repeated G times."""
         from transformers import GenerationConfig
 
         b = batch["input_ids"].shape[0]
-        groups = [r // group_size for r in range(b * group_size)]
-        pv, grid = self._visual_rows(batch["pixels"], batch["grids"], groups)
-        rep = lambda t: t.repeat_interleave(group_size, 0)  # noqa: E731
+        g = 1 if self.encode_once else group_size
+        pv, grid = self._visual_rows(batch["pixels"], batch["grids"], [r // g for r in range(b * g)])
+        rep = lambda t: t.repeat_interleave(g, 0)  # noqa: E731
         model = self.policy
         saved = model.generation_config
         model.generation_config = GenerationConfig(eos_token_id=self.eos_id, pad_token_id=self.pad_id)
@@ -261,6 +279,7 @@ class VLMAdapter:
                     attention_mask=rep(batch["attention_mask"]).to(device),
                     mm_token_type_ids=rep(batch["mm_token_type_ids"]).to(device),
                     pixel_values=pv.to(device), image_grid_thw=grid.to(device),
+                    num_return_sequences=group_size // g,
                     do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0,
                     max_new_tokens=self.max_new_tokens, suppress_tokens=self.suppress_ids,
                     eos_token_id=self.eos_id, pad_token_id=self.pad_id,
@@ -286,6 +305,8 @@ class VLMAdapter:
                   "prompt_mm": rep(batch["mm_token_type_ids"]), "pixels": batch["pixels"],
                   "grids": batch["grids"], "group_size": group_size, "completion_ids": comp,
                   "completion_attn": attn, "ended": ended}
+        if self.encode_once:
+            inputs["prompt_positions"] = self.prompt_positions(batch)
         if self.record_generation_logp:
             logits = torch.stack([s.float().cpu() for s in gen_out.logits], 1)  # (N, T, V)
             ids = self._scored_ids(comp, attn)
@@ -314,6 +335,54 @@ class VLMAdapter:
             kw = {k: v.to(device) for k, v in kw.items()}
         return kw
 
+    def prompt_positions(self, batch: dict) -> torch.Tensor:
+        """M-RoPE positions of the B prompts (``get_rope_index``: text, then each image's
+        (t, h, w) grid), computed once per rollout; left padding gets 0.
+
+        Shapes: batch["input_ids"] (B, P) -> (3, B, P) long."""
+        pos, _ = inner_model(self.policy).get_rope_index(
+            input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+            image_grid_thw=torch.cat(batch["grids"]), attention_mask=batch["attention_mask"])
+        return pos.cpu()
+
+    def image_features(self, model: torch.nn.Module, rollout: Rollout, device=None) -> list[tuple]:
+        """The features of every prompt's images under ``model``'s vision tower, one call for
+        the B prompts of the rollout (gradient included). Always all B, whatever rows are
+        asked for, so that a row's features never depend on the other rows of a call.
+
+        Returns one tuple of (tokens, hidden) tensors per prompt, one per image."""
+        x = rollout.inputs
+        pv, grid = self._visual_rows(x["pixels"], x["grids"], list(range(len(x["pixels"]))))
+        feats = inner_model(model).get_image_features(pv.to(device), grid.to(device), return_dict=True).pooler_output
+        bounds = [0, *itertools.accumulate(len(g) for g in x["grids"])]
+        return [tuple(feats[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
+
+    def encoded_inputs(self, rollout: Rollout, rows: torch.Tensor, features: list[tuple], device=None) -> dict:
+        """Forward kwargs for prompt + completion of ``rows`` with the prompts' image
+        ``features`` (``image_features``; each prompt's reused by its G completions) and the
+        M-RoPE positions of ``prompt_positions`` continued over the completion: token t at the
+        prompt's last position + 1 + t, padding after the EOS at 0 (what ``get_rope_index`` on
+        the whole row gives).
+
+        Shapes: rows (n,) -> input_ids, attention_mask (n, P + T), position_ids (3, n, P + T)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        x = rollout.inputs
+        rows = rows.cpu()
+        groups = rows // x["group_size"]
+        comp, comp_attn = x["completion_ids"][rows], x["completion_attn"][rows]
+        prompt_pos = x["prompt_positions"][:, groups]
+        start = prompt_pos.amax(dim=(0, 2)) + 1
+        comp_pos = (start[:, None] + torch.arange(comp.shape[1])) * comp_attn
+        kw = {"input_ids": torch.cat([x["prompt_ids"][rows], comp], 1),
+              "attention_mask": torch.cat([x["prompt_attn"][rows], comp_attn], 1),
+              "position_ids": torch.cat([prompt_pos, comp_pos.expand(3, -1, -1)], 2)}
+        if device is not None:
+            kw = {k: v.to(device) for k, v in kw.items()}
+        per_row = [f for b in groups.tolist() for f in features[b]]
+        kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
+        return kw
+
     def forward_logp(self, model: torch.nn.Module, rollout: Rollout, rows: torch.Tensor, *,
                      want_entropy: bool = True):
         """Per-token log-prob (and entropy) of the completion tokens of ``rows`` under
@@ -324,10 +393,15 @@ class VLMAdapter:
         comp_all = rollout.inputs["completion_ids"]
         t_len = comp_all.shape[1]
         lps, ents = [], []
+        features = None
+        if self.encode_once and self.extend_mm_token_type_ids and "prompt_positions" in rollout.inputs:
+            with _checkpointing_forward(model):
+                features = self.image_features(model, rollout, device)
         for part in rows.split(self.forward_batch):
-            kw = self.model_inputs(rollout, part, device)
             reset_rope_deltas(model)
             with _checkpointing_forward(model):
+                kw = (self.model_inputs(rollout, part, device) if features is None
+                      else self.encoded_inputs(rollout, part, features, device))
                 out = model(**kw, use_cache=False, logits_to_keep=t_len + 1)
             reset_rope_deltas(model)
             logits = out.logits[:, :-1]  # position P-1+t predicts completion token t
