@@ -1,4 +1,4 @@
-"""``grpo-harness`` command line: ``train``, ``check-estimator``, ``report``.
+"""``grpo-harness`` command line: ``train``, ``check-estimator``, ``report``, ``ablate``.
 
 Each subcommand lives in its own module and registers itself through ``add_parser(subparsers)``;
 heavy imports (torch, transformers) happen only when a subcommand runs.
@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "train": "grpo_harness.run",
     "check-estimator": "grpo_harness.check_cmd",
     "report": "grpo_harness.report",
+    "ablate": "grpo_harness.ablate",
 }
 
 
