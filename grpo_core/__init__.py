@@ -7,7 +7,7 @@ with a 0/1 ``mask`` of the same shape.
 
 from .advantages import SCALES, STATS_OVER, group_advantages
 from .kl import KL_ESTIMATORS, kl_estimate, kl_k1, kl_k2, kl_k3, kl_k3_is
-from .losses import AGGS, agg_loss, clipped_policy_loss, entropy_bonus, grpo_loss
+from .losses import AGGS, agg_count, agg_loss, clipped_policy_loss, entropy_bonus, grpo_loss
 from .returns import discounted_returns
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "SCALES",
     "STATS_OVER",
+    "agg_count",
     "agg_loss",
     "clipped_policy_loss",
     "discounted_returns",

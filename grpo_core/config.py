@@ -35,6 +35,11 @@ class GRPOConfig:
     item 4). >= 1; 1 makes the PPO ratio exactly 1 (no clipping)."""
     minibatches: int = 1
     """Minibatches per epoch; the batch's sequences are shuffled and split (1..N)."""
+    micro_batch_size: int | None = None
+    """Rows per forward/backward inside a minibatch; their gradients accumulate into one
+    optimizer step, every loss term divided by the minibatch's global count, so the step is the
+    same as with the whole minibatch at once (only one micro-batch's activations alive at a
+    time). None: the whole minibatch in one pass. >= 1."""
     update_ref_model_freq: int = 1
     """Refresh the reference from the policy when iteration % freq == 0, after computing
     advantages and before the updates (plan item 1). 0 keeps the initial policy forever."""
@@ -95,6 +100,8 @@ class GRPOConfig:
         _check_int(self, "seed", 0)
         if self.max_len is not None:
             _check_int(self, "max_len", 1)
+        if self.micro_batch_size is not None:
+            _check_int(self, "micro_batch_size", 1)
         n = self.group_size * self.groups_per_iteration
         if self.minibatches > n:
             raise ValueError(f"minibatches={self.minibatches} exceeds the {n} sequences per batch "

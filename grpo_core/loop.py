@@ -45,7 +45,7 @@ from .advantages import group_advantages
 from .config import GRPOConfig
 from .determinism import StochasticForwardError, watch_stochastic_modules
 from .kl import FLAT_AT_REFERENCE
-from .losses import DR_GRPO, grpo_loss
+from .losses import DR_GRPO, agg_count, grpo_loss
 from .refmodel import hard_refresh, soft_refresh
 
 _MEAN_STATS = ("loss", "policy_loss", "kl", "entropy", "clip_frac_low", "clip_frac_high", "clip_frac_dual",
@@ -157,10 +157,44 @@ class GRPOTrainer:
         return out
 
     def _minibatch_step(self, rollout, adv, ref_logp, rows) -> dict[str, float]:
+        """One optimizer step on ``rows``, accumulated over micro-batches of
+        ``micro_batch_size`` rows (one forward/backward each, one graph alive at a time). Every
+        loss term divides by the minibatch's global count (``agg_count`` over all its rows,
+        ``_global_count`` over all ranks), so the accumulated gradient is the one-shot one."""
         cfg = self.config
         skip = cfg.skip_zero_grad_steps and self._no_signal(adv[rows], rollout.mask[rows])
+        total = self._global_count(agg_count(rollout.mask[rows], cfg.loss_agg))
+        if not skip:
+            self.optimizer.zero_grad(set_to_none=True)
+        parts = []
+        for micro in self._micro_batches(rows):
+            with torch.set_grad_enabled(not skip):
+                loss, stats = self._micro_loss(rollout, adv, ref_logp, micro, total, skip)
+            if not skip:
+                loss.backward()
+            parts.append((stats, int(rollout.mask[micro].bool().sum())))
+        stats = merge_micro_stats(parts)
+        stats["skipped_steps"] = float(skip)
+        if skip:
+            stats["grad_norm"] = 0.0
+            return stats
+        stats["grad_norm"] = self._clip_gradients()
+        self.optimizer.step()
+        self.ref_is_policy = False
+        return stats
+
+    def _micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        size = self.config.micro_batch_size
+        return [rows] if size is None else list(rows.split(size))
+
+    def _global_count(self, count: int) -> int:
+        """The minibatch's count over every process; one process: the count itself."""
+        return count
+
+    def _micro_loss(self, rollout, adv, ref_logp, rows, total, skip):
+        cfg = self.config
         shortcut = rollout.old_logp is None
-        with torch.set_grad_enabled(not skip), self._checked_forward(shortcut and not skip):
+        with self._checked_forward(shortcut and not skip):
             logp, entropy = self.adapter.logp_and_entropy(self.policy, rollout, rows)
         # old_logp is None only with one epoch and one minibatch: this forward is the first
         # and only one since sampling, so it is the sampling policy's (ratio exactly 1); the
@@ -171,21 +205,12 @@ class GRPOTrainer:
             adv[rows], rollout.mask[rows], entropy=entropy, beta=cfg.beta,
             ent_coef=cfg.ent_coef, kl_estimator=cfg.kl_estimator, eps_low=cfg.clip_eps_low,
             eps_high=cfg.clip_eps_high, agg=cfg.loss_agg, max_len=self.max_len,
-            clip_ratio_c=cfg.clip_ratio_c,
+            clip_ratio_c=cfg.clip_ratio_c, total=total,
         )
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLossError(f"iteration {self.iteration}: loss is {stats['loss']} "
                                      f"(parts: {stats}); refusing to step the optimizer")
-        stats["skipped_steps"] = float(skip)
-        if skip:
-            stats["grad_norm"] = 0.0
-            return stats
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        stats["grad_norm"] = self._clip_gradients()
-        self.optimizer.step()
-        self.ref_is_policy = False
-        return stats
+        return loss, stats
 
     def _no_signal(self, adv: torch.Tensor, mask: torch.Tensor) -> bool:
         """No term of this minibatch's loss has a non-zero expected gradient (module doc)."""
@@ -245,3 +270,24 @@ def _zero_signal_groups(adv: torch.Tensor, valid: torch.Tensor, group_size: int)
     """Groups whose every valid advantage is exactly 0 (no reward spread, or no sample)."""
     nonzero = ((adv != 0) & valid).view(-1, group_size * adv.shape[1]).any(1)
     return int((~nonzero).sum())
+
+
+_SUMMED = ("loss", "policy_loss", "kl", "entropy")
+_TOKEN_SHARES = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl")
+
+
+def merge_micro_stats(parts: list[tuple[dict, int]]) -> dict[str, float]:
+    """One minibatch's stats from its micro-batches' ``(stats, valid tokens)``: the loss terms
+    (already divided by the global count) add up, token shares are token-weighted, the ratio
+    range is the range over the micro-batches that have tokens."""
+    if len(parts) == 1:
+        return dict(parts[0][0])
+    out = {k: sum(st[k] for st, _ in parts) for k in _SUMMED if k in parts[0][0]}
+    tokens = sum(n for _, n in parts)
+    for k in _TOKEN_SHARES:
+        if k in parts[0][0]:
+            out[k] = sum(st[k] * n for st, n in parts) / tokens if tokens else 0.0
+    live = [st for st, n in parts if n] or [parts[0][0]]
+    out["ratio_min"] = min(st["ratio_min"] for st in live)
+    out["ratio_max"] = max(st["ratio_max"] for st in live)
+    return out

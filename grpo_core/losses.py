@@ -17,7 +17,8 @@ AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-tok
 DR_GRPO = "seq-mean-token-sum-norm"
 
 
-def agg_loss(values: torch.Tensor, mask: torch.Tensor, *, agg: str, max_len: int | None = None):
+def agg_loss(values: torch.Tensor, mask: torch.Tensor, *, agg: str, max_len: int | None = None,
+             total: float | None = None):
     """Reduce per-token values to a scalar; the one place where GRPO variants differ.
 
     Shapes: values (N, T), mask (N, T) -> scalar.
@@ -34,29 +35,54 @@ def agg_loss(values: torch.Tensor, mask: torch.Tensor, *, agg: str, max_len: int
       ``max_completion_length`` and ``size(0)``); required here, never the batch's padded T,
       which would make the normaliser depend on the longest sample of the batch.
     Masked values never reach the result, not even as NaN (they are replaced by 0 first).
+
+    ``total``: the count the mean divides by (``agg_count``) taken over a larger batch than
+    ``values``: a micro-batch's share of a minibatch, or one rank's share of the world. The
+    shares' results then add up to the whole batch's (every normaliser is a global count).
     """
     check_same_shape(values=values, mask=mask)
     check_choice("agg", agg, AGGS)
     m = as_mask(mask, values)
     v = torch.where(m, values, torch.zeros_like(values))
     mf = m.to(v.dtype)
-    if agg == "token-mean":
-        return v.sum() / mf.sum().clamp(min=1)
     if agg == DR_GRPO:
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
-            raise ValueError(f"agg={DR_GRPO!r} needs max_len, a positive int (the maximum "
-                             f"completion length), got {max_len!r}")
-        longest = int(mf.sum(-1).max()) if mf.numel() else 0
-        if longest > max_len:
-            raise ValueError(f"agg={DR_GRPO!r}: a sequence has {longest} valid tokens, more than "
-                             f"max_len={max_len}; max_len must be the maximum completion length")
-        return v.sum() / (max(values.shape[0], 1) * max_len)
-    per_seq = v.sum(-1)
-    n_tok = mf.sum(-1)
-    if agg == "seq-mean-token-mean":
-        per_seq = per_seq / n_tok.clamp(min=1)
-    has_tok = (n_tok > 0).to(v.dtype)
-    return (per_seq * has_tok).sum() / has_tok.sum().clamp(min=1)
+        _check_max_len(max_len, mf)
+        numerator = v.sum() / max_len
+    elif agg == "token-mean":
+        numerator = v.sum()
+    else:
+        per_seq = v.sum(-1)
+        if agg == "seq-mean-token-mean":
+            per_seq = per_seq / mf.sum(-1).clamp(min=1)
+        numerator = per_seq.sum()  # an empty row's sum is 0
+    count = agg_count(m, agg) if total is None else total
+    if not count >= 0:
+        raise ValueError(f"total must be a count >= 0, got {total!r}")
+    return numerator / max(count, 1)
+
+
+def agg_count(mask: torch.Tensor, agg: str) -> int:
+    """What ``agg_loss`` divides by: valid tokens (token-mean), sequences with a valid token
+    (seq-mean-*), every row (Dr. GRPO, which also divides by max_len).
+
+    Shapes: mask (N, T) -> int."""
+    check_choice("agg", agg, AGGS)
+    m = mask.bool()
+    if agg == "token-mean":
+        return int(m.sum())
+    if agg == DR_GRPO:
+        return m.shape[0]
+    return int(m.any(-1).sum())
+
+
+def _check_max_len(max_len, mf: torch.Tensor) -> None:
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+        raise ValueError(f"agg={DR_GRPO!r} needs max_len, a positive int (the maximum "
+                         f"completion length), got {max_len!r}")
+    longest = int(mf.sum(-1).max()) if mf.numel() else 0
+    if longest > max_len:
+        raise ValueError(f"agg={DR_GRPO!r}: a sequence has {longest} valid tokens, more than "
+                         f"max_len={max_len}; max_len must be the maximum completion length")
 
 
 def clipped_policy_loss(
@@ -70,6 +96,7 @@ def clipped_policy_loss(
     agg: str,
     max_len: int | None = None,
     clip_ratio_c: float | None = None,
+    total: float | None = None,
 ):
     """PPO clipped surrogate with an asymmetric clip range ("clip-higher", DAPO).
 
@@ -82,6 +109,7 @@ def clipped_policy_loss(
     ``A < 0`` the token loss is capped at ``c * |A|``, ``loss_t = min(loss_t, -c * A)``, so a
     token whose ratio ran far above 1 with a negative advantage gives a bounded loss and no
     gradient once ``rho > c``. None (default) turns it off; otherwise a number > 1.
+    ``total``: the global count of ``agg_loss`` (micro-batches, ranks).
 
     Shapes: logp, old_logp, adv, mask (N, T) -> scalar, stats.
 
@@ -102,7 +130,7 @@ def clipped_policy_loss(
     ratio = bounded_ratio(log_ratio)
     tok = policy_token_loss(ratio, a, eps_low=eps_low, eps_high=eps_high,
                             clip_ratio_c=clip_ratio_c)
-    loss = agg_loss(tok, m, agg=agg, max_len=max_len)
+    loss = agg_loss(tok, m, agg=agg, max_len=max_len, total=total)
     with torch.no_grad():
         stats = _clip_stats(log_ratio, ratio, a, m, eps_low, eps_high, clip_ratio_c)
     return loss, stats
@@ -173,12 +201,13 @@ def _clip_stats(log_ratio, ratio, a, m, eps_low, eps_high, clip_ratio_c) -> dict
     }
 
 
-def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, *, agg: str, max_len: int | None = None):
+def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, *, agg: str, max_len: int | None = None,
+                  total: float | None = None):
     """Aggregated per-token entropy (plan item 6); the loss subtracts ``ent_coef`` times it.
 
     Shapes: entropy (N, T), mask (N, T) -> scalar, stats {"entropy"}.
     """
-    value = agg_loss(entropy, mask, agg=agg, max_len=max_len)
+    value = agg_loss(entropy, mask, agg=agg, max_len=max_len, total=total)
     return value, {"entropy": float(value.detach())}
 
 
@@ -198,13 +227,16 @@ def grpo_loss(
     agg: str,
     max_len: int | None = None,
     clip_ratio_c: float | None = None,
+    total: float | None = None,
 ):
     """``loss = policy_loss + beta * agg(kl) - ent_coef * agg(entropy)``.
 
     The KL term sits in the loss (not in the reward), with the same aggregation as the
     policy loss; ``ref_logp`` is treated as a constant. With ``beta = 0`` the reference is
     not needed (``ref_logp`` may be None); with ``ent_coef = 0`` neither is ``entropy``.
-    ``clip_ratio_c``: the dual clip of ``clipped_policy_loss`` (None: off).
+    ``clip_ratio_c``: the dual clip of ``clipped_policy_loss`` (None: off). ``total``: the
+    global count every term divides by (``agg_count`` over the whole minibatch, all ranks), so
+    that the losses of micro-batches or ranks add up to the minibatch's.
 
     Shapes: logp, old_logp, ref_logp, adv, mask, entropy (N, T) -> scalar, stats.
     stats: the policy-loss stats plus ``policy_loss``, ``kl``, ``entropy``, ``loss``.
@@ -214,7 +246,7 @@ def grpo_loss(
     check_choice("kl_estimator", kl_estimator, tuple(KL_ESTIMATORS))
     pg, stats = clipped_policy_loss(
         logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, agg=agg, max_len=max_len,
-        clip_ratio_c=clip_ratio_c,
+        clip_ratio_c=clip_ratio_c, total=total,
     )
     loss = pg
     stats["policy_loss"] = float(pg.detach())
@@ -227,14 +259,14 @@ def grpo_loss(
             torch.where(m, ref_logp.detach(), zero),
             torch.where(m, old_logp.detach(), zero),
         )
-        kl = agg_loss(kl_tok, m, agg=agg, max_len=max_len)
+        kl = agg_loss(kl_tok, m, agg=agg, max_len=max_len, total=total)
         stats["kl"] = float(kl.detach())
         if beta != 0:
             loss = loss + beta * kl
     elif beta != 0:
         raise ValueError(f"beta={beta!r} needs ref_logp, got None")
     if entropy is not None:
-        ent, ent_stats = entropy_bonus(entropy, m, agg=agg, max_len=max_len)
+        ent, ent_stats = entropy_bonus(entropy, m, agg=agg, max_len=max_len, total=total)
         stats.update(ent_stats)
         if ent_coef != 0:
             loss = loss - ent_coef * ent

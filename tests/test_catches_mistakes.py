@@ -136,7 +136,7 @@ def kl_gradient_parity_ok(kl_fn, name: str) -> bool:
 
 def size_one_groups_give_zero(adv_fn) -> bool:
     """Whether groups of a single sample get advantages exactly 0 (not NaN)."""
-    returns = torch.tensor([[3.0, 2.0], [-1.0, 0.5], [7.0, 7.0]], dtype=F64)
+    returns = torch.tensor([[0.0, 2.0], [0.0, 0.5], [0.0, 7.0]], dtype=F64)  # outcome rewards
     mask = torch.ones_like(returns)
     out = adv_fn(returns, mask, 1)
     return bool(torch.equal(out, torch.zeros_like(out)))
