@@ -910,7 +910,7 @@ class TrainingRun:
     def _drop_metrics_from(self, iteration: int) -> None:
         from .trainlog import METRICS_FILE, drop_records_from
 
-        dropped = drop_records_from(self.out / METRICS_FILE, iteration)
+        dropped = drop_records_from(self.out / METRICS_FILE, iteration) if self.folder.writes else 0
         if dropped:
             self.say(f"dropped {dropped} metrics line(s) from iteration {iteration} on, past the "
                      "checkpoint (they are regenerated)")
@@ -1020,7 +1020,8 @@ class TrainingRun:
                     self._save(state)
                 from .trainlog import CURVE_FILE
 
-                self.write_curve(self.out / CURVE_FILE)
+                if self.folder.writes:
+                    self.write_curve(self.out / CURVE_FILE)
                 extra = self.on_finish(clean=not self._dirty)
                 self._summary(stop, exit_code, extra, crash is not None)
         if error:
