@@ -41,5 +41,14 @@ SOAK_MINUTES ?= 10
 soak: install
 	$(PY) benchmarks/soak.py --minutes $(SOAK_MINUTES)
 
+# Not in CI: mutation testing of the GRPO math (mutmut 3, tests/mutation/run.py): prints the score
+# of each file, writes reports/mutation-<suite>.md, fails below tests/mutation/score.json.
+# MUTATE_ARGS="--suite loop" mutates loop.py and refmodel.py with the loop tests instead.
+MUTATE_ARGS ?=
+.PHONY: mutate
+mutate: install
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check -e ".[mutate]"
+	$(PY) tests/mutation/run.py $(MUTATE_ARGS)
+
 clean:
 	rm -rf $(VENV) reports runs .pytest_cache .hypothesis
