@@ -159,8 +159,11 @@ def without_time(tree):
 
 
 def tensorboard_points(out: Path, records: list[dict]) -> dict[str, dict]:
+    import logging
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)  # its notes on the purged events
     acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     want = [r["env_steps"] for r in records]
@@ -170,6 +173,15 @@ def tensorboard_points(out: Path, records: list[dict]) -> dict[str, dict]:
         result[tag] = {"points": len(steps), "distinct": len(set(steps)), "iterations": len(want),
                        "exactly_once": steps == want}
     return result
+
+
+def no_progress(sessions: list[dict]) -> int:
+    """Sessions killed before they added an iteration (most during start-up)."""
+    best, count = 0, 0
+    for s in sessions:
+        count += s["metrics_lines"] <= best
+        best = max(best, s["metrics_lines"])
+    return count
 
 
 def rss_summary(sessions: list[dict]) -> dict:
@@ -201,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"minutes": args.minutes, "iterations": done, "sessions": len(sessions) - 1,
               "kills": {name: sum(s["signal"] == name for s in sessions[:-1]) for name in ("SIGKILL", "SIGTERM")},
               "kills_during_a_checkpoint_write": sum(s["in_write"] for s in sessions[:-1]),
-              "kills_before_training_started": sum(s["metrics_lines"] == 0 for s in sessions[:-1]),
+              "sessions_without_a_new_iteration": no_progress(sessions[:-1]),
               "metrics_identical": a == b, "metrics_first_difference": first_diff,
               "checkpoint_identical": compare_checkpoints(killed, straight),
               "tensorboard": tensorboard_points(killed, b), "rss": rss_summary(sessions),
