@@ -1,0 +1,185 @@
+"""``grpo-harness ablate``: variants and seeds, the measures read from a run's metrics (censored
+runs at their budget), the verdict rule, and a real tiny ablation with its resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from grpo_harness import ablate
+from grpo_harness.cli import main
+from grpo_harness.run import UsageError
+
+
+def args_for(**kw):
+    base = dict(env="cartpole", variants=None, vary=[], overrides=[], tune=[], seeds="0-1", tune_seeds=None,
+                train=None, alpha=None)
+    base.update(kw)
+    return type("Args", (), base)()
+
+
+# --- variants and seeds --------------------------------------------------------------------------
+
+def test_parse_seeds():
+    assert ablate.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
+    assert ablate.parse_seeds([5, 6]) == [5, 6]
+    for bad in ("3-1", "a", "1,1"):
+        with pytest.raises(UsageError, match="--seeds"):
+            ablate.parse_seeds(bad)
+
+
+def test_vary_makes_one_variant_per_value_that_differs_from_the_base():
+    # CartPole's defaults: gamma 0.99, grpo_epochs 10
+    spec = ablate.spec_from_args(args_for(vary=["gamma=0.99,1.0", "grpo_epochs=1,4"], overrides=["lr=0.02"]))
+    assert list(spec.variants) == ["base", "gamma=1.0", "grpo_epochs=1", "grpo_epochs=4"]
+    assert spec.variants["base"].set == {"lr": 0.02}
+    v = spec.variants["grpo_epochs=4"]
+    assert v.set == {"grpo_epochs": 4} and v.baseline == "base"
+    assert ablate.settings(spec, v, {}) == {"lr": 0.02, "grpo_epochs": 4}
+
+
+def test_variants_file(tmp_path):
+    f = tmp_path / "v.toml"
+    f.write_text('env = "cartpole"\ntrain = ["--max-env-steps", "500"]\nseeds = "0-4"\ntune_seeds = "10-11"\n'
+                 '[variants.base]\nset = {beta = 0.0}\n'
+                 '[variants.e4]\nset = {grpo_epochs = 4}\ntune = {lr = [0.01, 0.003]}\nexpect = "worse"\n'
+                 '[variants.anchor]\nset = {update_ref_model_freq = 0}\ncompare = false\n'
+                 '[variants.k1]\nset = {kl_estimator = "k1"}\nbaseline = "anchor"\nmeasure = "final"\n')
+    spec = ablate.spec_from_args(args_for(variants=f, seeds=None))
+    assert spec.seeds == [0, 1, 2, 3, 4] and spec.tune_seeds == [10, 11] and spec.train == ["--max-env-steps", "500"]
+    assert spec.variants["anchor"].baseline is None and spec.variants["k1"].baseline == "anchor"
+    assert ablate.candidates(spec.variants["e4"]) == [{"lr": 0.01}, {"lr": 0.003}]
+    jobs = ablate.tuning_jobs(spec, tmp_path)
+    assert len(jobs) == 4 and {j.seed for j in jobs} == {10, 11}
+    assert jobs[0].values == {"beta": 0.0, "grpo_epochs": 4, "lr": 0.01}
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(seeds=None), ["no verdict seeds"]),
+    (dict(tune_seeds="1-2"), ["[1]", "both tuning and verdict"]),
+    (dict(tune=["lr=0.1,0.2"]), ["no --tune-seeds"]),
+    (dict(vary=["gama=0.9"]), ["gama", "not a GRPOConfig key"]),
+    (dict(overrides=["gamma=2"]), ["gamma"]),
+    (dict(vary=["gamma"]), ["--vary expects KEY=V1,V2"]),
+])
+def test_bad_ablations_are_refused_in_one_line(kw, words):
+    with pytest.raises(UsageError) as e:
+        ablate.spec_from_args(args_for(**kw))
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_variants_file_of_another_env_or_with_unknown_keys(tmp_path):
+    f = tmp_path / "v.toml"
+    f.write_text('env = "cartpole"\nseeds = "0-1"\n')
+    with pytest.raises(UsageError, match="ablation of 'cartpole', not vlm"):
+        ablate.spec_from_args(args_for(env="vlm", variants=f))
+    f.write_text('[variants.x]\nsett = {gamma = 1.0}\n')
+    with pytest.raises(UsageError, match="unknown key.*sett"):
+        ablate.spec_from_args(args_for(variants=f))
+    f.write_text('[variants.x]\nbaseline = "nobody"\n')
+    with pytest.raises(UsageError, match="baseline 'nobody' is not a variant"):
+        ablate.spec_from_args(args_for(variants=f))
+
+
+# --- measures and verdicts -----------------------------------------------------------------------
+
+def write_run(folder: Path, env: str, records: list[dict], train: dict) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"env": env, "grpo": {}, "train": train}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_summarise_cartpole_run_reached_and_censored(tmp_path):
+    recs = [{"iteration": 0, "env_steps": 100, "wall_time": 0.5, "eval_mean": 30.0},
+            {"iteration": 1, "env_steps": 900, "wall_time": 1.5},
+            {"iteration": 2, "env_steps": 2000, "wall_time": 2.5, "eval_mean": 480.0}]
+    write_run(tmp_path / "a", "cartpole", recs, {})
+    assert ablate.summarise_run("cartpole", tmp_path / "a") == {
+        "reached": True, "iterations": 3, "env_steps": 2000, "seconds": 2.5, "final": 480.0,
+        "iterations_run": 3, "wall_time": 2.5}
+    write_run(tmp_path / "b", "cartpole", recs[:2], {})  # never solved: censored at what it used
+    r = ablate.summarise_run("cartpole", tmp_path / "b")
+    assert (r["reached"], r["env_steps"], r["iterations"], r["seconds"], r["final"]) == (False, 900, 2, 1.5, 30.0)
+
+
+def test_summarise_vlm_run_uses_the_runs_target(tmp_path):
+    recs = [{"iteration": i, "wall_time": float(i), "reward_rolling": v} for i, v in enumerate([0.1, 0.6, 0.7, 0.65])]
+    recs[-1]["eval_reward_mean"] = 0.9
+    write_run(tmp_path / "a", "vlm", recs, {"target_reward": 0.6})
+    r = ablate.summarise_run("vlm", tmp_path / "a")
+    assert (r["reached"], r["iterations"], r["seconds"], r["final"], r["final_rolling"]) == (True, 2, 1.0, 0.9, 0.65)
+    write_run(tmp_path / "b", "vlm", recs, {"target_reward": 0.8})
+    r = ablate.summarise_run("vlm", tmp_path / "b")
+    assert (r["reached"], r["iterations"]) == (False, 4)
+
+
+def fake_results(spec, out, costs: dict[str, list[int]], budget: int = 100):
+    for name, values in costs.items():
+        for seed, cost in zip(spec.seeds, values):
+            job = ablate.Job(name, seed, {}, out / "runs" / ablate.slug(name) / f"seed-{seed}")
+            job.folder.parent.mkdir(parents=True, exist_ok=True)
+            doc = {"args": ablate.train_args(spec, job), "exit": 0, "reached": cost < budget, "iterations": cost,
+                   "seconds": cost / 10, "final": 1.0 - cost / 1000, "final_rolling": 0.9,
+                   "iterations_run": cost, "wall_time": cost / 10}
+            job.result_path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("expect, variant_costs, verdict, p", [
+    ("better", [10, 20, 30, 40, 50, 60], "held", 2 / 64),  # lower on all 6 seeds
+    ("worse", [10, 20, 30, 40, 50, 60], "opposite", 2 / 64),
+    ("better", [200, 200, 200, 200, 200, 200], "opposite", 2 / 64),
+    ("better", [10, 20, 30, 40, 50, 100], "not shown", 2 / 32),  # the censored pair is a tie: dropped
+    ("better", [100] * 6, "not shown", 1.0),  # every run censored at the same budget
+])
+def test_verdict_rule(tmp_path, expect, variant_costs, verdict, p):
+    spec = ablate.Spec("vlm", {"base": ablate.Variant("base", baseline=None),
+                               "v": ablate.Variant("v", {"gamma": 0.9}, expect=expect)}, seeds=list(range(6)))
+    fake_results(spec, tmp_path, {"base": [100] * 6, "v": variant_costs})
+    pair = ablate.collect(spec, tmp_path)["variants"]["v"]["pair"]
+    assert pair["verdict"] == verdict and pair["p_cost"] == pytest.approx(p)
+    md = ablate.markdown(ablate.collect(spec, tmp_path))
+    assert f"**{verdict}**" in md and "verdict seeds 0-5" in md
+
+
+def test_a_result_of_other_settings_is_not_mixed_in(tmp_path):
+    spec = ablate.Spec("vlm", {"base": ablate.Variant("base", baseline=None)}, seeds=[0])
+    fake_results(spec, tmp_path, {"base": [50]})
+    spec.train = ["--max-iterations", "7"]
+    job = ablate.verdict_jobs(spec, tmp_path, {"base": {}})[0]
+    with pytest.raises(UsageError, match="was run as"):
+        ablate.Runner(spec, 1, print).prepare(job)
+
+
+# --- a real ablation ----------------------------------------------------------------------------------
+
+TINY = ["ablate", "cartpole", "--vary", "grpo_epochs=2", "--seeds", "0-1", "--jobs", "2",
+        "--train", "--max-env-steps 300 --eval-episodes 2 --eval-every 1 --hidden 8"]
+
+
+@pytest.mark.slow
+def test_tiny_ablation_runs_reports_and_resumes(tmp_path, capsys):
+    out = tmp_path / "abl"
+    assert main([*TINY, "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    assert first.count("[run ") == 4
+    for name in ("base", "grpo_epochs=2"):
+        for seed in (0, 1):
+            doc = json.loads((out / "runs" / name / f"seed-{seed}.json").read_text())
+            assert doc["exit"] == 0 and doc["env_steps"] >= 1 and "--threads" in doc["args"]
+    md = (out / "ablation.md").read_text()
+    assert "| base |" in md and "| grpo_epochs 2 vs the base | grpo_epochs=2 vs base | 2 |" in md
+    assert (out / "ablation.png").stat().st_size > 0
+    metrics = (out / "runs" / "base" / "seed-0" / "metrics.jsonl").read_text()
+
+    assert main([*TINY, "--out", str(out)]) == 0  # everything done: nothing runs again
+    assert "[run " not in capsys.readouterr().out
+    assert (out / "runs" / "base" / "seed-0" / "metrics.jsonl").read_text() == metrics
+
+    (out / "runs" / "base" / "seed-1.json").unlink()  # finished but its result lost: resumed, not rerun
+    assert main([*TINY, "--out", str(out)]) == 0
+    again = capsys.readouterr().out
+    assert again.count("[run ") == 1 and "base seed 1" in again
+    assert "resuming at iteration" in (out / "runs" / "base" / "seed-1.log").read_text()
