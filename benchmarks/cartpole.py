@@ -2,10 +2,15 @@
 plan's ablation. One process, one torch thread, so the ratios compare like with like.
 
     python -m benchmarks.cartpole [--seeds 5] [--budget 100000] [--out benchmarks/results]
+        [--ablation-seeds 0-19] [--jobs 2]
 
-Prints markdown tables; writes ``cartpole.json`` and ``cartpole_curves.png`` in ``--out``.
-Needs the ``bench`` extra for PPO (``pip install -e .[bench]``); without it the PPO rows are
-skipped with a note.
+GRPO vs PPO runs in this process, both evaluated after the first update that crosses each
+multiple of 1,024 training steps. The ablation is ``grpo-harness ablate cartpole --variants
+benchmarks/ablations/cartpole.toml`` (its own cadence: ``train cartpole``'s evaluation every 5
+iterations; its verdicts from paired seeds), run into ``--out/ablation`` and continued there if
+interrupted. Prints markdown tables; writes ``cartpole.json`` and ``cartpole_curves.png`` in
+``--out``. Needs the ``bench`` extra for PPO (``pip install -e .[bench]``); without it the PPO
+rows are skipped with a note.
 """
 
 from __future__ import annotations
@@ -23,25 +28,12 @@ import torch
 from adapters.cartpole import CartPoleAdapter
 from benchmarks.grpo_runs import grpo_until_solved
 from grpo_core.config import GRPOConfig
+from grpo_harness.stats import quartiles
 from grpo_harness.train import CARTPOLE_DEFAULTS
 
 CARTPOLE_HIDDEN = CARTPOLE_DEFAULTS["train"]["hidden"]
 
-ABLATIONS = {
-    "reference refresh off (update_ref_model_freq=0)": {"update_ref_model_freq": 0},
-    "gamma = 1.0": {"gamma": 1.0},
-    "grpo_epochs = 1": {"grpo_epochs": 1},
-    "mean-only normalisation (scale=none)": {"scale": "none"},
-    "k1 instead of k3": {"kl_estimator": "k1"},
-    # the tuned default has no entropy bonus, so this row turns it on instead
-    "entropy bonus on (ent_coef=0.01)": {"ent_coef": 0.01},
-    "no gradient clipping (max_grad_norm=0)": {"max_grad_norm": 0.0},
-}
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    q = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
-    return float(q[0]), float(q[1]), float(q[2])
+ABLATION_FILE = Path(__file__).resolve().parent / "ablations" / "cartpole.toml"
 
 
 def summarise(runs: list[dict], budget: int) -> dict:
@@ -96,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=int, default=100_000, help="env-step cap for every run")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--skip-ablation", action="store_true")
+    p.add_argument("--ablation-seeds", default=None, help="verdict seeds of the ablation (default: the file's)")
+    p.add_argument("--jobs", type=int, default=2, help="ablation runs at once")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -122,18 +116,44 @@ def main(argv=None) -> int:
         runs["PPO (SB3, RL-Zoo)"] = [ppo_until_solved(s, max_env_steps=args.budget) for s in seeds]
     except ImportError as err:
         results["ppo_skipped"] = f"stable-baselines3 not installed ({err}); pip install -e .[bench]"
-    if not args.skip_ablation:
-        for name, over in ABLATIONS.items():
-            runs[name] = run_grpo(over)
     for name, rs in runs.items():
         results["rows"][name] = summarise(rs, args.budget)
     results["throughput"] = [throughput(cfg.group_size, b, CARTPOLE_HIDDEN)
                              for b in (cfg.groups_per_iteration, 16, 128)]
     results["curves"] = {name: [r["curve"] for r in rs] for name, rs in runs.items()}
-    (args.out / "cartpole.json").write_text(json.dumps(results, indent=1))
+    status = 0
+    if not args.skip_ablation:
+        status, results["ablation"] = ablation(args.out / "ablation", args.ablation_seeds, args.jobs)
+    (args.out / "cartpole.json").write_text(json.dumps(results, indent=1, default=str))
     print(markdown(results))
     plot_curves(results, args.out / "cartpole_curves.png")
-    return 0
+    return status
+
+
+def ablation(out: Path, seeds: str | None, jobs: int) -> tuple[int, dict]:
+    """The plan's ablation through ``grpo-harness ablate`` (see the module docstring); its
+    markdown is printed after the tables. Returns (exit status, the report's data) where the
+    data also holds every run's learning curve (greedy evaluations against env steps)."""
+    from grpo_harness.ablate import collect, load_spec, markdown as ablation_markdown, parse_seeds, run_ablation
+    from grpo_harness.trainlog import read_metrics
+
+    spec = load_spec(ABLATION_FILE)
+    if seeds is not None:
+        spec.seeds = parse_seeds(seeds)
+    status = run_ablation(spec, out, jobs=jobs)
+    doc = collect(spec, out)
+    doc["markdown"] = ablation_markdown(doc)
+    doc["curves"] = {name: [[{"env_steps": r["env_steps"], "eval": r["eval_mean"]}
+                             for r in read_metrics(folder / "metrics.jsonl") if "eval_mean" in r]
+                            for folder in sorted((out / "runs" / slug).glob("seed-*")) if folder.is_dir()]
+                     for name, slug in ((n, _slug(n)) for n in doc["variants"])}
+    return status, doc
+
+
+def _slug(name: str) -> str:
+    from grpo_harness.ablate import slug
+
+    return slug(name)
 
 
 def markdown(res: dict) -> str:
@@ -158,7 +178,28 @@ def markdown(res: dict) -> str:
                      f"{t['raw_vector_env_steps_per_s']:,.0f} | {t['ratio']:.2f} |")
     if "ppo_skipped" in res:
         lines += ["", f"PPO skipped: {res['ppo_skipped']}"]
+    if "ablation" in res:
+        lines += ["", "Ablation (`grpo-harness ablate`):", "", res["ablation"]["markdown"]]
     return "\n".join(lines)
+
+
+def _median_band(ax, curves: list[list[dict]], grid, name: str, **kw) -> None:
+    """Median and IQR over seeds of the greedy evaluations, held as steps between evaluations."""
+    ys = []
+    for curve in curves:
+        pts = [(c["env_steps"], c["eval"]) for c in curve if "eval" in c]
+        xs = np.array([0] + [x for x, _ in pts])
+        vs = np.array([np.nan] + [v for _, v in pts])
+        y = vs[np.searchsorted(xs, grid, side="right") - 1]
+        if pts and pts[-1][1] >= 475:  # solved runs stop: hold their last value
+            y[grid > pts[-1][0]] = pts[-1][1]
+        ys.append(y)
+    if not ys:
+        return
+    ys = np.array(ys)
+    line, = ax.plot(grid, np.nanmedian(ys, 0), label=name, **kw)
+    ax.fill_between(grid, np.nanpercentile(ys, 25, 0), np.nanpercentile(ys, 75, 0), color=line.get_color(),
+                    alpha=0.12)
 
 
 def plot_curves(res: dict, path: Path) -> None:
@@ -167,29 +208,14 @@ def plot_curves(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    last = max(c["env_steps"] for curves in res["curves"].values() for cv in curves for c in cv)
+    panels = [res["curves"], res.get("ablation", {}).get("curves", {})]
+    last = max(c["env_steps"] for p in panels for curves in p.values() for cv in curves for c in cv)
     grid = np.linspace(0, min(res["budget"], 1.1 * last), 201)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
-    for name, curves in res["curves"].items():
-        ax = axes[0] if name.startswith(("GRPO", "PPO")) else axes[1]
-        ys = []
-        for curve in curves:
-            pts = [(c["env_steps"], c["eval"]) for c in curve if "eval" in c]
-            xs = np.array([0] + [x for x, _ in pts])
-            vs = np.array([np.nan] + [v for _, v in pts])
-            idx = np.searchsorted(xs, grid, side="right") - 1
-            y = vs[idx]
-            if pts and pts[-1][1] >= 475:  # solved runs stop: hold their last value
-                y[grid > pts[-1][0]] = pts[-1][1]
-            ys.append(y)
-        ys = np.array(ys)
-        med = np.nanmedian(ys, 0)
-        lo, hi = np.nanpercentile(ys, 25, 0), np.nanpercentile(ys, 75, 0)
-        line, = ax.plot(grid, med, label=name, lw=2 if name.startswith("GRPO") else 1.3)
-        ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.12)
-        if name.startswith("GRPO"):  # the defaults also go on the ablation panel
-            axes[1].plot(grid, med, color="k", lw=2, label=name)
-    for ax, title in zip(axes, ("GRPO vs PPO", "ablation: one improvement off at a time")):
+    for ax, curves_by_name in zip(axes, panels):
+        for name, curves in curves_by_name.items():
+            _median_band(ax, curves, grid, name, lw=2 if name.startswith(("GRPO", "base")) else 1.3)
+    for ax, title in zip(axes, ("GRPO vs PPO", "ablation (grpo-harness ablate)")):
         ax.axhline(475, color="k", lw=0.8, ls="--")
         ax.set_xlabel("training env steps")
         ax.set_title(f"CartPole-v1, {title} (median, IQR band)", fontsize=10)

@@ -1,10 +1,15 @@
-"""Grid sweep behind the CartPole defaults: env steps to solve per config and seed.
+"""Grid sweep behind the CartPole defaults, run by ``grpo-harness ablate``: env steps to solve
+per config and seed.
 
-    python -m benchmarks.tune_cartpole '{"group_size": [4, 8], "lr": [3e-3, 1e-2]}' --seeds 5 --out sweep.jsonl
+    python -m benchmarks.tune_cartpole '{"group_size": [4, 8], "lr": [3e-3, 1e-2]}' --seeds 0-4 \\
+        --out runs/sweep --jsonl sweep.jsonl
 
-Each config runs ``--seeds`` seeds to a 100-episode greedy mean of 475 (evaluated every 1024
-training steps) or the 150k-step cap; an unsolved seed counts as 1e9 steps. One JSON line per
-config with every seed's steps and the median.
+Every point of the grid (GRPOConfig keys, or ``hidden``: the policy width, a train flag) is one
+ablation variant over the CartPole defaults, run on ``--seeds`` to a greedy 100-episode mean of
+475 or the ``--budget`` cap (an unsolved seed counts as the env steps it used, the budget). The
+ablation folder ``--out`` holds the runs and the report (its verdicts compare each point with
+the defaults on the same seeds) and continues where it stopped when run again; ``--jsonl``
+gets one line per config with every seed's steps, whether it solved, and the median.
 """
 
 from __future__ import annotations
@@ -13,38 +18,46 @@ import argparse
 import itertools
 import json
 import statistics
+from pathlib import Path
 
-import torch
+from grpo_harness.ablate import BASE, Spec, Variant, check_spec, collect, parse_seeds, run_ablation
 
-from benchmarks.grpo_runs import grpo_until_solved
-from grpo_core.config import GRPOConfig
-from grpo_harness.train import CARTPOLE_DEFAULTS
+
+def grid_spec(grid: dict[str, list], seeds: list[int], budget: int) -> Spec:
+    """One variant per point of ``grid`` (named by its values), each compared with the defaults."""
+    variants = {BASE: Variant(BASE, baseline=None)}
+    for values in itertools.product(*grid.values()):
+        over = dict(zip(grid, values))
+        hidden = over.pop("hidden", None)
+        name = ", ".join(f"{k}={json.dumps(v)}" for k, v in zip(grid, values))
+        variants[name] = Variant(name, over, train=[] if hidden is None else ["--hidden", str(hidden)],
+                                 claim="sweep point vs the defaults")
+    spec = Spec("cartpole", variants, seeds=seeds, train=["--max-env-steps", str(budget)])
+    check_spec(spec)
+    return spec
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("grid", help="JSON object: GRPOConfig field (or 'hidden') -> list of values")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--budget", type=int, default=150_000)
-    p.add_argument("--out", default="sweep.jsonl")
+    p.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 (default)")
+    p.add_argument("--budget", type=int, default=150_000, help="env-step cap of every run")
+    p.add_argument("--out", type=Path, default=Path("runs/tune_cartpole"), help="the ablation folder")
+    p.add_argument("--jsonl", type=Path, default=Path("sweep.jsonl"), help="one line per config (appended)")
+    p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    grid = json.loads(args.grid)
-    base = GRPOConfig.from_dict(CARTPOLE_DEFAULTS["grpo"])
-    with open(args.out, "a") as out:
-        for values in itertools.product(*grid.values()):
-            over = dict(zip(grid, values))
-            hidden = over.pop("hidden", CARTPOLE_DEFAULTS["train"]["hidden"])
-            steps = []
-            for seed in range(args.seeds):
-                r = grpo_until_solved(base.replace(**over, seed=seed), hidden=hidden,
-                                      max_env_steps=args.budget)
-                steps.append(r["steps"] if r["solved"] else 10**9)
-            rec = {"over": over, "hidden": hidden, "steps": steps, "median": statistics.median(steps)}
+    spec = grid_spec(json.loads(args.grid), parse_seeds(args.seeds), args.budget)
+    status = run_ablation(spec, args.out, jobs=args.jobs)
+    doc = collect(spec, args.out)
+    with args.jsonl.open("a") as out:
+        for name, v in spec.variants.items():
+            runs = [doc["variants"][name]["results"][s] for s in spec.seeds if s in doc["variants"][name]["results"]]
+            steps = [r["env_steps"] for r in runs]
+            rec = {"over": v.set, "train": v.train, "steps": steps, "solved": [r["reached"] for r in runs],
+                   "median": statistics.median(steps) if steps else None}
             out.write(json.dumps(rec) + "\n")
-            out.flush()
             print(rec, flush=True)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -99,6 +99,8 @@ class Variant:
     (final reward, higher is better)."""
     claim: str = ""
     """The claim the pair tests, in words (shown in the verdicts table)."""
+    train: list[str] = field(default_factory=list)
+    """Flags for this variant's ``train`` runs, after the ablation's (e.g. ``--hidden 32``)."""
 
 
 @dataclass
@@ -137,7 +139,7 @@ def slug(name: str) -> str:
 
 
 def _variant(name: str, table: dict, where: str) -> Variant:
-    known = {"set", "tune", "baseline", "expect", "measure", "claim", "compare"}
+    known = {"set", "tune", "baseline", "expect", "measure", "claim", "compare", "train"}
     unknown = sorted(set(table) - known)
     if unknown:
         raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
@@ -147,6 +149,7 @@ def _variant(name: str, table: dict, where: str) -> Variant:
     if table.get("compare", True) is False or name == BASE:
         v.baseline = None
     v.expect, v.measure, v.claim = table.get("expect", "better"), table.get("measure", "cost"), table.get("claim", "")
+    v.train = [str(a) for a in table.get("train", [])]
     if v.expect not in EXPECT or v.measure not in MEASURES:
         raise UsageError(f"{where}: expect={v.expect!r} / measure={v.measure!r}: expected one of "
                          f"{EXPECT} / {MEASURES}")
@@ -171,6 +174,7 @@ def load_spec(path: Path) -> Spec:
         expect = "better"                    # what the claim predicts: better or worse
         measure = "cost"                     # cost (samples to target) or final (final reward)
         claim = "several epochs: better data efficiency"
+        train = ["--hidden", "32"]           # flags for this variant's runs (optional)
     """
     from .run import _parse_file
 
@@ -314,7 +318,8 @@ class Job:
 def train_args(spec: Spec, job: Job) -> list[str]:
     """The arguments after ``grpo-harness train``: what the run is, and its result records."""
     sets = [a for k, v in sorted(job.values.items()) for a in ("--set", f"{k}={json.dumps(v)}")]
-    return [spec.env, *spec.train, *sets, "--seed", str(job.seed), "--threads", "1", "--out", str(job.folder)]
+    own = spec.variants[job.variant].train
+    return [spec.env, *spec.train, *own, *sets, "--seed", str(job.seed), "--threads", "1", "--out", str(job.folder)]
 
 
 def read_result(job: Job) -> dict[str, Any] | None:
@@ -596,7 +601,8 @@ def collect(spec: Spec, out: Path) -> dict[str, Any]:
     per: dict[str, dict[int, dict]] = {}
     for v in spec.variants.values():
         picked = choose(spec, v, out) if v.tune else ({}, [])
-        entry: dict[str, Any] = {"set": v.set, "tune": v.tune, "tuning": picked[1] if picked else None,
+        entry: dict[str, Any] = {"set": v.set, "train": v.train, "tune": v.tune,
+                                 "tuning": picked[1] if picked else None,
                                  "chosen": picked[0] if picked else None}
         runs = {}
         if picked is not None:
@@ -622,6 +628,8 @@ def _q(q, digits: int = 0) -> str:
 
 def _settings_text(entry: dict) -> str:
     parts = [f"{k}={json.dumps(v)}" for k, v in entry["set"].items()]
+    if entry["train"]:
+        parts.append(shlex.join(entry["train"]))
     if entry["chosen"]:
         parts += [f"{k}={json.dumps(v)} (tuned)" for k, v in entry["chosen"].items()]
     elif entry["tune"]:
