@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,vlm,lora
 PYTEST_WORKERS ?= 2
 
-.PHONY: install verify verify-deep test smoke soak clean
+.PHONY: install verify verify-deep test smoke soak gpu-check clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 
@@ -49,6 +49,12 @@ MUTATE_ARGS ?=
 mutate: install
 	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check -e ".[mutate]"
 	$(PY) tests/mutation/run.py $(MUTATE_ARGS)
+
+# On a CUDA machine: a random-init 2B Qwen2-VL, preflight in bf16, 20 iterations; step time,
+# tokens/s, peak memory and the log-prob gap to benchmarks/results/gpu.json and RESULTS.md.
+# Without CUDA: one line saying so (exit 0).
+gpu-check: install
+	$(PY) -m grpo_harness.cli gpu-check
 
 clean:
 	rm -rf $(VENV) reports runs .pytest_cache .hypothesis

@@ -223,6 +223,7 @@ class VLMAdapter:
             rollout.old_logp = torch.where(attn.bool(), old_logp, torch.zeros_like(old_logp))
         inputs["completions"] = completions
         rollout.info = self._info(total, per_fn, lengths, truncated, scored, old_ent, attn)
+        rollout.info["prompt_len_mean"] = float(inputs["prompt_attn"].sum(1).float().mean())
         return rollout
 
     def logp_and_entropy(self, model: torch.nn.Module, rollout: Rollout, rows: torch.Tensor):

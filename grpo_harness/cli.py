@@ -1,4 +1,5 @@
-"""``grpo-harness`` command line: ``train``, ``check-estimator``, ``report``, ``ablate``.
+"""``grpo-harness`` command line: ``train``, ``check-estimator``, ``report``, ``ablate``,
+``gpu-check``.
 
 Each subcommand lives in its own module and registers itself through ``add_parser(subparsers)``;
 heavy imports (torch, transformers) happen only when a subcommand runs.
@@ -16,6 +17,7 @@ SUBCOMMANDS = {
     "check-estimator": "grpo_harness.check_cmd",
     "report": "grpo_harness.report",
     "ablate": "grpo_harness.ablate",
+    "gpu-check": "grpo_harness.gpu_check",
 }
 
 
