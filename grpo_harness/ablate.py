@@ -101,6 +101,8 @@ class Variant:
     """The claim the pair tests, in words (shown in the verdicts table)."""
     train: list[str] = field(default_factory=list)
     """Flags for this variant's ``train`` runs, after the ablation's (e.g. ``--hidden 32``)."""
+    tune_from: str | None = None
+    """Take the tuned values of that variant (e.g. its learning rate) instead of tuning."""
 
 
 @dataclass
@@ -139,7 +141,7 @@ def slug(name: str) -> str:
 
 
 def _variant(name: str, table: dict, where: str) -> Variant:
-    known = {"set", "tune", "baseline", "expect", "measure", "claim", "compare", "train"}
+    known = {"set", "tune", "baseline", "expect", "measure", "claim", "compare", "train", "tune_from"}
     unknown = sorted(set(table) - known)
     if unknown:
         raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
@@ -150,6 +152,7 @@ def _variant(name: str, table: dict, where: str) -> Variant:
         v.baseline = None
     v.expect, v.measure, v.claim = table.get("expect", "better"), table.get("measure", "cost"), table.get("claim", "")
     v.train = [str(a) for a in table.get("train", [])]
+    v.tune_from = table.get("tune_from")
     if v.expect not in EXPECT or v.measure not in MEASURES:
         raise UsageError(f"{where}: expect={v.expect!r} / measure={v.measure!r}: expected one of "
                          f"{EXPECT} / {MEASURES}")
@@ -175,6 +178,7 @@ def load_spec(path: Path) -> Spec:
         measure = "cost"                     # cost (samples to target) or final (final reward)
         claim = "several epochs: better data efficiency"
         train = ["--hidden", "32"]           # flags for this variant's runs (optional)
+        tune_from = "other"                  # or: take that variant's tuned values
     """
     from .run import _parse_file
 
@@ -271,9 +275,13 @@ def check_spec(spec: Spec) -> None:
     for v in spec.variants.values():
         if v.baseline is not None and v.baseline not in spec.variants:
             raise UsageError(f"variant {v.name!r}: its baseline {v.baseline!r} is not a variant")
+        if v.tune_from is not None and (v.tune or not spec.variants.get(v.tune_from, Variant("")).tune):
+            raise UsageError(f"variant {v.name!r}: tune_from {v.tune_from!r} must name a tuned variant, "
+                             "and a variant with tune_from has no tune of its own")
         if slugs.setdefault(slug(v.name), v.name) != v.name:
             raise UsageError(f"variants {slugs[slug(v.name)]!r} and {v.name!r} share the folder name {slug(v.name)!r}")
-        for cand in candidates(v) or [{}]:
+        source = spec.variants[v.tune_from] if v.tune_from else v
+        for cand in candidates(source) or [{}]:
             with warnings.catch_warnings():  # the runs print their own (e.g. an inert KL term)
                 warnings.simplefilter("ignore")
                 make_config({**defaults, **settings(spec, v, cand)})
@@ -399,17 +407,11 @@ class Runner:
 
     def run_one(self, job: Job, cmd: list[str]) -> dict[str, Any]:
         job.folder.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        with open(job.log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)  # our SIGTERM, not the terminal's SIGINT
-            with self._lock:
-                self._procs.add(proc)
-            try:
-                code = proc.wait()
-            finally:
-                with self._lock:
-                    self._procs.discard(proc)
+        code = self._spawn(job, cmd)
+        if code == EXIT_USAGE and cmd[-1] == "--resume" and "cannot resume" in _last_error(job.log_path):
+            # e.g. GRPOConfig gained an option since the checkpoint: the run starts again
+            shutil.rmtree(job.folder)
+            code = self._spawn(job, cmd[:-1])
         doc: dict[str, Any] = {"args": train_args(self.spec, job), "exit": code}
         if code == 0:
             doc.update(summarise_run(self.spec.env, job.folder))
@@ -419,6 +421,19 @@ class Runner:
 
         atomic_write(job.result_path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1) + "\n"))
         return doc
+
+    def _spawn(self, job: Job, cmd: list[str]) -> int:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        with open(job.log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)  # our SIGTERM, not the terminal's SIGINT
+            with self._lock:
+                self._procs.add(proc)
+            try:
+                return proc.wait()
+            finally:
+                with self._lock:
+                    self._procs.discard(proc)
 
     def run(self, jobs: list[Job], on_done) -> list[tuple[Job, dict]]:
         """Run every job not done yet; ``on_done(job, result)`` after each. Returns the failed
@@ -493,6 +508,14 @@ def choose(spec: Spec, v: Variant, out: Path) -> tuple[dict[str, Any], list[dict
     return best["values"], rows
 
 
+def tuned(spec: Spec, v: Variant, out: Path) -> tuple[dict[str, Any], list[dict]] | None:
+    """``choose`` for a tuned variant, the source's choice for ``tune_from``, ({}, []) else."""
+    if v.tune_from is not None:
+        picked = choose(spec, spec.variants[v.tune_from], out)
+        return None if picked is None else (picked[0], [])
+    return choose(spec, v, out) if v.tune else ({}, [])
+
+
 def verdict_jobs(spec: Spec, out: Path, chosen: dict[str, dict]) -> list[Job]:
     """Seeds outer, variants inner: a run stopped half-way leaves every variant with about the
     same seeds done. Variants whose tuning is not finished are left out."""
@@ -513,18 +536,20 @@ def run_ablation(spec: Spec, out: Path, *, jobs: int = 2, report_only: bool = Fa
             failed += runner.run(tuning_jobs(spec, out), _progress(say, "tune"))
         chosen = {}
         for v in spec.variants.values():
-            picked = choose(spec, v, out) if v.tune else ({}, [])
+            picked = tuned(spec, v, out)
             if picked is not None:
                 chosen[v.name] = picked[0]
         if not report_only and not runner.stopping.is_set():
             failed += runner.run(verdict_jobs(spec, out, chosen), _progress(say, "run"))
     write_report(spec, out)
+    stopped = runner.stopping.is_set()
+    failed = [(j, d) for j, d in failed if not (stopped and d["exit"] in (130, 143))]  # interrupted: resumed
     for job, doc in failed:
         say(f"failed: {job.variant} seed {job.seed} (exit {doc['exit']}): {doc.get('error', '')}; log {job.log_path}")
     say(f"report: {out / REPORT_MD}")
-    if runner.stopping.is_set() or failed:
+    if stopped or failed:
         say(f"continue with: {again}" if again else "run the same command again to continue")
-        return 130 if runner.stopping.is_set() and not failed else 1
+        return 1 if failed else 130
     return 0
 
 
@@ -600,8 +625,8 @@ def collect(spec: Spec, out: Path) -> dict[str, Any]:
                            "tune_seeds": spec.tune_seeds, "alpha": spec.alpha, "variants": {}}
     per: dict[str, dict[int, dict]] = {}
     for v in spec.variants.values():
-        picked = choose(spec, v, out) if v.tune else ({}, [])
-        entry: dict[str, Any] = {"set": v.set, "train": v.train, "tune": v.tune,
+        picked = tuned(spec, v, out)
+        entry: dict[str, Any] = {"set": v.set, "train": v.train, "tune": v.tune or v.tune_from,
                                  "tuning": picked[1] if picked else None,
                                  "chosen": picked[0] if picked else None}
         runs = {}
@@ -631,7 +656,8 @@ def _settings_text(entry: dict) -> str:
     if entry["train"]:
         parts.append(shlex.join(entry["train"]))
     if entry["chosen"]:
-        parts += [f"{k}={json.dumps(v)} (tuned)" for k, v in entry["chosen"].items()]
+        how = "tuned" if not isinstance(entry["tune"], str) else f"as tuned for {entry['tune']}"
+        parts += [f"{k}={json.dumps(v)} ({how})" for k, v in entry["chosen"].items()]
     elif entry["tune"]:
         parts.append("tuning not finished")
     return ", ".join(parts) or "–"

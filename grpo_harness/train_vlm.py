@@ -102,8 +102,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _add_task_arguments(src) -> None:
+    from adapters.vlm_tasks import TASKS
+
     td, md = TASK_DEFAULTS, MODEL_DEFAULTS
-    src.add_argument("--task", choices=["colours"], help="built-in task (default: colours unless --data)")
+    src.add_argument("--task", choices=list(TASKS), help="built-in task: colours (one word), sequence or "
+                     "sequence-words (three words; adapters.vlm_tasks) (default: colours unless --data)")
     src.add_argument("--data", type=Path, metavar="FILE.jsonl",
                      help="JSONL rows with columns image (path), prompt, answer (+ any others)")
     src.add_argument("--eval-data", type=Path, metavar="FILE.jsonl", help="held-out rows for greedy evaluation")
@@ -377,7 +380,8 @@ class VLMRun(TrainingRun):
         if saved is None:
             if args.data is not None and args.task is not None:
                 raise UsageError("give either --task or --data, not both")
-            self.task = {"name": "data" if args.data is not None else "colours", **TASK_DEFAULTS, **task}
+            name = "data" if args.data is not None else (args.task or "colours")
+            self.task = {"name": name, **TASK_DEFAULTS, **task}
             self.model = {**MODEL_DEFAULTS, **model}
             return
         self.task, self.model = dict(saved.get("task", {})), dict(saved.get("model", {}))
@@ -392,7 +396,9 @@ class VLMRun(TrainingRun):
     def check_train(self) -> None:
         t, task, m = self.train, self.task, self.model
         if t["max_new_tokens"] is None:
-            t["max_new_tokens"] = 2 if task["name"] == "colours" else 32
+            from adapters.vlm_tasks import TASKS
+
+            t["max_new_tokens"] = TASKS[task["name"]].max_new_tokens if task["name"] in TASKS else 32
         for key, low in (("max_iterations", 1), ("max_new_tokens", 1), ("window", 1)):
             check_int(t, key, low)
         self._check_floats()
@@ -435,28 +441,30 @@ class VLMRun(TrainingRun):
 
     # build ------------------------------------------------------------------------------------
     def _datasets(self):
-        from adapters.vlm_tasks import colours_dataset, first_word_reward
+        from adapters.vlm_tasks import TASKS
 
         task, seed = self.task, self.cfg.seed
         funcs = load_rewards(task["reward"])
-        if task["name"] == "colours":
-            train = colours_dataset(task["num_prompts"], k=task["colours"], seed=2 * seed)
-            held = colours_dataset(task["eval_size"], k=task["colours"], seed=2 * seed + 1)
-            return train, held, funcs or [first_word_reward]
+        if task["name"] in TASKS:
+            spec = TASKS[task["name"]]
+            train = spec.dataset(task["num_prompts"], k=task["colours"], seed=2 * seed)
+            held = spec.dataset(task["eval_size"], k=task["colours"], seed=2 * seed + 1)
+            return train, held, funcs or [spec.reward]
         held = load_rows(Path(task["eval_data"])) if task["eval_data"] else None
         return load_rows(Path(task["data"])), held, funcs
 
     def _load_model(self):
         import torch
 
-        from adapters.vlm_tasks import colours_vocabulary
+        from adapters.vlm_tasks import TASKS
         from adapters.vlm_tiny import build_tiny_vlm, load_vlm
 
         source = self.model_source
         if source is None:
             source = self.out / "model"
             if not (source / "config.json").is_file():
-                build_tiny_vlm(source, words=colours_vocabulary(self.task["colours"]), family=self.model["family"],
+                words = TASKS[self.task["name"]].vocabulary(self.task["colours"])
+                build_tiny_vlm(source, words=words, family=self.model["family"],
                                seed=self.cfg.seed)
         try:
             model, processor = load_vlm(source, dtype=getattr(torch, self.train["dtype"]))
@@ -472,6 +480,7 @@ class VLMRun(TrainingRun):
         from transformers.utils import logging as hf_logging
 
         from adapters.vlm import VLMAdapter
+        from adapters.vlm_tasks import task_adapter
         from grpo_core.loop import GRPOTrainer
 
         hf_logging.disable_progress_bar()
@@ -491,10 +500,10 @@ class VLMRun(TrainingRun):
 
                 with torch.random.fork_rng():  # LoRA's A factors are drawn from the global stream:
                     torch.manual_seed(self.cfg.seed)  # seed them, whatever ran before in the process
-                    self.adapter = LoRAVLMAdapter(model, self.processor, train_ds, funcs,
-                                                  lora_rank=self.model["lora_rank"], **kw)
+                    self.adapter = task_adapter(self.task, LoRAVLMAdapter)(
+                        model, self.processor, train_ds, funcs, lora_rank=self.model["lora_rank"], **kw)
             else:
-                self.adapter = VLMAdapter(model, self.processor, train_ds, funcs, **kw)
+                self.adapter = task_adapter(self.task, VLMAdapter)(model, self.processor, train_ds, funcs, **kw)
             return GRPOTrainer(self.adapter, self.cfg)
         except (ValueError, ImportError) as e:
             raise UsageError(one_line(e)) from None

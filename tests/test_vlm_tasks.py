@@ -1,0 +1,175 @@
+"""The built-in VLM tasks: the sequence task's reward (hand-computed), its answers read back from
+the images, its prompts and vocabulary, and ``train vlm --task sequence`` from nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from adapters.vlm_tasks import (COLOURS, SEQUENCE_QUESTION, TASKS, colour_names, colours_dataset,
+                                first_word_reward, sequence_answer, sequence_dataset, sequence_reward,
+                                sequence_vocabulary, sequence_word_scores, task_adapter, with_word_credit)
+
+
+CYCLE = "red green blue yellow"
+
+
+@pytest.mark.parametrize("completion, score", [
+    ("red green blue", 1.0),
+    ("Red, green. BLUE!", 1.0),  # case and punctuation do not matter
+    ("red green yellow", 2 / 3),  # yellow does not follow green
+    ("green blue yellow", 2 / 3),  # wrong colour, then its own two successors
+    ("yellow red green", 2 / 3),  # the cycle wraps
+    ("red blue green", 1 / 3),
+    ("red", 1 / 3),  # missing words earn nothing
+    ("", 0.0),
+    ("red green blue yellow red", 1.0),  # words past the answer's length earn nothing
+    ("the red green", 1 / 3),  # "green" follows "red"
+    ("red not green", 1 / 3),
+])
+def test_sequence_reward_hand_computed(completion, score):
+    assert sequence_reward(["q"], [completion], ["red green blue"], [CYCLE]) == [pytest.approx(score, abs=1e-15)]
+
+
+def test_sequence_word_scores_hand_computed():
+    third = 1 / 3
+    assert sequence_word_scores(["red", "green", "blue"], "red green blue", CYCLE) == [third, third, third]
+    assert sequence_word_scores(["blue", "yellow", "red"], "red green blue", CYCLE) == [0.0, third, third]
+    assert sequence_word_scores(["red", "red", "green", "blue"], "red green blue", CYCLE) == [third, 0.0, third, 0.0]
+    assert sequence_word_scores([], "red green blue", CYCLE) == []
+
+
+def positional_reward(prompts, completions, answer, **kwargs):
+    """A plausible mistake: each word compared with the answer at its position (a wrong first
+    word then sinks the rest, so the later words' rule is never credited on its own)."""
+    return [sum(a == b for a, b in zip(c.lower().split(), x.split())) / 3 for c, x in zip(completions, answer)]
+
+
+def bag_of_words_reward(prompts, completions, answer, **kwargs):
+    """A plausible mistake: credit for each answer word said anywhere (order ignored)."""
+    return [len(set(c.lower().split()) & set(a.split())) / len(a.split()) for c, a in zip(completions, answer)]
+
+
+@pytest.mark.parametrize("wrong", [positional_reward, bag_of_words_reward])
+def test_hand_cases_reject_rewards_that_ignore_the_chain(wrong):
+    cases = [("green blue yellow", 2 / 3), ("red blue green", 1 / 3)]
+    assert any(wrong(["q"], [c], ["red green blue"], cycle=[CYCLE]) != [pytest.approx(v)] for c, v in cases)
+
+
+def test_sequence_answer_hand_computed():
+    assert sequence_answer("red") == "red green blue"
+    assert sequence_answer("blue") == "blue yellow red"  # the cycle wraps
+    assert sequence_answer("yellow", k=4) == "yellow red green"
+    assert sequence_answer("green", k=3) == "green blue red"
+    assert sequence_answer("red", k=2) == "red green red"
+
+
+def nearest_colour(image, k: int) -> str:
+    """The colour whose RGB is nearest the image's mean pixel (an independent read of the image)."""
+    mean = np.asarray(image, dtype=float).reshape(-1, 3).mean(0)
+    return min(colour_names(k), key=lambda c: np.sum((np.array(COLOURS[c]) - mean) ** 2))
+
+
+@pytest.mark.parametrize("k", [2, 4, 6])
+def test_sequence_dataset_answers_the_image(k):
+    rows = sequence_dataset(12, k=k, seed=3)
+    for row in rows:
+        words = row["answer"].split()
+        assert len(words) == 3 and row["prompt"] == SEQUENCE_QUESTION and row["cycle"] == " ".join(colour_names(k))
+        assert words[0] == nearest_colour(row["image"], k)
+        names = colour_names(k)
+        assert [names.index(w) for w in words] == [(names.index(words[0]) + j) % k for j in range(3)]
+    firsts = [r["answer"].split()[0] for r in rows]
+    assert max(firsts.count(c) for c in colour_names(k)) - min(firsts.count(c) for c in colour_names(k)) <= 1
+
+
+def test_sequence_dataset_is_deterministic_in_its_seed():
+    a, b, c = sequence_dataset(4, seed=1), sequence_dataset(4, seed=1), sequence_dataset(4, seed=2)
+    assert all(np.array_equal(np.asarray(x["image"]), np.asarray(y["image"])) for x, y in zip(a, b))
+    assert not all(np.array_equal(np.asarray(x["image"]), np.asarray(y["image"])) for x, y in zip(a, c))
+
+
+def test_sequence_vocabulary_covers_question_and_answers():
+    vocab = set(sequence_vocabulary(4))
+    assert set(SEQUENCE_QUESTION.lower().replace(".", " ").split()) <= vocab
+    assert {w for r in sequence_dataset(8) for w in r["answer"].split()} <= vocab
+
+
+def test_task_registry_keeps_colours_as_it_was():
+    colours = TASKS["colours"]
+    assert (colours.dataset, colours.reward, colours.max_new_tokens, colours.adapter) == (
+        colours_dataset, first_word_reward, 2, None)
+    for name in ("sequence", "sequence-words"):
+        assert TASKS[name].max_new_tokens == 3 and TASKS[name].reward is sequence_reward
+    assert task_adapter({"name": "sequence", "reward": []}, object) is object
+    assert task_adapter({"name": "sequence-words", "reward": ["my:reward"]}, object) is object  # user's reward
+    assert issubclass(task_adapter({"name": "sequence-words", "reward": []}, object), object)
+
+
+class _Tokenizer:
+    """Word-level: id i is WORDS[i]; 0 is a special token (decoded to nothing)."""
+
+    WORDS = ["<eos>", "red", "green", "blue", "yellow", "the", ","]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(self.WORDS[i] for i in ids if i != 0)
+
+
+class _StubAdapter:
+    """What WordCredit needs of a VLM adapter: collect() with the outcome on the last token."""
+
+    def __init__(self, dataset, completions):
+        self.dataset, self.tokenizer, self.completions = dataset, _Tokenizer(), completions
+
+    def prompt_indices(self, iteration, num_groups):
+        return list(range(num_groups))
+
+    def collect(self, *, num_groups, group_size, iteration):
+        import torch
+
+        from grpo_core.adapter import Rollout
+
+        t_len = max(len(c) for c in self.completions)
+        ids = torch.tensor([c + [0] * (t_len - len(c)) for c in self.completions])
+        attn = torch.tensor([[1] * len(c) + [0] * (t_len - len(c)) for c in self.completions])
+        rewards = torch.zeros(ids.shape)
+        rewards[torch.arange(len(ids)), attn.sum(1) - 1] = 0.5  # junk: WordCredit replaces it
+        return Rollout(rewards=rewards, mask=attn.bool(), old_logp=None,
+                       inputs={"completion_ids": ids, "completion_attn": attn})
+
+
+def test_word_credit_puts_each_words_share_on_its_token():
+    import torch
+
+    row = {"answer": "red green blue", "cycle": CYCLE}
+    completions = [[1, 2, 3], [3, 4, 1], [5, 1, 0], [1, 6, 2], [2]]  # red green blue / blue yellow red /
+    adapter = with_word_credit(_StubAdapter)([row], completions)        # the red EOS / red , green / green
+    r = adapter.collect(num_groups=1, group_size=5, iteration=0)
+    t = 1 / 3
+    assert torch.equal(r.rewards, torch.tensor([[t, t, t], [0, t, t], [0, 0, 0], [t, 0, t], [0, 0, 0]]))
+    # words are scored where they are said; the comma and the EOS are not words; a row with
+    # fewer words than the answer has its last token scored (0) unless a word sits there
+    assert torch.equal(r.scored, torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 0, 1], [1, 0, 0]]).bool())
+    outcome = sequence_reward(None, [" ".join(_Tokenizer.WORDS[i] for i in c if i) for c in completions],
+                              ["red green blue"] * 5, [CYCLE] * 5)
+    assert r.rewards.sum(1).tolist() == pytest.approx(outcome)  # the shares add up to the outcome
+
+
+@pytest.mark.slow
+def test_train_vlm_sequence_from_nothing(tmp_path):
+    """The task trains from a fresh clone: the tiny model is built with the task's words (and
+    the per-word rewards pass the preflight and the core's scored-step checks)."""
+    pytest.importorskip("transformers")
+    from grpo_harness.train_vlm import main
+
+    out = tmp_path / "run"
+    assert main(["--task", "sequence-words", "--out", str(out), "--max-iterations", "2", "--num-prompts", "4",
+                 "--eval-size", "2", "--set", "groups_per_iteration=2", "--set", "group_size=2"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"]["name"] == "sequence-words" and config["train"]["max_new_tokens"] == 3
+    vocab = json.loads((out / "model" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert set(sequence_vocabulary(4)) <= set(vocab)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and "eval_reward_mean" in records[-1]
