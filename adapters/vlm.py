@@ -174,9 +174,15 @@ class VLMAdapter:
     def make_reference(self) -> torch.nn.Module:
         return frozen_copy(self.policy)
 
-    def prompt_indices(self, iteration: int, num_groups: int) -> list[int]:
-        """Dataset items of iteration ``iteration`` (see the module docstring)."""
+    def prompt_indices(self, iteration: int, num_groups: int, draw: int = 0) -> list[int]:
+        """Dataset items of iteration ``iteration`` (see the module docstring); for an extra
+        draw of dynamic sampling (``draw`` >= 1), the first items of a permutation seeded by
+        ``(seed, "draw", iteration, draw)``."""
         size = len(self.dataset)
+        if draw:
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, "draw", iteration, draw))
+            perm = torch.randperm(size, generator=gen).tolist()
+            return [perm[b % size] for b in range(num_groups)]
         out, perms = [], {}
         for b in range(num_groups):
             k = iteration * num_groups + b
@@ -187,11 +193,22 @@ class VLMAdapter:
             out.append(perms[p][k % size])
         return out
 
-    @torch.no_grad()
     def collect(self, *, num_groups: int, group_size: int, iteration: int) -> Rollout:
-        items = [self.dataset[i] for i in self.prompt_indices(iteration, num_groups)]
+        return self._collect(num_groups, group_size, iteration, 0)
+
+    def collect_more(self, *, num_groups: int, group_size: int, iteration: int, draw: int) -> Rollout:
+        """Extra draw ``draw`` >= 1 of dynamic sampling: other prompts (``prompt_indices``),
+        sampled with ``derive_seed(seed, "sample", iteration, "draw", draw)``."""
+        if draw < 1:
+            raise ValueError(f"draw must be >= 1 (draw 0 is collect), got {draw!r}")
+        return self._collect(num_groups, group_size, iteration, draw)
+
+    @torch.no_grad()
+    def _collect(self, num_groups: int, group_size: int, iteration: int, draw: int) -> Rollout:
+        items = [self.dataset[i] for i in self.prompt_indices(iteration, num_groups, draw)]
         batch = self.encode_prompts(items)
-        gen_out = self.generate(batch, group_size, iteration)
+        seed = derive_seed(self.seed, "sample", iteration, *(("draw", draw) if draw else ()))
+        gen_out = self.generate(batch, group_size, seed)
         inputs = self._rollout_inputs(batch, gen_out, group_size)
 
         completions = self.tokenizer.batch_decode(
@@ -226,6 +243,38 @@ class VLMAdapter:
         rollout.info["prompt_len_mean"] = float(inputs["prompt_attn"].sum(1).float().mean())
         return rollout
 
+    def join_groups(self, parts: list[tuple[Rollout, list[int]]]) -> Rollout:
+        """One rollout of the listed groups of each part, in order (dynamic sampling): prompts
+        left-padded (ids: the pad id, masks and positions: 0, as the processor pads) and
+        completions right-padded (the pad id, mask 0) to the longest of the parts; ``info`` is
+        the first part's."""
+        g = parts[0][0].inputs["group_size"]
+        chosen = [(r, torch.tensor([b * g + i for b in groups for i in range(g)]), groups)
+                  for r, groups in parts if groups]
+        p_len = max(r.inputs["prompt_ids"].shape[1] for r, _, _ in chosen)
+        t_len = max(r.rewards.shape[1] for r, _, _ in chosen)
+        left = lambda t, v: torch.nn.functional.pad(t, (p_len - t.shape[-1], 0), value=v)  # noqa: E731
+        right = lambda t, v: torch.nn.functional.pad(t, (0, t_len - t.shape[-1]), value=v)  # noqa: E731
+        cat = lambda f: torch.cat([f(r.inputs, rows, groups) for r, rows, groups in chosen])  # noqa: E731
+        inputs = {"group_size": g,
+                  "prompt_ids": cat(lambda x, rows, _: left(x["prompt_ids"][rows], self.pad_id)),
+                  "prompt_attn": cat(lambda x, rows, _: left(x["prompt_attn"][rows], 0)),
+                  "prompt_mm": cat(lambda x, rows, _: left(x["prompt_mm"][rows], 0)),
+                  "pixels": [x.inputs["pixels"][b] for x, _, groups in chosen for b in groups],
+                  "grids": [x.inputs["grids"][b] for x, _, groups in chosen for b in groups],
+                  "completion_ids": cat(lambda x, rows, _: right(x["completion_ids"][rows], self.pad_id)),
+                  "completion_attn": cat(lambda x, rows, _: right(x["completion_attn"][rows], 0)),
+                  "ended": cat(lambda x, rows, _: x["ended"][rows]),
+                  "completions": [x.inputs["completions"][i] for x, rows, _ in chosen for i in rows.tolist()]}
+        if all("prompt_positions" in r.inputs for r, _, _ in chosen):
+            inputs["prompt_positions"] = torch.cat(
+                [left(r.inputs["prompt_positions"][:, groups], 0) for r, _, groups in chosen], 1)
+        old = None if any(r.old_logp is None for r, _, _ in chosen) else \
+            torch.cat([right(r.old_logp[rows], 0.0) for r, rows, _ in chosen])
+        return Rollout(rewards=torch.cat([right(r.rewards[rows], 0.0) for r, rows, _ in chosen]),
+                       mask=torch.cat([right(r.mask[rows], False) for r, rows, _ in chosen]),
+                       old_logp=old, inputs=inputs, info=dict(parts[0][0].info))
+
     def logp_and_entropy(self, model: torch.nn.Module, rollout: Rollout, rows: torch.Tensor):
         """Shapes: rows (n,) -> logp (n, T), entropy (n, T), float32, gradient to ``model``."""
         return self.forward_logp(model, rollout, rows, want_entropy=True)
@@ -257,10 +306,10 @@ class VLMAdapter:
         grid = torch.cat([batch_grids[b] for b in groups])
         return pv, grid
 
-    def generate(self, batch: dict, group_size: int, iteration: int):
-        """Sample ``group_size`` completions per prompt (row ``b * G + i``); returns generate's
-        output. ``encode_once``: the B prompts with ``num_return_sequences=G``; else the prompts
-        repeated G times."""
+    def generate(self, batch: dict, group_size: int, seed: int):
+        """Sample ``group_size`` completions per prompt (row ``b * G + i``) with the random
+        stream ``seed``; returns generate's output. ``encode_once``: the B prompts with
+        ``num_return_sequences=G``; else the prompts repeated G times."""
         from transformers import GenerationConfig
 
         b = batch["input_ids"].shape[0]
@@ -274,7 +323,7 @@ class VLMAdapter:
         device = next(model.parameters()).device
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(derive_seed(self.seed, "sample", iteration))
+                torch.manual_seed(seed)
                 out = model.generate(
                     input_ids=rep(batch["input_ids"]).to(device),
                     attention_mask=rep(batch["attention_mask"]).to(device),

@@ -71,6 +71,13 @@ class Adapter(Protocol):
     # Optional: ``max_len: int``, the longest sequence the adapter can produce (the episode time
     # limit, the maximum completion length). Dr. GRPO's loss divides by it when
     # ``GRPOConfig.max_len`` is None.
+    # Optional, needed by ``GRPOConfig.dynamic_sampling``:
+    # ``collect_more(*, num_groups, group_size, iteration, draw) -> Rollout``: as ``collect``,
+    #   from other prompts or start states, different for each ``draw`` = 1, 2, ... of the
+    #   iteration (deterministic in (seed, iteration, draw)), from the same policy;
+    # ``join_groups(parts: list[tuple[Rollout, list[int]]]) -> Rollout``: one rollout made of
+    #   the listed groups of each part, in order (group g of a part is its rows g*G .. g*G+G-1),
+    #   padded to the longest T; ``info`` may be the first part's.
 
     def collect(self, *, num_groups: int, group_size: int, iteration: int) -> Rollout:
         """Sample ``group_size`` sequences for each of ``num_groups`` groups from ``policy``

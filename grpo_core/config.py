@@ -88,6 +88,19 @@ class GRPOConfig:
     grpo_core.loop). Adam would otherwise move the weights on its momentum (and on rounding
     noise) and let its second moment decay, so that the next rare signal makes an outsized
     step; seen as a collapse on the tiny-VLM colours task. Counted in ``skipped_steps``."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025, sec. 3.2): a group whose samples all got the
+    same reward (every advantage 0) is dropped, and while fewer than groups_per_iteration groups
+    with signal have been found, groups_per_iteration more groups are sampled from other prompts
+    or start states (the adapter's ``collect_more``), at most ``dynamic_sampling_rounds`` extra
+    draws per iteration. The update uses the first groups_per_iteration groups with signal, in
+    draw order (fewer when the draws run out; none: the first draw, a no-signal iteration).
+    Metrics: ``groups_dropped``, ``extra_generations`` (sequences sampled by the extra draws),
+    ``sampling_rounds``, ``groups_trained``; ``reward_mean`` and ``zero_signal_groups`` stay
+    those of the first draw. Needs an adapter with ``collect_more`` and ``join_groups``."""
+    dynamic_sampling_rounds: int = 2
+    """Most extra draws per iteration with dynamic_sampling (DAPO's max_num_gen_batches is
+    this + 1; DAPO errors when they run out, this trains on what was found). >= 0."""
     seed: int = 0
     """Seeds rollouts, start states and minibatch shuffles. >= 0."""
 
@@ -117,6 +130,9 @@ class GRPOConfig:
         _check_float(self, "ent_coef", 0.0, float("inf"))
         _check_float(self, "max_grad_norm", 0.0, float("inf"))
         _check_float(self, "lr", 0.0, float("inf"), low_open=True)
+        _check_int(self, "dynamic_sampling_rounds", 0)
+        if not isinstance(self.dynamic_sampling, bool):
+            raise ValueError(f"dynamic_sampling={self.dynamic_sampling!r} is invalid: expected true or false")
         if not isinstance(self.skip_zero_grad_steps, bool):
             raise ValueError(f"skip_zero_grad_steps={self.skip_zero_grad_steps!r} is invalid: "
                              "expected true or false")

@@ -3,7 +3,9 @@
 Per iteration, in the plan's order:
 
 1. ``adapter.collect`` samples B groups of G sequences from the policy (old log-probs frozen).
-2. ``group_advantages`` of the rewards (gamma, scale, stats_over).
+2. ``group_advantages`` of the rewards (gamma, scale, stats_over). With ``dynamic_sampling``
+   (DAPO), the groups without signal are dropped and more groups drawn (``collect_more``),
+   and the iteration continues on the groups with signal (``join_groups``).
 3. Reference refresh when ``update_ref_model_freq > 0`` and ``iteration % freq == 0``. It
    happens after the rollout and before any update, so during iteration ``i``'s updates a
    hard-refreshed reference equals the policy that collected iteration ``i``'s rollouts: the
@@ -83,14 +85,21 @@ class GRPOTrainer:
             raise ValueError(f"loss_agg={DR_GRPO!r} divides by a constant length: set max_len "
                              "(the maximum completion length) in the config; this adapter has none")
         self._forward_checked = False
+        missing = [m for m in ("collect_more", "join_groups") if not callable(getattr(adapter, m, None))]
+        if config.dynamic_sampling and missing:
+            raise ValueError(f"dynamic_sampling=True needs an adapter with collect_more and join_groups; "
+                             f"{type(adapter).__name__} has no {' or '.join(missing)}")
 
     def step(self) -> dict[str, float]:
         """Run one full iteration and return its metrics."""
         cfg, it = self.config, self.iteration
         rollout = self._collect()
-        adv = group_advantages(rollout.rewards, rollout.mask, cfg.group_size, gamma=cfg.gamma,
-                               scale=cfg.scale, stats_over=cfg.stats_over, eps=cfg.adv_eps,
-                               scored=rollout.scored)
+        adv = self._advantages(rollout)
+        info = rollout.info
+        zero_groups = _zero_signal_groups(adv, rollout.mask.bool(), cfg.group_size)
+        sampling = {}
+        if cfg.dynamic_sampling:
+            rollout, adv, sampling = self._dynamic_sampling(rollout, adv)
         self.refresh_reference(it)
         ref_logp = self._batch_logp(self.reference, rollout) if cfg.beta != 0 else None
         if rollout.old_logp is None and (cfg.grpo_epochs > 1 or cfg.minibatches > 1):
@@ -98,9 +107,10 @@ class GRPOTrainer:
         stats = self._update(rollout, adv, ref_logp)
         valid = rollout.mask.bool()
         stats["adv_abs_mean"] = float(adv[valid].abs().mean()) if valid.any() else 0.0
-        stats["zero_signal_groups"] = float(_zero_signal_groups(adv, valid, cfg.group_size))
+        stats["zero_signal_groups"] = float(zero_groups)  # of the first draw
+        stats.update(sampling)
         stats["iteration"] = it
-        stats.update(rollout.info)
+        stats.update(info)
         self.iteration += 1
         return stats
 
@@ -120,13 +130,46 @@ class GRPOTrainer:
         self.ref_is_policy = copied or self.ref_is_policy
         return True
 
-    def _collect(self) -> Rollout:
+    def _collect(self, draw: int = 0) -> Rollout:
+        """The iteration's rollout (draw 0), or extra draw ``draw`` of dynamic sampling."""
         cfg = self.config
+        kw = {"num_groups": cfg.groups_per_iteration, "group_size": cfg.group_size, "iteration": self.iteration}
         with torch.no_grad():
-            rollout = self.adapter.collect(num_groups=cfg.groups_per_iteration,
-                                           group_size=cfg.group_size, iteration=self.iteration)
+            rollout = self.adapter.collect(**kw) if draw == 0 else self.adapter.collect_more(**kw, draw=draw)
         rollout.validate(cfg.group_size, cfg.groups_per_iteration)
         return rollout
+
+    def _advantages(self, rollout: Rollout) -> torch.Tensor:
+        cfg = self.config
+        return group_advantages(rollout.rewards, rollout.mask, cfg.group_size, gamma=cfg.gamma,
+                                scale=cfg.scale, stats_over=cfg.stats_over, eps=cfg.adv_eps,
+                                scored=rollout.scored)
+
+    def _dynamic_sampling(self, rollout: Rollout, adv: torch.Tensor):
+        """DAPO's dynamic sampling (``GRPOConfig.dynamic_sampling``): ``(rollout, advantages,
+        metrics)`` of the groups with signal, the first draw's when nothing was dropped or
+        nothing had signal. Advantages are recomputed on the joined groups (the same per group
+        with ``scale="group"``; ``"batch"`` takes the std of the trained batch)."""
+        cfg = self.config
+        b, g = cfg.groups_per_iteration, cfg.group_size
+        parts = [(rollout, _signal_groups(adv, rollout.mask, g))]
+        found = len(parts[0][1])
+        while found < b and len(parts) <= cfg.dynamic_sampling_rounds:
+            more = self._collect(draw=len(parts))
+            parts.append((more, _signal_groups(self._advantages(more), more.mask, g)))
+            found += len(parts[-1][1])
+        picks, room = [], b
+        for part, groups in parts:
+            picks.append((part, groups[:room]))
+            room -= len(picks[-1][1])
+        stats = {"sampling_rounds": float(len(parts)), "extra_generations": float((len(parts) - 1) * b * g),
+                 "groups_dropped": float(sum(b - len(gs) for _, gs in parts)),
+                 "groups_trained": float(b - room)}
+        if room == b or (len(parts) == 1 and room == 0):
+            return rollout, adv, stats
+        joined = self.adapter.join_groups([(part, gs) for part, gs in picks if gs])
+        joined.validate(g, b - room)
+        return joined, self._advantages(joined), stats
 
     @torch.no_grad()
     def _batch_logp(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
@@ -143,7 +186,8 @@ class GRPOTrainer:
         n = rollout.rewards.shape[0]
         acc: dict[str, list[float]] = defaultdict(list)
         for epoch in range(cfg.grpo_epochs):
-            for rows in minibatch_order(cfg.seed, self.iteration, epoch, n, cfg.minibatches):
+            # fewer rows than minibatches only after dynamic sampling found few groups
+            for rows in minibatch_order(cfg.seed, self.iteration, epoch, n, min(cfg.minibatches, n)):
                 st = self._minibatch_step(rollout, adv, ref_logp, rows)
                 for k, v in st.items():
                     acc[k].append(v)
@@ -264,6 +308,12 @@ class GRPOTrainer:
         self.iteration = int(state["iteration"])
         # an older checkpoint does not say: assume the reference differs (never skips wrongly)
         self.ref_is_policy = bool(state.get("ref_is_policy", False)) and self.reference is not None
+
+
+def _signal_groups(adv: torch.Tensor, mask: torch.Tensor, group_size: int) -> list[int]:
+    """Indices of the groups with a non-zero advantage at a valid step. Shapes: (N, T) -> list."""
+    nonzero = ((adv != 0) & mask.bool()).view(-1, group_size * adv.shape[1]).any(1)
+    return nonzero.nonzero().flatten().tolist()
 
 
 def _zero_signal_groups(adv: torch.Tensor, valid: torch.Tensor, group_size: int) -> int:

@@ -1,0 +1,212 @@
+"""DAPO's dynamic sampling (``GRPOConfig.dynamic_sampling``) in the loop, on a scripted toy
+adapter whose group rewards are chosen per draw, and the VLM adapter's ``collect_more`` /
+``join_groups``.
+
+Independent sides: the expected groups, counts and metrics are worked out by hand from the
+script; the expected advantages are the closed form ``(R - mean) / (std + eps)`` (Bessel's
+correction) of each kept group's rewards, in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grpo_core import loop as loop_module
+from grpo_core.adapter import Rollout
+from grpo_core.config import GRPOConfig
+from grpo_core.loop import GRPOTrainer
+from tests.toy_adapter import ToyAdapter
+
+G, B = 3, 4
+SIG, ZERO, ONES = [1.0, 0.0, 0.5], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+
+
+class ScriptedAdapter(ToyAdapter):
+    """ToyAdapter whose outcome rewards are ``script[draw][group]`` (G values per group);
+    records every draw it was asked for."""
+
+    def __init__(self, script: dict[int, list[list[float]]], **kw):
+        super().__init__(t_max=4, **kw)
+        self.script, self.draws, self.forwards = script, [], []
+
+    def logp_and_entropy(self, model, rollout, rows):
+        self.forwards.append((rollout, rows))
+        return super().logp_and_entropy(model, rollout, rows)
+
+    def collect(self, *, num_groups, group_size, iteration):
+        return self._scripted(num_groups, group_size, iteration, 0)
+
+    def collect_more(self, *, num_groups, group_size, iteration, draw):
+        return self._scripted(num_groups, group_size, iteration, draw)
+
+    def _scripted(self, num_groups, group_size, iteration, draw):
+        self.draws.append(draw)
+        ro = super().collect(num_groups=num_groups, group_size=group_size, iteration=100 * iteration + draw)
+        values = torch.tensor([v for grp in self.script[draw] for v in grp], dtype=ro.rewards.dtype)
+        last = ro.mask.sum(1) - 1
+        ro.rewards.zero_()
+        ro.rewards[torch.arange(len(values)), last] = values
+        ro.inputs.update(draw=torch.full((len(values),), draw), row=torch.arange(len(values)))
+        ro.info = {"reward_mean": float(values.mean())}
+        return ro
+
+    def join_groups(self, parts):
+        rows = [torch.tensor([b * G + i for b in groups for i in range(G)]) for _, groups in parts]
+        pick = lambda f: torch.cat([f(r)[idx] for (r, _), idx in zip(parts, rows)])  # noqa: E731
+        inputs = {k: pick(lambda r, k=k: r.inputs[k]) for k in ("tokens", "draw", "row")}
+        return Rollout(rewards=pick(lambda r: r.rewards), mask=pick(lambda r: r.mask),
+                       old_logp=pick(lambda r: r.old_logp), inputs=inputs, info=parts[0][0].info)
+
+
+def config(**kw):
+    base = dict(group_size=G, groups_per_iteration=B, grpo_epochs=1, beta=0.0, stats_over="sequences",
+                gamma=1.0, lr=0.1, dynamic_sampling=True, dynamic_sampling_rounds=2, seed=0)
+    return GRPOConfig(**dict(base, **kw))
+
+
+def spy_loss(monkeypatch):
+    """Record (adv, mask) of every grpo_loss call of the loop."""
+    seen = []
+    real = loop_module.grpo_loss
+
+    def spy(logp, old_logp, ref_logp, adv, mask, **kw):
+        seen.append((adv.detach().clone(), mask.clone()))
+        return real(logp, old_logp, ref_logp, adv, mask, **kw)
+    monkeypatch.setattr(loop_module, "grpo_loss", spy)
+    return seen
+
+
+def closed_form(group: list[float], eps: float) -> list[float]:
+    m = sum(group) / len(group)
+    s = math.sqrt(sum((x - m) ** 2 for x in group) / (len(group) - 1))
+    return [(x - m) / (s + eps) for x in group]
+
+
+def test_drops_refills_and_trains_on_the_first_groups_with_signal(monkeypatch):
+    script = {0: [SIG, ZERO, [0.2, 0.9, 0.4], ONES],
+              1: [ONES, [0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.3, 0.3, 0.6]],
+              2: [SIG] * B}
+    ad = ScriptedAdapter(script)
+    seen = spy_loss(monkeypatch)
+    st = GRPOTrainer(ad, config()).step()
+    assert ad.draws == [0, 1]  # 2 found in draw 0, 3 more in draw 1: no third draw
+    assert st["sampling_rounds"] == 2 and st["extra_generations"] == B * G
+    assert st["groups_dropped"] == 2 + 1 and st["groups_trained"] == B
+    assert st["zero_signal_groups"] == 2 and st["reward_mean"] == pytest.approx(sum(map(sum, script[0])) / 12)
+    # trained rows: draw 0 groups 0, 2; draw 1 groups 1, 2 (group 3 of draw 1 is surplus)
+    adv, mask = seen[0]
+    rollout, rows = ad.forwards[-1]  # the update's forward: the loss sees adv[rows]
+    source = [(int(rollout.inputs["draw"][r]), int(rollout.inputs["row"][r])) for r in rows]
+    last = mask.sum(1) - 1
+    got = dict(zip(source, adv[torch.arange(len(rows)), last].tolist()))
+    want = {}
+    for draw, group in ((0, 0), (0, 2), (1, 1), (1, 2)):
+        for i, a in enumerate(closed_form(script[draw][group], config().adv_eps)):
+            want[(draw, group * G + i)] = a
+    assert got.keys() == want.keys()
+    assert [got[k] for k in want] == pytest.approx(list(want.values()), abs=1e-9)
+
+
+def test_nothing_dropped_nothing_drawn(monkeypatch):
+    ad = ScriptedAdapter({0: [SIG] * B})
+    st = GRPOTrainer(ad, config()).step()
+    assert ad.draws == [0]
+    assert (st["sampling_rounds"], st["extra_generations"], st["groups_dropped"], st["groups_trained"]) == (1, 0, 0, B)
+
+
+def test_draws_run_out_trains_on_fewer_groups(monkeypatch):
+    """Two extra draws, one group with signal in all: a batch of one group (G rows), also when
+    that is fewer rows than minibatches."""
+    ad = ScriptedAdapter({0: [ZERO, ONES, ZERO, ONES], 1: [ONES] * B, 2: [ZERO, ZERO, SIG, ZERO]})
+    seen = spy_loss(monkeypatch)
+    st = GRPOTrainer(ad, config(minibatches=4)).step()
+    assert ad.draws == [0, 1, 2]
+    assert st["groups_trained"] == 1 and st["groups_dropped"] == 11 and st["extra_generations"] == 2 * B * G
+    assert [m.shape[0] for _, m in seen] == [1] * G  # min(minibatches, rows) = 3 minibatches
+    assert st["skipped_steps"] == 1  # the sample at the group mean (advantage 0) alone
+
+
+def test_no_signal_in_any_draw_is_a_no_signal_iteration():
+    ad = ScriptedAdapter({0: [ZERO] * B, 1: [ONES] * B, 2: [ZERO] * B})
+    tr = GRPOTrainer(ad, config())
+    before = ad.policy.logits.detach().clone()
+    st = tr.step()
+    assert st["groups_trained"] == 0 and st["skipped_steps"] == 1 and st["sampling_rounds"] == 3
+    assert torch.equal(ad.policy.logits, before)
+
+
+def test_rounds_zero_only_drops():
+    ad = ScriptedAdapter({0: [SIG, ZERO, SIG, ONES]})
+    st = GRPOTrainer(ad, config(dynamic_sampling_rounds=0)).step()
+    assert ad.draws == [0] and st["groups_trained"] == 2 and st["extra_generations"] == 0
+
+
+def test_off_by_default_and_refused_without_the_adapter_methods():
+    assert GRPOConfig().dynamic_sampling is False
+    with pytest.raises(ValueError, match="collect_more and join_groups; ToyAdapter has no collect_more"):
+        GRPOTrainer(ToyAdapter(), config())
+    ad = ScriptedAdapter({0: [SIG, ZERO, SIG, ONES]})
+    st = GRPOTrainer(ad, config(dynamic_sampling=False)).step()
+    assert ad.draws == [0] and "groups_dropped" not in st and st["zero_signal_groups"] == 2
+
+
+@pytest.mark.parametrize("field, value", [("dynamic_sampling_rounds", -1), ("dynamic_sampling", "yes")])
+def test_invalid_options_name_field_and_value(field, value):
+    with pytest.raises(ValueError, match=field):
+        config(**{field: value})
+
+
+# --- the VLM adapter ----------------------------------------------------------------------------
+
+pytest.importorskip("transformers")
+
+from .test_vlm import _one_thread, _quiet_transformers, make_adapter, mixed_dataset, tiny_dirs  # noqa: E402,F401
+
+
+def test_vlm_collect_more_draws_other_prompts_deterministically(tiny_dirs):
+    ad = make_adapter(tiny_dirs, dataset=mixed_dataset() * 4)
+    assert ad.prompt_indices(3, 2, draw=1) != ad.prompt_indices(3, 2, draw=2)
+    assert ad.prompt_indices(3, 2, draw=1) == ad.prompt_indices(3, 2, draw=1)
+    a = ad.collect_more(num_groups=2, group_size=2, iteration=3, draw=1)
+    b = ad.collect_more(num_groups=2, group_size=2, iteration=3, draw=1)
+    assert torch.equal(a.inputs["completion_ids"], b.inputs["completion_ids"])
+    with pytest.raises(ValueError, match="draw must be >= 1"):
+        ad.collect_more(num_groups=2, group_size=2, iteration=3, draw=0)
+
+
+@pytest.mark.parametrize("encode_once", [True, False])
+def test_vlm_join_groups_keeps_every_row_and_its_logp(tiny_dirs, encode_once):
+    """Groups of two rollouts with different prompt lengths, image counts and completion
+    lengths: each joined row has its source's tokens, reward, mask and log-probs (1e-5)."""
+    ad = make_adapter(tiny_dirs, dataset=mixed_dataset(), max_new_tokens=6, encode_once=encode_once)
+    g = 2
+    a = ad.collect(num_groups=4, group_size=g, iteration=0)
+    b = ad.collect_more(num_groups=4, group_size=g, iteration=0, draw=1)
+    joined = ad.join_groups([(a, [3, 1]), (b, [2])])
+    joined.validate(g, 3)
+    src = [(a, r) for grp in (3, 1) for r in range(grp * g, grp * g + g)] + [(b, r) for r in range(2 * g, 3 * g)]
+    lp, _ = ad.forward_logp(ad.policy, joined, torch.arange(3 * g))
+    for k, (ro, r) in enumerate(src):
+        n = int(ro.mask[r].sum())
+        assert torch.equal(joined.inputs["completion_ids"][k, :n], ro.inputs["completion_ids"][r, :n])
+        assert torch.equal(joined.rewards[k, :n], ro.rewards[r, :n]) and int(joined.mask[k].sum()) == n
+        want, _ = ad.forward_logp(ad.policy, ro, torch.tensor([r]))
+        torch.testing.assert_close(lp[k, :n], want[0, :n], rtol=0, atol=1e-5)
+        assert joined.inputs["completions"][k] == ro.inputs["completions"][r]
+
+
+@pytest.mark.slow
+def test_vlm_training_with_dynamic_sampling_reports_what_it_did(tiny_dirs):
+    ad = make_adapter(tiny_dirs, old_logp_forward=False, max_new_tokens=2, eos_bias=False)
+    cfg = GRPOConfig(group_size=4, groups_per_iteration=2, grpo_epochs=1, beta=0.0, stats_over="sequences",
+                     gamma=1.0, lr=1e-3, dynamic_sampling=True, dynamic_sampling_rounds=1, seed=0)
+    tr = GRPOTrainer(ad, cfg)
+    rounds = [tr.step() for _ in range(4)]
+    for st in rounds:
+        assert st["extra_generations"] == (st["sampling_rounds"] - 1) * 8
+        assert st["groups_trained"] + st["groups_dropped"] <= 2 * st["sampling_rounds"]
+        assert math.isfinite(st["loss"])
+    assert any(st["groups_dropped"] > 0 for st in rounds)  # an untrained model scores 0 mostly
