@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from grpo_core._seeding import derive_seed
+
 from .vlm import VLMAdapter
 
 POLICY = "policy"
@@ -149,8 +151,12 @@ class LoRAVLMAdapter(VLMAdapter):
         peft = _require_peft()
         self.lora_config = lora_config(lora_rank, alpha=lora_alpha, targets=lora_targets)
         self.policy_name, self.reference_name = POLICY, REFERENCE
-        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        # LoRA's A matrices are drawn from the global stream: fork it and seed it from ``seed``, so
+        # two adapters built with the same seed start alike whatever ran before in the process
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            # peft reads transformers' deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            torch.manual_seed(derive_seed(kwargs.get("seed", 0), "lora-init"))
             self.peft = peft.get_peft_model(model, self.lora_config, adapter_name=POLICY)
         base = self.peft.get_base_model()
         if not adapter_tensors(base, POLICY):

@@ -175,3 +175,18 @@ def test_train_vlm_lora_rank(tiny_dirs, tmp_path, capsys):
     assert not any(".lora_" in k for k in model.state_dict())
     assert main(["--task", "colours", "--out", str(tmp_path / "neg"), "--lora-rank", "-1"]) == 2
     assert "--lora-rank" in capsys.readouterr().err
+
+
+def test_lora_initialisation_is_seeded_by_the_adapter(tiny_dirs):
+    """Two adapters built with the same seed start with the same LoRA weights, whatever the
+    global random stream did in between; another seed gives others."""
+    from adapters.vlm_lora import adapter_tensors
+
+    def init(seed):
+        torch.manual_seed(1000 + seed * 7)  # disturb the global stream differently each time
+        ad = make(tiny_dirs, seed=seed)
+        return {k: v.detach().clone() for k, v in adapter_tensors(ad.peft.get_base_model(), "policy").items()}
+
+    a, b, c = init(0), init(0), init(1)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
