@@ -100,8 +100,9 @@ def _colour_rows():
     return colours_dataset(NUM_PROMPTS, k=COLOURS, seed=0)
 
 
-def _train_ours(model_dir: str, steps: int, on_step_end) -> dict:
-    """This project's loop: VLMAdapter + GRPOTrainer with VLM_DEFAULTS["grpo"]."""
+def _train_ours(model_dir: str, steps: int, on_step_end, encode_once: bool = True) -> dict:
+    """This project's loop: VLMAdapter + GRPOTrainer with VLM_DEFAULTS["grpo"];
+    ``encode_once=False``: the adapter's repeated path (before the speed-ups), for comparison."""
     import torch
 
     from adapters.vlm import VLMAdapter
@@ -114,7 +115,7 @@ def _train_ours(model_dir: str, steps: int, on_step_end) -> dict:
     model, processor = load_vlm(model_dir)
     cfg = GRPOConfig.from_dict(dict(VLM_DEFAULTS["grpo"], seed=0))
     adapter = VLMAdapter(model, processor, _colour_rows(), [first_word_reward], seed=0, temperature=1.0,
-                         top_p=1.0, max_new_tokens=MAX_NEW_TOKENS, old_logp_forward=False)
+                         top_p=1.0, max_new_tokens=MAX_NEW_TOKENS, old_logp_forward=False, encode_once=encode_once)
     trainer = GRPOTrainer(adapter, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: max(0.0, 1.0 - i / steps))
     before = {"rss_before_train_mb": _current_rss_mb(), "peak_rss_before_train_mb": _peak_rss_mb()}
@@ -202,7 +203,8 @@ def run_worker(side: str, model_dir: str, steps: int, profile: bool) -> dict:
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     ends: list[float] = []
-    train = {"ours": _train_ours, "trl": _train_trl}[side]
+    train = {"ours": _train_ours, "trl": _train_trl,
+             "ours-repeated": lambda *a: _train_ours(*a, encode_once=False)}[side]
     prof = None
     if profile:
         import cProfile
@@ -328,9 +330,11 @@ def trl_available() -> str | None:
     return trl.__version__
 
 
-def speed(model_dir: Path, scratch: Path, *, steps: int, warmup: int, repeats: int, log) -> dict:
-    """Alternate ours / TRL ``repeats`` times; per run the median step time after ``warmup``."""
-    sides = ["ours"] + (["trl"] if trl_available() else [])
+def speed(model_dir: Path, scratch: Path, *, steps: int, warmup: int, repeats: int, log,
+          before: bool = False) -> dict:
+    """Alternate ours / TRL (/ ours before the speed-ups) ``repeats`` times; per run the median
+    step time after ``warmup``."""
+    sides = ["ours"] + (["trl"] if trl_available() else []) + (["ours-repeated"] if before else [])
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for rep in range(repeats):
         for side in sides:
@@ -359,6 +363,8 @@ def speed(model_dir: Path, scratch: Path, *, steps: int, warmup: int, repeats: i
         summary["ratio_training_rss_growth"] = ((o["peak_rss_mb"] - o["rss_before_train_mb"])
                                                 / max(1e-9, t["peak_rss_mb"] - t["rss_before_train_mb"]))
         summary["same_suppressed_ids"] = o["suppressed_ids"] == t["suppressed_ids"]
+    if "ours-repeated" in summary:
+        summary["ratio_time_repeated"] = summary["ours-repeated"]["median_step_s"] / summary["ours"]["median_step_s"]
     summary["runs"] = runs
     return summary
 
@@ -508,8 +514,9 @@ def _f(x, fmt="{:.0f}", none="–"):
 def speed_table(s: dict) -> str:
     lines = ["| side | median s/step | peak RSS (MB) | RSS before training (MB) | growth in training (MB) |",
              "|---|---:|---:|---:|---:|"]
-    names = {"ours": "this project (GRPOTrainer + VLMAdapter)", "trl": "TRL GRPOTrainer"}
-    for side in ("ours", "trl"):
+    names = {"ours": "this project (GRPOTrainer + VLMAdapter)", "trl": "TRL GRPOTrainer",
+             "ours-repeated": "this project, repeated inputs (encode_once=False, before the speed-ups)"}
+    for side in ("ours", "trl", "ours-repeated"):
         if side in s:
             r = s[side]
             lines.append(f"| {names[side]} | {r['median_step_s']:.4f} | {r['peak_rss_mb']:.0f} | "
@@ -520,6 +527,8 @@ def speed_table(s: dict) -> str:
         lines.append(f"| **ratio ours / TRL** | **{s['ratio_time']:.2f}x** (target <= {TIME_TARGET}x: {met_t}) | "
                      f"**{s['ratio_peak_rss']:.2f}x** (target <= 1x: {met_m}) | | "
                      f"{s['ratio_training_rss_growth']:.2f}x |")
+    if "ratio_time_repeated" in s:
+        lines.append(f"| speed-up of the encode-once path (repeated / ours) | {s['ratio_time_repeated']:.2f}x | | | |")
     return "\n".join(lines)
 
 
@@ -620,7 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-ablation", action="store_true")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    p.add_argument("--worker", choices=["ours", "trl", "ablation"], help=argparse.SUPPRESS)
+    p.add_argument("--before", action="store_true",
+                   help="also alternate the adapter's repeated path (encode_once=False) as a third side")
+    p.add_argument("--worker", choices=["ours", "trl", "ours-repeated", "ablation"], help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -651,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = _build_model(scratch)
             log(f"speed: {args.repeats} x ours / TRL, {args.steps} steps each")
             result["speed"] = speed(model_dir, scratch, steps=args.steps, warmup=args.warmup,
-                                    repeats=args.repeats, log=log)
+                                    repeats=args.repeats, log=log, before=args.before)
             s = result["speed"]
             missed = s.get("ratio_time", 0) > TIME_TARGET or s.get("ratio_peak_rss", 0) > 1.0
             if args.profile == "always" or (args.profile == "auto" and missed):

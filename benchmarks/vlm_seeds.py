@@ -49,6 +49,9 @@ VARIANTS: dict[str, dict] = {
     "defaults": {},
     "skip off": {"skip_zero_grad_steps": False},
     "entropy 0.01": {"ent_coef": 0.01},
+    "dynamic sampling": {"dynamic_sampling": True, "dynamic_sampling_rounds": 2},
+    "skip off + dynamic sampling": {"skip_zero_grad_steps": False, "dynamic_sampling": True,
+                                    "dynamic_sampling_rounds": 2},
     TRL: {},
 }
 """name -> GRPOConfig overrides over VLM_DEFAULTS["grpo"] (TRL: its own trainer)."""
