@@ -186,8 +186,7 @@ class GRPOTrainer:
         n = rollout.rewards.shape[0]
         acc: dict[str, list[float]] = defaultdict(list)
         for epoch in range(cfg.grpo_epochs):
-            # fewer rows than minibatches only after dynamic sampling found few groups
-            for rows in minibatch_order(cfg.seed, self.iteration, epoch, n, min(cfg.minibatches, n)):
+            for rows in self._minibatch_rows(epoch, n):
                 st = self._minibatch_step(rollout, adv, ref_logp, rows)
                 for k, v in st.items():
                     acc[k].append(v)
@@ -211,11 +210,12 @@ class GRPOTrainer:
         if not skip:
             self.optimizer.zero_grad(set_to_none=True)
         parts = []
-        for micro in self._micro_batches(rows):
-            with torch.set_grad_enabled(not skip):
+        micros = self._micro_batches(rows)
+        for k, micro in enumerate(micros):
+            with torch.set_grad_enabled(not skip), self._accumulating(more=k < len(micros) - 1):
                 loss, stats = self._micro_loss(rollout, adv, ref_logp, micro, total, skip)
-            if not skip:
-                loss.backward()
+                if not skip:
+                    loss.backward()
             parts.append((stats, int(rollout.mask[micro].bool().sum())))
         stats = merge_micro_stats(parts)
         stats["skipped_steps"] = float(skip)
@@ -227,9 +227,25 @@ class GRPOTrainer:
         self.ref_is_policy = False
         return stats
 
+    def _minibatch_rows(self, epoch: int, n: int) -> list[torch.Tensor]:
+        """The rows of each minibatch of ``epoch`` (``_seeding.minibatch_order``); a
+        data-parallel trainer keeps its share of the global order."""
+        # fewer rows than minibatches only after dynamic sampling found few groups
+        return minibatch_order(self.config.seed, self.iteration, epoch, n, min(self.config.minibatches, n))
+
     def _micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
         size = self.config.micro_batch_size
         return [rows] if size is None else list(rows.split(size))
+
+    def _accumulating(self, more: bool):
+        """Context of one micro-batch's forward and backward; ``more``: another micro-batch of
+        the same step follows (a data-parallel trainer defers its gradient sync to the last)."""
+        return contextlib.nullcontext()
+
+    def _policy_forward(self, rollout: Rollout, rows: torch.Tensor):
+        """The policy's log-probs and entropies of ``rows``, with gradient (a data-parallel
+        trainer runs it through its wrapper)."""
+        return self.adapter.logp_and_entropy(self.policy, rollout, rows)
 
     def _global_count(self, count: int) -> int:
         """The minibatch's count over every process; one process: the count itself."""
@@ -239,7 +255,7 @@ class GRPOTrainer:
         cfg = self.config
         shortcut = rollout.old_logp is None
         with self._checked_forward(shortcut and not skip):
-            logp, entropy = self.adapter.logp_and_entropy(self.policy, rollout, rows)
+            logp, entropy = self._policy_forward(rollout, rows)
         # old_logp is None only with one epoch and one minibatch: this forward is the first
         # and only one since sampling, so it is the sampling policy's (ratio exactly 1); the
         # forward is checked for dropout once (``_checked_forward``)
