@@ -79,13 +79,17 @@ class CartPoleAdapter:
         return frozen_copy(self.policy)
 
     @torch.no_grad()
-    def collect(self, *, num_groups: int, group_size: int, iteration: int) -> Rollout:
+    def collect(self, *, num_groups: int, group_size: int, iteration: int, first_group: int = 0,
+                total_groups: int | None = None) -> Rollout:
+        """Groups ``first_group .. first_group + num_groups - 1`` of the iteration (a
+        data-parallel rank's share; ``total_groups`` is not needed: every group is seeded by its
+        own index)."""
         n = num_groups * group_size
-        starts = [group_start_seed(self.seed, iteration, b) for b in range(num_groups)]
+        groups = range(first_group, first_group + num_groups)
+        starts = [group_start_seed(self.seed, iteration, b) for b in groups]
         env = BatchedCartPole()
         env.reset(np.repeat(initial_states(starts), group_size, axis=0))
-        u = np.stack([action_uniforms(self.seed, iteration, r // group_size, r % group_size)
-                      for r in range(n)])
+        u = np.stack([action_uniforms(self.seed, iteration, b, i) for b in groups for i in range(group_size)])
         obs = np.zeros((n, MAX_STEPS, OBS_DIM))
         actions = np.zeros((n, MAX_STEPS), dtype=np.int64)
         mask = np.zeros((n, MAX_STEPS), dtype=bool)

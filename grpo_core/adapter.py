@@ -78,6 +78,11 @@ class Adapter(Protocol):
     # ``join_groups(parts: list[tuple[Rollout, list[int]]]) -> Rollout``: one rollout made of
     #   the listed groups of each part, in order (group g of a part is its rows g*G .. g*G+G-1),
     #   padded to the longest T; ``info`` may be the first part's.
+    # Optional, needed by a data-parallel run (``grpo_core.distributed``): ``collect`` taking the
+    # keywords ``first_group`` and ``total_groups``: the rollout holds groups first_group ..
+    # first_group + num_groups - 1 of the iteration's total_groups (start state or prompt, and
+    # sampling, chosen by the global group index), so that the ranks' shares together are what
+    # one process collects.
 
     def collect(self, *, num_groups: int, group_size: int, iteration: int) -> Rollout:
         """Sample ``group_size`` sequences for each of ``num_groups`` groups from ``policy``
