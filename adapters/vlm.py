@@ -239,6 +239,7 @@ class VLMAdapter:
             old_logp, old_ent = self.forward_logp(self.policy, rollout, torch.arange(n), want_entropy=True)
             rollout.old_logp = torch.where(attn.bool(), old_logp, torch.zeros_like(old_logp))
         inputs["completions"] = completions
+        inputs["reward_scores"] = per_fn  # each function's raw score per sample (completions log)
         rollout.info = self._info(total, per_fn, lengths, truncated, scored, old_ent, attn)
         rollout.info["prompt_len_mean"] = float(inputs["prompt_attn"].sum(1).float().mean())
         return rollout
