@@ -71,6 +71,37 @@ def test_bad_ablations_are_refused_in_one_line(kw, words):
         assert w in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["cartpole", "sequence", "colours"])
+def test_the_benchmark_variants_files_are_valid(name):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ablations" / f"{name}.toml"
+    spec = ablate.load_spec(path)
+    ablate.check_spec(spec)
+    assert len(spec.seeds) >= 20 and not set(spec.seeds) & set(spec.tune_seeds)
+
+
+def test_tune_from_takes_the_tuned_values_of_another_variant(tmp_path):
+    spec = ablate.Spec("vlm", {"base": ablate.Variant("base", baseline=None),
+                               "e4": ablate.Variant("e4", {"grpo_epochs": 4}, tune={"lr": [1e-3, 5e-4]}),
+                               "kl": ablate.Variant("kl", {"grpo_epochs": 4, "beta": 0.04}, tune_from="e4")},
+                       seeds=[0], tune_seeds=[9])
+    ablate.check_spec(spec)
+    assert [j.variant for j in ablate.tuning_jobs(spec, tmp_path)] == ["e4", "e4"]  # kl is not tuned itself
+    assert ablate.tuned(spec, spec.variants["kl"], tmp_path) is None  # e4's tuning not run yet
+    for lr, cost in ((1e-3, 80), (5e-4, 40)):
+        job = ablate.Job("e4", 9, {"grpo_epochs": 4, "lr": lr},
+                         tmp_path / "tune" / "e4" / ablate.slug(f"lr={json.dumps(lr)}") / "seed-9")
+        job.folder.parent.mkdir(parents=True)
+        job.result_path.write_text(json.dumps({"exit": 0, "reached": True, "iterations": cost, "seconds": 1.0,
+                                               "final": 1.0, "final_rolling": 0.9}))
+    assert ablate.tuned(spec, spec.variants["kl"], tmp_path) == ({"lr": 5e-4}, [])
+    jobs = {j.variant: j for j in ablate.verdict_jobs(spec, tmp_path, {"base": {}, "e4": {"lr": 5e-4},
+                                                                          "kl": {"lr": 5e-4}})}
+    assert jobs["kl"].values == {"grpo_epochs": 4, "beta": 0.04, "lr": 5e-4}
+    spec.variants["kl"].tune_from = "base"
+    with pytest.raises(UsageError, match="must name a tuned variant"):
+        ablate.check_spec(spec)
+
+
 def test_variants_file_of_another_env_or_with_unknown_keys(tmp_path):
     f = tmp_path / "v.toml"
     f.write_text('env = "cartpole"\nseeds = "0-1"\n')
