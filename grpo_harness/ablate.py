@@ -324,10 +324,11 @@ class Job:
 
 
 def train_args(spec: Spec, job: Job) -> list[str]:
-    """The arguments after ``grpo-harness train``: what the run is, and its result records."""
+    """The arguments after ``grpo-harness train``, but ``--out``: what the run is (its result
+    records them; the ablation folder may move)."""
     sets = [a for k, v in sorted(job.values.items()) for a in ("--set", f"{k}={json.dumps(v)}")]
     own = spec.variants[job.variant].train
-    return [spec.env, *spec.train, *own, *sets, "--seed", str(job.seed), "--threads", "1", "--out", str(job.folder)]
+    return [spec.env, *spec.train, *own, *sets, "--seed", str(job.seed), "--threads", "1"]
 
 
 def read_result(job: Job) -> dict[str, Any] | None:
@@ -383,7 +384,7 @@ class Runner:
         self._lock = threading.Lock()
 
     def command(self, job: Job) -> list[str]:
-        return [sys.executable, "-m", "grpo_harness.cli", "train", *train_args(self.spec, job)]
+        return [sys.executable, "-m", "grpo_harness.cli", "train", *train_args(self.spec, job), "--out", str(job.folder)]
 
     def prepare(self, job: Job) -> list[str] | None:
         """The command that (re)starts ``job``, None when it is done already. A result written
