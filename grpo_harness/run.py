@@ -9,8 +9,11 @@ Run folder (``--out``)
     run is refused without ``--resume``), created on the first write, and removed again when
     the command fails or is interrupted before its first iteration completed, so a mistake
     never leaves a half-made run folder. It receives ``config.json`` (the resolved settings),
-    ``metrics.jsonl``, TensorBoard scalars in ``tb/``, ``checkpoint.pt`` (and the one before it,
-    ``checkpoint.prev.pt``) and ``curve.png``.
+    ``metrics.jsonl``, the ``--report-to`` trackers' files (TensorBoard scalars in ``tb/`` by
+    default; ``grpo_harness.trackers``), ``checkpoint.pt`` (and the one before it,
+    ``checkpoint.prev.pt``), ``curve.png``, and for ``train vlm`` ``completions.jsonl``
+    (``grpo_harness.completions``), whose lines past the checkpoint a resume drops as it does
+    the metrics lines.
 Configuration, lowest to highest precedence
     the command's defaults (``DEFAULTS["grpo"]`` over GRPOConfig's); ``--config FILE`` (TOML or
     JSON: a flat table of GRPOConfig keys, or the sectioned form ``config.json`` is written in,
@@ -62,6 +65,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from .trackers import parse_report_to
 from .trainlog import atomic_write
 
 EXIT_FAILED = 1
@@ -130,6 +134,9 @@ def add_run_arguments(p, train_defaults: dict[str, Any], *, threads: str) -> Non
                    help="also checkpoint when M minutes passed since the last one, 0 = off "
                    f"(default {d['checkpoint_minutes']:g}: one step of a large model can take a minute)")
     p.add_argument("--threads", type=int, metavar="N", help=f"torch CPU threads (default {threads})")
+    p.add_argument("--report-to", type=parse_report_to, metavar="LIST",
+                   help="trackers besides metrics.jsonl: tensorboard (default), wandb, all or none, "
+                   "comma-separated; names as TRL's (grpo_harness/trackers.py)")
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -908,9 +915,12 @@ class TrainingRun:
         self._drop_metrics_from(self.trainer.iteration)
 
     def _drop_metrics_from(self, iteration: int) -> None:
+        from .completions import COMPLETIONS_FILE
         from .trainlog import METRICS_FILE, drop_records_from
 
         dropped = drop_records_from(self.out / METRICS_FILE, iteration) if self.folder.writes else 0
+        if self.folder.writes:  # the sample completions past the checkpoint go the same way
+            drop_records_from(self.out / COMPLETIONS_FILE, iteration)
         if dropped:
             self.say(f"dropped {dropped} metrics line(s) from iteration {iteration} on, past the "
                      "checkpoint (they are regenerated)")
@@ -974,14 +984,16 @@ class TrainingRun:
     def _train(self) -> int:
         from grpo_core.loop import NonFiniteLossError
 
-        from .trainlog import MetricsLog
+        from .trackers import open_metrics_log
 
         self.start_iteration = self.completed = self.trainer.iteration
         self.wall_base, self.session_start = self.progress["wall_time"], time.perf_counter()
         self._last_save = time.monotonic()
         last_x = self.progress["last_x"]  # TensorBoard drops what a killed session logged past it
         purge = None if not self.resumed else (0 if last_x is None else int(last_x) + 1)
-        self.log = MetricsLog(self.out, x_key=self.x_key, purge_step=purge, writes=self.folder.writes)
+        self.log = open_metrics_log(self.out, x_key=self.x_key, purge_step=purge, writes=self.folder.writes,
+                                    report_to=getattr(self.args, "report_to", None), config=self.config_doc(),
+                                    resumed=self.resumed, say=self.say)
         self.bar = self.make_display()
         self._size_snapshots()
         verb = f"resuming at iteration {self.start_iteration}" if self.resumed else "training"
@@ -1042,8 +1054,9 @@ class TrainingRun:
         if s is not None and s < k:
             ckpt += f"; iterations {s}-{k - 1} were not saved"
         lines += [f"curve:       {self.out / CURVE_FILE}", f"metrics:     {self.out / METRICS_FILE}",
-                  f"checkpoint:  {ckpt}", f"config:      {self.out / CONFIG_FILE}", *extra,
-                  f"tensorboard: tensorboard --logdir {self.out / TB_DIR}"]
+                  f"checkpoint:  {ckpt}", f"config:      {self.out / CONFIG_FILE}", *extra]
+        if "tensorboard" in getattr(self.log, "report_to", ("tensorboard",)):
+            lines.append(f"tensorboard: tensorboard --logdir {self.out / TB_DIR}")
         if exit_code != 0 and s:
             lines.append(f"resume with: grpo-harness train {self.env} --out {self.out} --resume")
         if crashed:
