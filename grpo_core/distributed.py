@@ -1,0 +1,406 @@
+"""Data-parallel GRPO on ``torch.distributed``: one process per rank (``torchrun``), the same
+updates as one process holding every group.
+
+``DistributedGRPOTrainer`` is a ``GRPOTrainer`` (``grpo_core.loop``) for a process group that is
+already initialised (gloo on CPU, nccl on CUDA). Each convention below is pinned by a test that
+compares W processes with one (``tests/test_distributed*.py``):
+
+Groups
+    The B groups of an iteration are split into W contiguous blocks of B/W: rank r collects
+    groups ``r*B/W .. (r+1)*B/W - 1`` (``adapter.collect(..., first_group=, total_groups=)``),
+    each started and sampled from its global index, so the ranks' rollouts together are the
+    one-process rollout and a group never spans two ranks. B not divisible by W is refused.
+Advantages
+    A group's statistics are computed where the group is. ``scale="batch"`` needs the std of the
+    whole batch: the ranks' rewards and masks (a few numbers per sequence) are all-gathered and
+    ``group_advantages`` runs on the whole batch, each rank keeping its own rows: the numbers one
+    process computes.
+Minibatches
+    Every rank draws the one-process order of the ``N = B*G`` global rows
+    (``_seeding.minibatch_order``: same seed, iteration and epoch) and keeps, of each minibatch,
+    the rows it holds, in that order. Minibatch m of W ranks is minibatch m of one process,
+    split unevenly between the ranks (a rank may hold none of it); a one-process run with the
+    same seed therefore reproduces a W-process run, and any W reproduces any other.
+Loss and gradient
+    Every loss term divides by the minibatch's global count (``agg_count`` summed over ranks:
+    valid tokens, sequences, or rows for Dr. GRPO), so a rank's loss is its share of the
+    one-process loss. DDP and FSDP average gradients over ranks, so each rank's loss is
+    multiplied by W before its backward: the synced gradient is the sum of the shares, the
+    one-process gradient, whatever W. A rank with no row of a minibatch (or, under FSDP, fewer
+    micro-batches than another rank) runs the forward of one row cut to zero rows: it joins
+    every collective and adds nothing. The zero-signal skip is taken only when no rank has
+    signal, so every rank steps or none does.
+Reference
+    Refreshed on every rank from its own policy, which is the same on every rank (DDP keeps
+    the replicas equal); under FSDP the reference is sharded like the policy and refreshed
+    shard by shard.
+Metrics
+    ``step()`` returns the same metrics on every rank: the loss terms summed over ranks (each is
+    a share of the global mean), token shares (clip fractions, approx KL) weighted by tokens,
+    the ratio range over ranks with tokens, ``adv_abs_mean`` weighted by valid steps,
+    ``zero_signal_groups`` summed, the adapter's rollout ``info`` by ``reduce_info``.
+Checkpoints
+    ``state_dict()`` has the one-process trainer's format (full tensors, the optimizer state
+    keyed by parameter index), so a checkpoint loads at any world size and into a plain
+    ``GRPOTrainer``. Under FSDP it is a collective (every rank calls it) and rank 0's holds the
+    tensors (``get_model_state_dict(..., full_state_dict=True, cpu_offload=True)``).
+
+``shard="fsdp"`` (FSDP2, ``torch.distributed.fsdp.fully_shard``): each module of
+``fsdp_units(model)`` (decoder layers, vision blocks, and any module the adapter calls outside
+the model's own forward) and then the root are sharded, for the policy and the reference.
+Sampling runs with the policy's parameters gathered (one all-gather per rollout, not one per
+generated token). It needs ``micro_batch_size`` (every rank then runs the same number of
+forwards) no larger than the adapter's ``forward_batch`` when it has one, and a model whose
+trainable parameters are all of it (no LoRA: use DDP there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+
+import torch
+import torch.distributed as dist
+
+from .adapter import Adapter, Rollout
+from .advantages import group_advantages
+from .config import GRPOConfig
+from .loop import GRPOTrainer
+
+SHARDS = ("ddp", "fsdp")
+_SUMMED = ("loss", "policy_loss", "kl", "entropy")
+_TOKEN_SHARES = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "approx_kl")
+
+
+class _PolicyForward(torch.nn.Module):
+    """The adapter's log-prob forward as a module, so that DDP wraps the whole of it (a VLM's
+    vision tower call and every block of rows included) and not only ``policy.forward``."""
+
+    def __init__(self, adapter: Adapter, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+        self._adapter = adapter  # not a module: a plain attribute
+
+    def forward(self, rollout: Rollout, rows: torch.Tensor):
+        return self._adapter.logp_and_entropy(self.policy, rollout, rows)
+
+
+class DistributedGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` on every rank of the default process group (conventions: module doc)."""
+
+    def __init__(self, adapter: Adapter, config: GRPOConfig, optimizer: torch.optim.Optimizer | None = None,
+                 *, keep_reference: bool | None = None, shard: str = "ddp", fsdp_units=None):
+        """``shard``: "ddp" (replicas, gradients all-reduced) or "fsdp" (FSDP2 shards; builds
+        its own Adam at ``config.lr``). ``fsdp_units(model) -> list of modules``: what FSDP
+        shards besides the root."""
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("DistributedGRPOTrainer needs an initialised torch.distributed process group "
+                               "(launch with torchrun, which sets the environment for init_process_group)")
+        if shard not in SHARDS:
+            raise ValueError(f"shard={shard!r} is invalid; expected one of {SHARDS}")
+        self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        _check_config(config, self.world, shard, adapter)
+        if self.world > 1:
+            _check_share_collect(adapter)
+        super().__init__(adapter, config, optimizer, keep_reference=keep_reference)
+        self.shard = shard
+        self.local_groups = config.groups_per_iteration // self.world
+        self.first_group = self.rank * self.local_groups
+        self._local_valid = 0
+        self._info_keys: tuple[str, ...] = ()
+        self.wrapper = None
+        if shard == "fsdp":
+            if optimizer is not None:
+                raise ValueError("shard='fsdp' replaces the parameters by their shards: pass no optimizer "
+                                 "(Adam at config.lr is built after sharding)")
+            self._fully_shard(fsdp_units)
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.wrapper = DistributedDataParallel(_PolicyForward(adapter, self.policy), device_ids=None)
+
+    # --- rollouts and advantages ------------------------------------------------------------
+    def _collect(self, draw: int = 0) -> Rollout:
+        cfg = self.config
+        kw = {"num_groups": self.local_groups, "group_size": cfg.group_size, "iteration": self.iteration}
+        if self.world > 1:
+            kw.update(first_group=self.first_group, total_groups=cfg.groups_per_iteration)
+        with torch.no_grad(), self.gathered_parameters():
+            rollout = self.adapter.collect(**kw)
+        rollout.validate(cfg.group_size, self.local_groups)
+        self._local_valid = int(rollout.mask.bool().sum())
+        self._info_keys = tuple(rollout.info)
+        return rollout
+
+    def _advantages(self, rollout: Rollout) -> torch.Tensor:
+        if self.config.scale != "batch" or self.world == 1:
+            return super()._advantages(rollout)
+        cfg = self.config
+        n, t_len = rollout.rewards.shape
+        rewards, mask, scored = (all_gather_rows(x, self.world) for x in
+                                 (rollout.rewards, rollout.mask, rollout.scored))
+        adv = group_advantages(rewards, mask, cfg.group_size, gamma=cfg.gamma, scale=cfg.scale,
+                               stats_over=cfg.stats_over, eps=cfg.adv_eps, scored=scored)
+        return adv[self.rank * n:(self.rank + 1) * n, :t_len].contiguous()
+
+    @torch.no_grad()
+    def _batch_logp(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+        """As the base, in at most as many chunks as this rank has rows (its share may be
+        smaller than ``minibatches``; every rank holds the same number of rows)."""
+        n = rollout.rewards.shape[0]
+        chunks = torch.arange(n).tensor_split(min(self.config.minibatches, n))
+        return torch.cat([self.adapter.logp_and_entropy(model, rollout, rows)[0] for rows in chunks])
+
+    # --- the update -------------------------------------------------------------------------
+    def _minibatch_rows(self, epoch: int, n: int) -> list[torch.Tensor]:
+        lo = self.rank * n
+        return [rows[(rows >= lo) & (rows < lo + n)] - lo for rows in super()._minibatch_rows(epoch, n * self.world)]
+
+    def _minibatch_step(self, rollout, adv, ref_logp, rows) -> dict[str, float]:
+        stats = super()._minibatch_step(rollout, adv, ref_logp, rows)
+        return reduce_minibatch_stats(stats, int(rollout.mask[rows].bool().sum()))
+
+    def _micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        micros = super()._micro_batches(rows) or [rows]
+        if self.shard == "fsdp":  # every rank runs as many forwards as the busiest one
+            most = int(_all_reduce(torch.tensor([len(micros)]), dist.ReduceOp.MAX))
+            micros += [rows[:0]] * (most - len(micros))
+        return micros
+
+    def _accumulating(self, more: bool):
+        if self.wrapper is not None:
+            return self.wrapper.no_sync() if more else contextlib.nullcontext()
+        self.policy.set_requires_gradient_sync(not more)
+        return contextlib.nullcontext()
+
+    def _policy_forward(self, rollout: Rollout, rows: torch.Tensor):
+        empty = rows.numel() == 0
+        use = torch.zeros(1, dtype=torch.long) if empty else rows
+        if self.wrapper is not None:
+            logp, entropy = self.wrapper(rollout, use)
+        else:
+            logp, entropy = self.adapter.logp_and_entropy(self.policy, rollout, use)
+        if empty:  # a forward that joins the collectives and contributes nothing
+            return logp[:0], None if entropy is None else entropy[:0]
+        return logp, entropy
+
+    def _micro_loss(self, rollout, adv, ref_logp, rows, total, skip):
+        loss, stats = super()._micro_loss(rollout, adv, ref_logp, rows, total, skip)
+        return loss * self.world, stats  # DDP / FSDP average the ranks' gradients: sum them
+
+    def _global_count(self, count: int) -> int:
+        return int(_all_reduce(torch.tensor([count], dtype=torch.float64), dist.ReduceOp.SUM))
+
+    def _no_signal(self, adv: torch.Tensor, mask: torch.Tensor) -> bool:
+        local = super()._no_signal(adv, mask)
+        return bool(_all_reduce(torch.tensor([int(local)]), dist.ReduceOp.MIN))
+
+    def _clip_gradients(self) -> float:
+        if self.shard != "fsdp":
+            return super()._clip_gradients()  # DDP: every rank holds the whole synced gradient
+        grads = [p.grad for p in self.params if p.grad is not None]
+        local = sum((_local(g).double() ** 2).sum() for g in grads) if grads else torch.zeros((), dtype=torch.float64)
+        norm = math.sqrt(float(_all_reduce(torch.as_tensor(local, dtype=torch.float64).reshape(1).cpu(),
+                                           dist.ReduceOp.SUM)))
+        if not math.isfinite(norm):
+            from .loop import NonFiniteLossError
+
+            raise NonFiniteLossError(f"iteration {self.iteration}: gradient norm is {norm}")
+        coef = self.config.max_grad_norm / (norm + 1e-6)
+        if self.config.max_grad_norm > 0 and coef < 1:
+            for g in grads:
+                g.mul_(coef)
+        return norm
+
+    def step(self) -> dict[str, float]:
+        stats = super().step()
+        if self.world == 1:
+            return stats
+        valid = _all_reduce(torch.tensor([stats["adv_abs_mean"] * self._local_valid, self._local_valid,
+                                          stats["zero_signal_groups"]], dtype=torch.float64), dist.ReduceOp.SUM)
+        stats["adv_abs_mean"] = float(valid[0] / valid[1]) if valid[1] > 0 else 0.0
+        stats["zero_signal_groups"] = float(valid[2])
+        infos: list = [None] * self.world
+        dist.all_gather_object(infos, {k: stats[k] for k in self._info_keys})
+        stats.update(reduce_info(infos))
+        return stats
+
+    # --- FSDP -------------------------------------------------------------------------------
+    def _fully_shard(self, fsdp_units) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for model in (self.policy, self.reference):
+            if model is None:
+                continue
+            for unit in (fsdp_units(model) if fsdp_units is not None else []):
+                fully_shard(unit, reshard_after_forward=True)
+            fully_shard(model, reshard_after_forward=True)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=self.config.lr)
+
+    @contextlib.contextmanager
+    def gathered_parameters(self):
+        """Within: the policy's full parameters on every rank (FSDP; nothing to do for DDP), so
+        that sampling runs no collective per generated token and ranks may stop at different
+        lengths."""
+        if self.shard != "fsdp":
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self.policy.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in units:
+                m.set_reshard_after_forward(True, recurse=False)
+                m.reshard()
+
+    def state_dict(self) -> dict:
+        if self.shard != "fsdp":
+            return super().state_dict()
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        policy = get_model_state_dict(self.policy, options=opts)
+        ref = None if self.reference is None else get_model_state_dict(self.reference, options=opts)
+        optim = get_optimizer_state_dict(self.policy, self.optimizer, options=opts)
+        return {"policy": policy, "reference": ref, "optimizer": _by_index(optim, self._param_names()),
+                "iteration": self.iteration, "ref_is_policy": self.ref_is_policy,
+                "config": self.config.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.shard != "fsdp":
+            super().load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True)  # every rank holds the full state
+        set_model_state_dict(self.policy, state["policy"], options=opts)
+        if self.reference is not None and state["reference"] is not None:
+            set_model_state_dict(self.reference, state["reference"], options=opts)
+        set_optimizer_state_dict(self.policy, self.optimizer, _by_name(state["optimizer"], self._param_names()),
+                                 options=opts)
+        self.iteration = int(state["iteration"])
+        self.ref_is_policy = bool(state.get("ref_is_policy", False)) and self.reference is not None
+
+    def _param_names(self) -> list[str]:
+        return [n for n, p in self.policy.named_parameters() if p.requires_grad]
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+def _check_config(config: GRPOConfig, world: int, shard: str, adapter) -> None:
+    b = config.groups_per_iteration
+    if b % world:
+        raise ValueError(f"groups_per_iteration={b} is not divisible by the world size {world}: every rank "
+                         "collects the same number of whole groups (a group split across ranks would take "
+                         "its mean and std from part of its samples)")
+    if getattr(config, "dynamic_sampling", False) and world > 1:
+        raise ValueError("dynamic_sampling=True is not supported with more than one process yet")
+    if shard == "fsdp":
+        most = getattr(adapter, "forward_batch", None)
+        size = config.micro_batch_size
+        if size is None or (most is not None and size > most):
+            raise ValueError(f"shard='fsdp' needs micro_batch_size set (every rank then runs the same number of "
+                             f"forwards){f', at most the adapter forward_batch={most}' if most else ''}, "
+                             f"got {size!r}")
+
+
+def _check_share_collect(adapter) -> None:
+    params = inspect.signature(adapter.collect).parameters
+    takes = all(k in params for k in ("first_group", "total_groups")) or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not takes:
+        raise ValueError(f"{type(adapter).__name__}.collect takes no first_group/total_groups, so a rank cannot "
+                         "collect its own share of the groups (see grpo_core.adapter.Adapter); every rank would "
+                         "sample the same groups")
+
+
+# --- collectives and reductions -----------------------------------------------------------------
+
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
+    dist.all_reduce(t, op=op)
+    return t
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def all_gather_rows(x: torch.Tensor | None, world: int) -> torch.Tensor | None:
+    """Every rank's ``x`` stacked by rank, each padded with zeros to the longest T.
+
+    Shapes: x (n, T_rank) on each rank -> (world * n, max T); None -> None."""
+    if x is None:
+        return None
+    n, t_len = x.shape
+    longest = int(_all_reduce(torch.tensor([t_len]), dist.ReduceOp.MAX))
+    padded = torch.zeros(n, longest, dtype=torch.float64)
+    padded[:, :t_len] = x.double()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    out = torch.cat(parts)
+    return out.bool() if x.dtype == torch.bool else out.to(x.dtype)
+
+
+def reduce_minibatch_stats(stats: dict[str, float], tokens: int) -> dict[str, float]:
+    """One minibatch's stats over every rank from this rank's (``tokens``: its valid tokens in
+    the minibatch): loss terms summed, token shares weighted by tokens, the ratio range over
+    the ranks that hold tokens; ``grad_norm`` and ``skipped_steps`` are the same on every rank."""
+    summed = [k for k in _SUMMED if k in stats]
+    shares = [k for k in _TOKEN_SHARES if k in stats]
+    vals = [stats[k] for k in summed] + [stats[k] * tokens for k in shares] + [tokens]
+    total = _all_reduce(torch.tensor(vals, dtype=torch.float64), dist.ReduceOp.SUM).tolist()
+    lo, hi = (stats["ratio_min"], stats["ratio_max"]) if tokens else (math.inf, -math.inf)
+    ends = _all_reduce(torch.tensor([lo, -hi], dtype=torch.float64), dist.ReduceOp.MIN).tolist()
+    out = dict(stats)
+    out.update(zip(summed, total))
+    count = total[-1]
+    out.update({k: total[len(summed) + i] / count if count else 0.0 for i, k in enumerate(shares)})
+    out["ratio_min"], out["ratio_max"] = (ends[0], -ends[1]) if count else (1.0, 1.0)
+    return out
+
+
+def reduce_info(infos: list[dict]) -> dict[str, float]:
+    """The ranks' rollout ``info`` dicts as one: a key that starts with ``min_`` or ends with
+    ``_min`` takes the min over ranks, ``max_`` / ``_max`` the max, one that ends with ``steps``
+    or ``_count`` (``env_steps``) the sum, any other the mean over ranks (ignoring NaN). Ranks
+    hold equal numbers of sequences, so the mean of per-sequence means is the global mean; a
+    mean over a rank-dependent subset (``reward_mean`` over scored completions) or a spread
+    (``reward_std``) is the mean of the ranks' values, not the global one."""
+    out = {}
+    for key in infos[0]:
+        vals = [float(i[key]) for i in infos if key in i and not math.isnan(float(i[key]))]
+        if not vals:
+            out[key] = math.nan
+        elif key.startswith("min_") or key.endswith("_min"):
+            out[key] = min(vals)
+        elif key.startswith("max_") or key.endswith("_max"):
+            out[key] = max(vals)
+        elif key.endswith(("steps", "_count")):
+            out[key] = sum(vals)
+        else:
+            out[key] = sum(vals) / len(vals)
+    return out
+
+
+def _by_index(optim: dict, names: list[str]) -> dict:
+    """A name-keyed optimizer state dict (``get_optimizer_state_dict``) in ``Optimizer.state_dict``
+    form: parameters by their index among the trainable ones."""
+    index = {n: i for i, n in enumerate(names)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]]
+    return {"state": {index[n]: s for n, s in optim["state"].items()}, "param_groups": groups}
+
+
+def _by_name(optim: dict, names: list[str]) -> dict:
+    """Inverse of ``_by_index``."""
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in optim["param_groups"]]
+    return {"state": {names[int(i)]: s for i, s in optim["state"].items()}, "param_groups": groups}

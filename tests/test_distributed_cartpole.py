@@ -1,0 +1,168 @@
+"""Data parallel on CartPole: 2 gloo ranks train to the parameters of one process holding the
+same groups (float64, 3 iterations, several epochs and minibatches, beta > 0 and a reference
+refresh), and three mistakes GRPO trainers made at scale are each rejected: a token mean taken
+per rank, groups split across ranks, a reference refreshed on one rank only.
+
+The two ranks' rollouts hold different numbers of valid steps (CartPole episodes end when the
+pole falls), which is what makes a per-rank mean differ from the global one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters.cartpole import CartPoleAdapter
+from grpo_core.advantages import group_advantages
+from grpo_core.config import GRPOConfig
+from grpo_core.distributed import DistributedGRPOTrainer, _by_index, _by_name, _check_config, reduce_info
+from grpo_core.adapter import Rollout
+from grpo_core.loop import GRPOTrainer
+
+from ._ranks import on_ranks
+
+F64 = torch.float64
+ITERATIONS = 3
+BASE = dict(group_size=4, groups_per_iteration=4, grpo_epochs=2, minibatches=3, beta=0.1,
+            update_ref_model_freq=2, ent_coef=0.01, lr=1e-2, seed=3)
+CORRECT = {
+    "token-mean": BASE,
+    "batch-scale, seq-mean, micro-batches": {**BASE, "scale": "batch", "loss_agg": "seq-mean-token-mean",
+                                             "micro_batch_size": 2},
+    "Dr. GRPO, sequences": {**BASE, "loss_agg": "seq-mean-token-sum-norm", "stats_over": "sequences",
+                            "minibatches": 2},
+}
+REL = 1e-6
+
+
+# --- deliberately broken data-parallel trainers -----------------------------------------------
+
+class PerRankMean(DistributedGRPOTrainer):
+    """Each rank divides by its own token count and the ranks' gradients are averaged (the
+    per-rank token mean that verl replaced by a global token count)."""
+
+    def _global_count(self, count):
+        return count
+
+    def _micro_loss(self, *args):
+        return GRPOTrainer._micro_loss(self, *args)
+
+
+class SplitGroups(DistributedGRPOTrainer):
+    """Rank r holds the r-th part of every group, and the group statistics come from that part."""
+
+    def _rows(self):
+        g, part = self.config.group_size, self.config.group_size // self.world
+        return torch.tensor([b * g + self.rank * part + i for b in range(self.config.groups_per_iteration)
+                             for i in range(part)])
+
+    def _collect(self, draw=0):
+        cfg = self.config
+        full = self.adapter.collect(num_groups=cfg.groups_per_iteration, group_size=cfg.group_size,
+                                    iteration=self.iteration)
+        rows = self._rows()
+        self._local_valid, self._info_keys = int(full.mask[rows].sum()), tuple(full.info)
+        return Rollout(rewards=full.rewards[rows], mask=full.mask[rows], old_logp=full.old_logp[rows],
+                       inputs={k: v[rows] for k, v in full.inputs.items()}, info=full.info)
+
+    def _advantages(self, rollout):
+        cfg = self.config
+        return group_advantages(rollout.rewards, rollout.mask, cfg.group_size // self.world, gamma=cfg.gamma,
+                                scale=cfg.scale, stats_over=cfg.stats_over, eps=cfg.adv_eps)
+
+    def _minibatch_rows(self, epoch, n):
+        where = {int(r): i for i, r in enumerate(self._rows())}
+        return [torch.tensor([where[int(r)] for r in rows if int(r) in where], dtype=torch.long)
+                for rows in GRPOTrainer._minibatch_rows(self, epoch, n * self.world)]
+
+
+class UnsyncedReference(DistributedGRPOTrainer):
+    """The reference is refreshed on rank 0 only."""
+
+    def refresh_reference(self, iteration):
+        return super().refresh_reference(iteration) if self.rank == 0 else False
+
+
+BROKEN = {"per-rank token mean": PerRankMean, "groups split across ranks": SplitGroups,
+          "reference refreshed on rank 0 only": UnsyncedReference}
+
+
+def _train(cls, cfg: dict):
+    outcome = cfg.get("stats_over") == "sequences"  # the episode's length, paid at its end
+    tr = cls(CartPoleAdapter(seed=cfg["seed"], hidden=16, dtype=F64, outcome_reward=outcome), GRPOConfig(**cfg))
+    metrics, valid = [], []
+    for _ in range(ITERATIONS):
+        metrics.append(tr.step())
+        valid.append(getattr(tr, "_local_valid", None))
+    return {"params": {k: v.clone() for k, v in tr.policy.state_dict().items()}, "metrics": metrics, "valid": valid}
+
+
+def _on_rank(rank, world):
+    out = {name: _train(DistributedGRPOTrainer, cfg) for name, cfg in CORRECT.items()}
+    out.update({name: _train(cls, BASE) for name, cls in BROKEN.items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs():
+    ranks = on_ranks(_on_rank, 2)
+    one = {name: _train(GRPOTrainer, cfg) for name, cfg in CORRECT.items()}
+    return ranks, one
+
+
+def _rel_gap(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CORRECT))
+def test_two_ranks_train_as_one_process(runs, name):
+    ranks, one = runs
+    two = ranks[0][name]
+    gap = _rel_gap(two["params"], one[name]["params"])
+    assert gap < REL, f"{name}: parameters differ from one process by {gap:.2e} (relative)"
+    assert _rel_gap(ranks[1][name]["params"], two["params"]) == 0, "the ranks' replicas differ"
+    assert any(a != b for a, b in zip(ranks[0][name]["valid"], ranks[1][name]["valid"])), \
+        "the ranks held the same numbers of valid steps: a per-rank mean would go unnoticed"
+    for m2, m1 in zip(two["metrics"], one[name]["metrics"]):
+        for key in ("loss", "policy_loss", "kl", "entropy", "clip_frac_low", "approx_kl", "grad_norm",
+                    "ratio_min", "ratio_max", "adv_abs_mean", "env_steps", "mean_return", "min_return",
+                    "max_return", "skipped_steps", "zero_signal_groups"):
+            assert m2[key] == pytest.approx(m1[key], rel=REL, abs=1e-12), f"{name}: metric {key}"
+    assert ranks[1][name]["metrics"] == two["metrics"], "the ranks report different metrics"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_broken_data_parallel_is_rejected(runs, name):
+    ranks, one = runs
+    gap = _rel_gap(ranks[0][name]["params"], one["token-mean"]["params"])
+    assert gap > 1e-3, f"{name}: trained like one process (gap {gap:.2e}); the test cannot catch it"
+
+
+def test_groups_must_divide_among_ranks():
+    with pytest.raises(ValueError, match="groups_per_iteration=3 is not divisible by the world size 2"):
+        _check_config(GRPOConfig(groups_per_iteration=3), 2, "ddp", object())
+    _check_config(GRPOConfig(groups_per_iteration=4), 2, "ddp", object())
+
+
+def test_fsdp_needs_a_micro_batch_size():
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        _check_config(GRPOConfig(), 1, "fsdp", object())
+
+
+def test_reduce_info_rules():
+    """min_/max_ keys, sums of steps, means of the rest, NaN ignored (hand-computed)."""
+    infos = [{"min_return": 3.0, "max_return": 9.0, "env_steps": 20, "mean_return": 5.0, "reward/x": float("nan")},
+             {"min_return": 2.0, "max_return": 7.0, "env_steps": 12, "mean_return": 3.0, "reward/x": 0.5}]
+    assert reduce_info(infos) == {"min_return": 2.0, "max_return": 9.0, "env_steps": 32.0, "mean_return": 4.0,
+                                  "reward/x": 0.5}
+
+
+def test_optimizer_state_names_round_trip():
+    """The index-keyed form of a name-keyed optimizer state, and back (FSDP checkpoints)."""
+    names = ["a.weight", "a.bias", "b.weight"]
+    named = {"state": {"a.bias": {"step": 1}, "b.weight": {"step": 2}},
+             "param_groups": [{"lr": 0.1, "params": names}]}
+    indexed = _by_index(named, names)
+    assert indexed == {"state": {1: {"step": 1}, 2: {"step": 2}}, "param_groups": [{"lr": 0.1, "params": [0, 1, 2]}]}
+    assert _by_name(indexed, names) == named
