@@ -5,11 +5,14 @@ Two ways to run it:
 - ``--task colours``: the synthetic colours task (``adapters.vlm_tasks``). Without ``--model``
   a tiny random Qwen2-VL (``--family qwen2_5_vl`` for Qwen2.5-VL) is built into ``OUT/model``
   first; with the defaults (below) it learns on one CPU thread in well under a minute.
-- ``--data FILE.jsonl --reward module:function [--reward ...] --model ID_OR_PATH``: your rows
-  (columns image (path), prompt, answer, anything else) and TRL-style reward functions. Every
-  row's image is decoded once when the rows are loaded, so a bad one is named by its line
-  before any model is loaded. A reward function that scores no sample of an iteration (None
-  for all) stops the run, naming it.
+- ``--data PATH --reward module:function [--reward ...] --model ID_OR_PATH``: your rows and
+  TRL-style reward functions. PATH is a folder saved with ``datasets``' ``save_to_disk``, or a
+  parquet, CSV, JSON or JSONL file; columns ``image`` (or ``images``: a path, bytes, a
+  ``{"bytes", "path"}`` dict, or a list of them) and ``prompt`` (text, or TRL's chat messages),
+  anything else goes to the reward functions; ``--column image=img`` renames (all in
+  ``grpo_harness.datasets_io``). Every row's images are decoded once when the rows are loaded,
+  so a bad one is named by its row before any model is loaded. A reward function that scores
+  no sample of an iteration (None for all) stops the run, naming it.
 
 Before the first iteration (also on ``--resume``) the preflight checks of ``adapters.vlm_preflight``
 run on a few real samples and print a table; if one fails, the command exits 1 naming it
@@ -24,7 +27,10 @@ another ``--max-iterations`` follows the schedule of its new budget. The run fol
 ``final/`` at the end (the trained model and processor, loadable with ``from_pretrained``; with
 LoRA, the base model with the policy adapter merged in). Prompts, sampling and minibatch
 orders are seeded from (seed, iteration), so a resumed run writes the same metrics as an
-uninterrupted one. TensorBoard plots against the iteration.
+uninterrupted one. TensorBoard plots against the iteration. Every ``--completions-every``
+iterations and at the end, sample completions with their rewards go to ``completions.jsonl``
+and a table in the progress output (``grpo_harness.completions``); every iteration's metrics
+include ``frac_reward_zero_std``, the share of groups without reward spread.
 """
 
 from __future__ import annotations
@@ -77,11 +83,13 @@ VLM_DEFAULTS: dict[str, dict[str, Any]] = {
         "target_reward": 0.8,
         "window": 25,
         "dtype": "float32",
+        "completions_every": 10,
+        "completions_per_group": 4,
     },
 }
 # The task and the model: defaults of the flags that define them (saved in config.json and
 # taken from there on --resume; a flag given on resume must agree with the saved value).
-TASK_DEFAULTS: dict[str, Any] = {"data": None, "eval_data": None, "reward": [], "reward_weight": [],
+TASK_DEFAULTS: dict[str, Any] = {"data": None, "eval_data": None, "column": [], "reward": [], "reward_weight": [],
                                  "colours": 4, "num_prompts": 64, "eval_size": 32}
 MODEL_DEFAULTS: dict[str, Any] = {"model": None, "family": "qwen2_vl", "lora_rank": 0}
 # ---------------------------------------------------------------------------------------------
@@ -107,9 +115,14 @@ def _add_task_arguments(src) -> None:
     td, md = TASK_DEFAULTS, MODEL_DEFAULTS
     src.add_argument("--task", choices=list(TASKS), help="built-in task: colours (one word), sequence or "
                      "sequence-words (three words; adapters.vlm_tasks) (default: colours unless --data)")
-    src.add_argument("--data", type=Path, metavar="FILE.jsonl",
-                     help="JSONL rows with columns image (path), prompt, answer (+ any others)")
-    src.add_argument("--eval-data", type=Path, metavar="FILE.jsonl", help="held-out rows for greedy evaluation")
+    src.add_argument("--data", type=Path, metavar="PATH",
+                     help="training rows: a folder saved with datasets' save_to_disk, or a .parquet, .csv, "
+                     ".json or .jsonl file; columns image (or images) and prompt, any others go to the reward "
+                     "functions (formats: grpo_harness/datasets_io.py)")
+    src.add_argument("--eval-data", type=Path, metavar="PATH", help="held-out rows for greedy evaluation "
+                     "(same formats)")
+    src.add_argument("--column", action="append", metavar="TARGET=SOURCE",
+                     help="use the data's column SOURCE as TARGET, e.g. image=img or answer=label (repeatable)")
     src.add_argument("--reward", action="append", metavar="MODULE:FN",
                      help="reward function reward_fn(prompts, completions, **columns), as package.module:fn or "
                      "path/file.py:fn (repeatable; default for colours: first word equals the answer)")
@@ -142,6 +155,11 @@ def _add_training_arguments(run) -> None:
                      help=f"report when the rolling mean reward reaches R (default {d['target_reward']})")
     run.add_argument("--stop-at-target", action="store_true", help="stop once the target is reached")
     run.add_argument("--dtype", choices=DTYPES, help="training dtype (default float32)")
+    run.add_argument("--completions-every", type=int, metavar="K",
+                     help="log sample completions every K iterations, 0 = only at the end (default "
+                     f"{d['completions_every']}): completions.jsonl and a table in the progress output")
+    run.add_argument("--completions-per-group", type=int, metavar="N",
+                     help=f"completions of each group shown and logged (default {d['completions_per_group']})")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     run.add_argument("--gradient-checkpointing", action="store_true",
                      help="recompute activations in the backward pass (less memory, ~30%% more time; "
@@ -246,32 +264,6 @@ def load_rewards(specs: list[str]):
     return funcs
 
 
-def load_rows(path: Path) -> list[dict]:
-    """The JSONL rows of ``path``, every image decoded once (and dropped) so that a bad one is
-    reported with its line number before training."""
-    from PIL import Image
-
-    from adapters.vlm_tasks import load_jsonl
-
-    try:
-        rows = load_jsonl(path)
-        with Path(path).open(encoding="utf-8") as f:  # the line numbers, counted as load_jsonl does
-            lines = [n for n, line in enumerate(f, 1) if line.strip()]
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path} is not UTF-8 text (byte offset {e.start})") from None
-    except (OSError, ValueError) as e:
-        raise UsageError(one_line(e)) from None
-    for lineno, row in zip(lines, rows):
-        for img in row["image"] if isinstance(row["image"], list) else [row["image"]]:
-            try:
-                with Image.open(img) as im:
-                    im.load()
-            except Exception as e:  # noqa: BLE001 - PIL raises several types for a bad file
-                raise UsageError(f"{Path(path).name}:{lineno}: image {img} does not decode: "
-                                 f"{type(e).__name__}: {one_line(e)}") from None
-    return rows
-
-
 @contextlib.contextmanager
 def recording_collect_errors(adapter, errors: list):
     """Within: an exception raised by ``adapter.collect`` is appended to ``errors`` (and raised)."""
@@ -364,6 +356,10 @@ class VLMRun(TrainingRun):
     DEFAULTS = VLM_DEFAULTS
     FIXED_TRAIN = ("temperature", "top_p", "max_new_tokens", "dtype")
     x_key = "iteration"
+    recorder = None
+    """The ``CompletionRecorder`` on the adapter (from the first iteration on)."""
+    _logged = None
+    """The last iteration whose completions were logged in this session."""
 
     # settings ---------------------------------------------------------------------------------
     def _given(self, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -399,12 +395,19 @@ class VLMRun(TrainingRun):
             from adapters.vlm_tasks import TASKS
 
             t["max_new_tokens"] = TASKS[task["name"]].max_new_tokens if task["name"] in TASKS else 32
-        for key, low in (("max_iterations", 1), ("max_new_tokens", 1), ("window", 1)):
+        for key, low in (("max_iterations", 1), ("max_new_tokens", 1), ("window", 1), ("completions_every", 0),
+                         ("completions_per_group", 1)):
             check_int(t, key, low)
         self._check_floats()
         if t["lr_schedule"] not in LR_SCHEDULES or t["dtype"] not in DTYPES:
             raise UsageError(f"lr_schedule={t['lr_schedule']!r} / dtype={t['dtype']!r}: expected one of "
                              f"{LR_SCHEDULES} / {DTYPES}")
+        if task.get("column"):
+            from .datasets_io import parse_column_maps
+
+            parse_column_maps(task["column"])
+            if task["name"] != "data":
+                raise UsageError("--column renames columns of --data; the built-in tasks have their own")
         if task["name"] == "data":
             if not task["reward"]:
                 raise UsageError("--data needs at least one --reward module:function")
@@ -450,8 +453,11 @@ class VLMRun(TrainingRun):
             train = spec.dataset(task["num_prompts"], k=task["colours"], seed=2 * seed)
             held = spec.dataset(task["eval_size"], k=task["colours"], seed=2 * seed + 1)
             return train, held, funcs or [spec.reward]
-        held = load_rows(Path(task["eval_data"])) if task["eval_data"] else None
-        return load_rows(Path(task["data"])), held, funcs
+        from .datasets_io import load_rows
+
+        cols = task.get("column") or []
+        held = load_rows(Path(task["eval_data"]), columns=cols, option="--eval-data") if task["eval_data"] else None
+        return load_rows(Path(task["data"]), columns=cols), held, funcs
 
     def _load_model(self):
         import torch
@@ -549,6 +555,11 @@ class VLMRun(TrainingRun):
 
     # the loop ---------------------------------------------------------------------------------
     def before_step(self) -> None:
+        if self.recorder is None:  # installed after the preflight, whose rollouts are not logged
+            from .completions import CompletionRecorder
+
+            self.recorder = CompletionRecorder(self.adapter, self.cfg)
+            self.recorder.install()
         t = self.train
         self.lr = self.cfg.lr * lr_factor(t["lr_schedule"], self.trainer.iteration, t["max_iterations"])
         for group in self.trainer.optimizer.param_groups:
@@ -568,6 +579,7 @@ class VLMRun(TrainingRun):
         done = self.trainer.iteration
         record = dict(stats)
         record["lr"] = self.lr
+        record.update(self._spread_metrics(stats["iteration"]))
         if self.held is not None and ((t["eval_every"] and done % t["eval_every"] == 0) or done == t["max_iterations"]):
             record.update(self.adapter.evaluate(self.held))
         record["wall_time"] = self.wall()
@@ -579,6 +591,27 @@ class VLMRun(TrainingRun):
         if self._newly:
             p["reached_target"] = {"iteration": stats["iteration"], "wall_time": record["wall_time"]}
         return record, p
+
+    def _spread_metrics(self, iteration: int) -> dict[str, float]:
+        from .completions import frac_reward_zero_std
+
+        summary = self.recorder.of(iteration) if self.recorder is not None else None
+        if summary is None:
+            return {}
+        return {"frac_reward_zero_std": frac_reward_zero_std(summary["totals"], summary["group_size"])}
+
+    def _log_completions(self, iteration: int) -> None:
+        """Sample completions of ``iteration`` to completions.jsonl and the progress output."""
+        from .completions import append_records, format_table
+
+        if self.recorder is None or iteration == self._logged:
+            return
+        records = self.recorder.records(iteration, self.train["completions_per_group"])
+        if records:
+            if self.folder.writes:
+                append_records(self.out, records)
+            self._logged = iteration
+            self.say(format_table(records, stream=self.bar.stream))
 
     def stop_reason(self) -> str | None:
         if self.progress["reached_target"] is not None and self.args.stop_at_target:
@@ -597,6 +630,9 @@ class VLMRun(TrainingRun):
         if self._newly:
             self.say(f"rolling mean reward {record['reward_rolling']:.3f} >= {self.train['target_reward']} at "
                      f"iteration {record['iteration']} ({record['wall_time']:.1f} s)")
+        every = self.train["completions_every"]
+        if every and (record["iteration"] + 1) % every == 0:
+            self._log_completions(record["iteration"])
 
     def describe(self) -> str:
         m = self.model
@@ -625,6 +661,13 @@ class VLMRun(TrainingRun):
         return lines
 
     def on_finish(self, clean: bool) -> list[str]:
+        from .completions import COMPLETIONS_FILE
+
+        self._log_completions(self.completed - 1)
+        lines = [f"completions: {self.out / COMPLETIONS_FILE}"] if (self.out / COMPLETIONS_FILE).exists() else []
+        return lines + self._export(clean)
+
+    def _export(self, clean: bool) -> list[str]:
         final = self.out / "final"
         if not clean:
             return ["model:       not exported (the run stopped in the middle of an iteration)"]
