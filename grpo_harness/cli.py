@@ -1,5 +1,5 @@
 """``grpo-harness`` command line: ``train``, ``check-estimator``, ``report``, ``ablate``,
-``gpu-check``.
+``gpu-check``, ``inspect``.
 
 Each subcommand lives in its own module and registers itself through ``add_parser(subparsers)``;
 heavy imports (torch, transformers) happen only when a subcommand runs.
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "report": "grpo_harness.report",
     "ablate": "grpo_harness.ablate",
     "gpu-check": "grpo_harness.gpu_check",
+    "inspect": "grpo_harness.inspect_cmd",
 }
 
 
