@@ -193,8 +193,13 @@ class VLMAdapter:
             out.append(perms[p][k % size])
         return out
 
-    def collect(self, *, num_groups: int, group_size: int, iteration: int) -> Rollout:
-        return self._collect(num_groups, group_size, iteration, 0)
+    def collect(self, *, num_groups: int, group_size: int, iteration: int, first_group: int = 0,
+                total_groups: int | None = None) -> Rollout:
+        """Groups ``first_group ..`` of the iteration's ``total_groups`` (default ``num_groups``):
+        a data-parallel rank's share gets the prompts one process gives those groups; a share
+        that does not start at group 0 samples from ``derive_seed(seed, "sample", iteration,
+        "groups", first_group)`` (a stream per rank's share, not per group)."""
+        return self._collect(num_groups, group_size, iteration, 0, first_group, total_groups)
 
     def collect_more(self, *, num_groups: int, group_size: int, iteration: int, draw: int) -> Rollout:
         """Extra draw ``draw`` >= 1 of dynamic sampling: other prompts (``prompt_indices``),
@@ -204,10 +209,13 @@ class VLMAdapter:
         return self._collect(num_groups, group_size, iteration, draw)
 
     @torch.no_grad()
-    def _collect(self, num_groups: int, group_size: int, iteration: int, draw: int) -> Rollout:
-        items = [self.dataset[i] for i in self.prompt_indices(iteration, num_groups, draw)]
+    def _collect(self, num_groups: int, group_size: int, iteration: int, draw: int, first_group: int = 0,
+                 total_groups: int | None = None) -> Rollout:
+        indices = self.prompt_indices(iteration, total_groups or num_groups, draw)
+        items = [self.dataset[i] for i in indices[first_group:first_group + num_groups]]
         batch = self.encode_prompts(items)
-        seed = derive_seed(self.seed, "sample", iteration, *(("draw", draw) if draw else ()))
+        seed = derive_seed(self.seed, "sample", iteration, *(("draw", draw) if draw else ()),
+                           *(("groups", first_group) if first_group else ()))
         gen_out = self.generate(batch, group_size, seed)
         inputs = self._rollout_inputs(batch, gen_out, group_size)
 
