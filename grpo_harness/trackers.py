@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,7 @@ def open_wandb(out: Path, *, config: dict[str, Any], resumed: bool, say):
             "(metrics.jsonl has every metric)")
         return None
     id_file = out / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if resumed and id_file.is_file() else secrets.token_hex(4)
     try:
         run = wandb.init(project=os.environ.get("WANDB_PROJECT", "grpo-harness"), name=out.name, dir=str(out),
                          id=run_id, resume="allow", config=config)
