@@ -42,7 +42,7 @@ Resume
 Report
     ``ablation.md`` (the setup, which seeds were used for what, the test, the variants table and
     the verdicts), ``ablation.png`` (cost and final reward per seed and variant) and
-    ``ablation.json`` (every run's result) in ``--out``; rewritten after every finished run, and
+    ``ablation.json`` (every run's result) in ``--out``; rewritten after every finished verdict run and
     alone with ``--report-only``.
 """
 
@@ -384,7 +384,8 @@ class Runner:
         self._lock = threading.Lock()
 
     def command(self, job: Job) -> list[str]:
-        return [sys.executable, "-m", "grpo_harness.cli", "train", *train_args(self.spec, job), "--out", str(job.folder)]
+        return [sys.executable, "-m", "grpo_harness.cli", "train", *train_args(self.spec, job),
+                "--out", str(job.folder)]
 
     def prepare(self, job: Job) -> list[str] | None:
         """The command that (re)starts ``job``, None when it is done already. A result written
@@ -541,7 +542,12 @@ def run_ablation(spec: Spec, out: Path, *, jobs: int = 2, report_only: bool = Fa
             if picked is not None:
                 chosen[v.name] = picked[0]
         if not report_only and not runner.stopping.is_set():
-            failed += runner.run(verdict_jobs(spec, out, chosen), _progress(say, "run"))
+            def done(job: Job, doc: dict) -> None:
+                report(job, doc)
+                write_report(spec, out)  # a partial report is always on disk
+
+            report = _progress(say, "run")
+            failed += runner.run(verdict_jobs(spec, out, chosen), done)
     write_report(spec, out)
     stopped = runner.stopping.is_set()
     failed = [(j, d) for j, d in failed if not (stopped and d["exit"] in (130, 143))]  # interrupted: resumed
