@@ -15,6 +15,7 @@ mutants each one kills. Three contracts recur:
 
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 
@@ -251,3 +252,160 @@ def test_no_temporary_larger_than_a_block(chunk):
             sum(o.sum() for o in outs).backward()
         assert sum(size > chunk * v for size in bwd.sizes) == 1 and max(bwd.sizes) == n * t * v
         logits.grad = None
+
+
+# --- group advantages ---------------------------------------------------------------------------
+
+
+def outcome_batch(rewards_and_lengths, t_len):
+    """Rows with one outcome reward on the last of ``L`` valid tokens (the padding after it)."""
+    rewards = torch.zeros(len(rewards_and_lengths), t_len, dtype=F64)
+    mask = torch.zeros_like(rewards)
+    for i, (r, length) in enumerate(rewards_and_lengths):
+        mask[i, :length] = 1
+        rewards[i, length - 1] = r
+    return rewards, mask
+
+
+def outcome_closed_form(rewards_and_lengths, t_len, gamma, group_size, eps=1e-8):
+    """``A_t = gamma**(L - 1 - t) (R - mean_g) / (std_g + eps)``, std with Bessel's correction
+    (GRPO outcome supervision with a discount, the group_advantages docstring)."""
+    out = torch.zeros(len(rewards_and_lengths), t_len, dtype=F64)
+    for g0 in range(0, len(rewards_and_lengths), group_size):
+        group = rewards_and_lengths[g0:g0 + group_size]
+        outcomes = [r for r, _ in group]
+        mean = sum(outcomes) / len(outcomes)
+        std = (sum((r - mean) ** 2 for r in outcomes) / (len(outcomes) - 1)) ** 0.5
+        for i, (r, length) in enumerate(group, start=g0):
+            for t in range(length):
+                out[i, t] = gamma ** (length - 1 - t) * (r - mean) / (std + eps)
+    return out
+
+
+def test_advantages_buffers_follow_the_inputs_device():
+    samples = [(1.0, 3), (0.0, 5), (2.0, 1), (0.5, 4)]
+    rewards, mask = outcome_batch(samples, 5)
+    want = outcome_closed_form(samples, 5, 0.9, 2)
+    with default_device_meta():
+        got = core.group_advantages(rewards, mask, 2, gamma=0.9, scale="group", stats_over="sequences")
+    assert got.device.type == "cpu"
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_scale_with_two_pooled_values():
+    """Exactly two values in the batch: the std is |R1 - R2| / sqrt(2) (Bessel), so the
+    advantages are +-1/sqrt(2) whatever the rewards."""
+    rewards, mask = outcome_batch([(3.0, 2), (1.0, 2)], 2)
+    for scale in ("batch", "group"):
+        got = core.group_advantages(rewards, mask, 2, gamma=1.0, scale=scale, stats_over="sequences", eps=0.0)
+        assert torch.allclose(got, torch.tensor([[1, 1], [-1, -1]], dtype=F64) / 2**0.5, rtol=1e-12)
+
+
+def test_a_std_that_underflows_to_zero_gives_finite_advantages():
+    """eps = 0 and two outcomes a subnormal apart: the std rounds to 0 although the group has
+    a signal; the advantages stay finite (never a NaN or inf that trains on)."""
+    tiny = torch.finfo(F64).smallest_normal * torch.finfo(F64).eps  # 5e-324, the least subnormal
+    rewards = torch.tensor([[0.0], [tiny]], dtype=F64)
+    got = core.group_advantages(rewards, torch.ones(2, 1), 2, gamma=1.0, scale="group",
+                                stats_over="sequences", eps=0.0)
+    assert torch.isfinite(got).all()
+
+
+def test_advantage_errors_name_the_argument():
+    kw = dict(gamma=1.0, scale="group", stats_over="sequences")
+    ok_r, ok_m = outcome_batch([(1.0, 2), (0.0, 2)], 2)
+    with raises_naming("rewards", r" must be 2-D"):
+        core.group_advantages(torch.zeros(4), torch.ones(4), 2, **kw)
+    with raises_naming("shape mismatch: scored has shape (2, 3) but rewards has shape (2, 2)"):
+        core.group_advantages(ok_r, ok_m, 2, scored=torch.ones(2, 3), **kw)
+    with raises_naming("scored", r" must hold only 0 and 1, found 2"):
+        core.group_advantages(ok_r, ok_m, 2, scored=torch.tensor([[0.0, 2.0], [0.0, 1.0]]), **kw)
+    for bad in (2.0, True):
+        with raises_naming("group_size", f" must be a positive int, got {bad!r}"):
+            core.group_advantages(ok_r, ok_m, bad, **kw)
+    with raises_naming("eps", r" must be >= 0, got -1\.0$"):
+        core.group_advantages(ok_r, ok_m, 2, eps=-1.0, **kw)
+    nan_r = ok_r.clone()
+    nan_r[0, 0] = float("nan")  # before the last step: the non-finite value is the error
+    with raises_naming("rewards", r" holds a non-finite value \(nan\)$"):
+        core.group_advantages(nan_r, ok_m, 2, **kw)
+
+
+def test_a_reward_at_an_unscored_step_is_refused_with_its_place():
+    """The refusal names the row, the reward, the step, why (last step or scored mask) and the
+    two ways out."""
+    kw = dict(gamma=1.0, scale="group", stats_over="sequences")
+    rewards = torch.tensor([[0.0, 0.0], [0.5, 1.0]], dtype=F64)
+    remedy = r"; per-step rewards need a scored mask \(process supervision\) or stats_over='steps'$"
+    head = r"stats_over='sequences' normalises the rewards of scored steps only, but row 1 has reward 0\.5 at step 0, which "
+    with pytest.raises(ValueError, match="^" + head + "is not the row's last valid step" + remedy):
+        core.group_advantages(rewards, torch.ones(2, 2), 2, **kw)
+    with pytest.raises(ValueError, match="^" + head + "is not marked in scored" + remedy):
+        core.group_advantages(rewards, torch.ones(2, 2), 2, scored=torch.tensor([[0, 1], [0, 1]]), **kw)
+
+
+# --- losses ---------------------------------------------------------------------------------------
+
+LOSS_KW = dict(eps_low=0.2, eps_high=0.28, agg="token-mean")
+
+
+def one_valid_token(log_ratio, adv, junk=5.0):
+    """A (2, 3) batch whose only valid token is (1, 2); junk (big ratios, big advantages)
+    everywhere under the mask."""
+    old = torch.full((2, 3), -1.0, dtype=F64)
+    logp = old + junk
+    logp[1, 2] = old[1, 2] + log_ratio
+    a = torch.full((2, 3), -junk, dtype=F64)
+    a[1, 2] = adv
+    mask = torch.zeros(2, 3)
+    mask[1, 2] = 1
+    return logp, old, a, mask
+
+
+@pytest.mark.parametrize("rho, adv, clip_ratio_c, which", [
+    (0.5, -1.0, None, "clip_frac_low"),   # A < 0, rho < 1 - eps_low
+    (2.0, 1.0, None, "clip_frac_high"),   # A > 0, rho > 1 + eps_high
+    (4.0, -1.0, 3.0, "clip_frac_dual"),   # A < 0, rho > c
+    (1.1, 1.0, 3.0, None),                # inside the clip range
+])
+def test_clip_stats_of_a_single_valid_token(rho, adv, clip_ratio_c, which):
+    """One valid token: each share is 0 or 1 exactly, approx_kl is that token's
+    ``rho - 1 - log rho`` and ratio_min = ratio_max = rho (the documented stats)."""
+    logp, old, a, mask = one_valid_token(math.log(rho), adv)
+    _, stats = core.clipped_policy_loss(logp, old, a, mask, clip_ratio_c=clip_ratio_c, **LOSS_KW)
+    for name in ("clip_frac_low", "clip_frac_high", "clip_frac_dual"):
+        assert stats[name] == (1.0 if name == which else 0.0), name
+    assert stats["approx_kl"] == pytest.approx(rho - 1 - math.log(rho), rel=1e-12)
+    assert stats["ratio_min"] == pytest.approx(rho, rel=1e-12)
+    assert stats["ratio_max"] == pytest.approx(rho, rel=1e-12)
+
+
+def test_grpo_loss_documented_calls_and_coefficients():
+    """The calls the docstring allows (no reference with beta = 0, no entropy with ent_coef = 0)
+    and the coefficients, against the token-mean terms written out in float64:
+    ``loss = policy + beta * mean(k3) - ent_coef * mean(H)``."""
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], dtype=F64)
+    old = torch.tensor([[-1.1, -2.0], [-0.4, -2.9]], dtype=F64)
+    ref_lp = torch.tensor([[-1.3, -1.5], [-0.5, -2.0]], dtype=F64)
+    adv = torch.tensor([[1.0, -0.5], [0.25, 2.0]], dtype=F64)
+    ent = torch.tensor([[0.7, 1.1], [0.2, 0.4]], dtype=F64)
+    mask = torch.tensor([[1, 1], [1, 0]], dtype=F64)
+    tokens = [(0, 0), (0, 1), (1, 0)]
+    rho = {k: math.exp(float(logp[k] - old[k])) for k in tokens}
+    pol = sum(-min(rho[k] * adv[k].item(), min(max(rho[k], 0.8), 1.28) * adv[k].item()) for k in tokens) / 3
+    k3 = sum(math.expm1(float(ref_lp[k] - logp[k])) - float(ref_lp[k] - logp[k]) for k in tokens) / 3
+    h = sum(ent[k].item() for k in tokens) / 3
+    kw = dict(kl_estimator="k3", **LOSS_KW)
+    cases = [(None, None, 0.0, 0.0, pol), (ref_lp, None, 0.5, 0.0, pol + 0.5 * k3),
+             (None, ent, 0.0, 1.0, pol - h), (ref_lp, ent, 0.0, 0.0, pol),
+             (ref_lp, ent, 0.04, 0.01, pol + 0.04 * k3 - 0.01 * h)]
+    for ref_logp, entropy, beta, ent_coef, want in cases:
+        loss, stats = core.grpo_loss(logp, old, ref_logp, adv, mask, entropy=entropy, beta=beta,
+                                     ent_coef=ent_coef, **kw)
+        assert float(loss) == pytest.approx(want, rel=1e-12), (beta, ent_coef)
+        assert stats["loss"] == pytest.approx(want, rel=1e-12)
+        assert stats["policy_loss"] == pytest.approx(pol, rel=1e-12)
+        if ref_logp is not None:
+            assert stats["kl"] == pytest.approx(k3, rel=1e-12)
+        if entropy is not None:
+            assert stats["entropy"] == pytest.approx(h, rel=1e-12)
