@@ -165,3 +165,41 @@ def test_a_resume_drops_the_lines_past_the_checkpoint(tiny_dirs, data, tmp_path)
     assert train(tiny_dirs, data, out, "--resume", "--max-iterations", "3", "--completions-every", "1") == 0
     check_log(out, [0, 1, 2])
     assert "killed session" not in (out / "completions.jsonl").read_text()
+
+
+# --- a TRL user's dataset, unchanged ------------------------------------------------------------------
+
+TRL_REWARD = '''
+def accuracy(prompts, completions, solution, **kwargs):
+    return [float(c.strip().split(" ")[0] == s) if c.strip() else 0.0 for c, s in zip(completions, solution)]
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["save_to_disk", "parquet"])
+def test_a_trl_dataset_trains_unchanged(tiny_dirs, tmp_path, monkeypatch, form):
+    """Columns as in TRL's VLM examples: image (an Image feature), a conversational prompt,
+    solution; saved with datasets, then trained on with no conversion (offline)."""
+    datasets = pytest.importorskip("datasets", reason="the datasets package (data extra) is not installed")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    rows = colours_dataset(4, seed=5)
+    ds = datasets.Dataset.from_dict({
+        "image": [r["image"] for r in rows], "solution": [r["answer"] for r in rows],
+        "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["prompt"]}]}]
+                   for r in rows]}).cast_column("image", datasets.Image())
+    path = tmp_path / ("saved" if form == "save_to_disk" else "train.parquet")
+    ds.save_to_disk(str(path)) if form == "save_to_disk" else ds.to_parquet(str(path))
+    (tmp_path / "trl_rewards.py").write_text(TRL_REWARD)
+    out = tmp_path / "run"
+    rc = main(["--data", str(path), "--reward", f"{tmp_path / 'trl_rewards.py'}:accuracy", "--model",
+               str(tiny_dirs["qwen2_vl"]), "--out", str(out), "--max-iterations", "2", "--max-new-tokens", "2",
+               "--set", "group_size=2", "--threads", "1", "--completions-every", "1"])
+    assert rc == 0
+    logged = read(out / "completions.jsonl")
+    assert len(read(out / "metrics.jsonl")) == 2 and len(logged) == 2 * 4
+    for r in logged:
+        assert r["solution"] in ANSWERS and r["prompt"][0]["content"][1]["text"] == rows[0]["prompt"]
+        for c in r["completions"]:  # the reward saw the row's solution
+            assert c["scores"]["accuracy"] == float(c["text"].strip().split(" ")[0] == r["solution"]
+                                                    if c["text"].strip() else 0.0)
