@@ -172,14 +172,9 @@ def metric_lines(records: list[dict]) -> list[str]:
 
 
 def rolling_mean(values: list[float], window: int) -> list[float]:
-    """Trailing mean over the last ``window`` values (fewer at the start)."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
+    """Trailing mean over the last ``window`` values (fewer at the start), each an exact sum
+    (no running total whose rounding would make a flat curve look noisy)."""
+    return [math.fsum(values[max(0, i + 1 - window):i + 1]) / min(i + 1, window) for i in range(len(values))]
 
 
 def plateau(values: list[float], window: int, tol: float = PLATEAU_TOL) -> int | None:
