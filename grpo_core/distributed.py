@@ -91,9 +91,10 @@ class DistributedGRPOTrainer(GRPOTrainer):
 
     def __init__(self, adapter: Adapter, config: GRPOConfig, optimizer: torch.optim.Optimizer | None = None,
                  *, keep_reference: bool | None = None, shard: str = "ddp", fsdp_units=None):
-        """``shard``: "ddp" (replicas, gradients all-reduced) or "fsdp" (FSDP2 shards; builds
-        its own Adam at ``config.lr``). ``fsdp_units(model) -> list of modules``: what FSDP
-        shards besides the root."""
+        """``shard``: "ddp" (replicas, gradients all-reduced) or "fsdp" (FSDP2 shards; the
+        optimizer, Adam at ``config.lr`` by default, is built over the shards: one given is
+        rebuilt with its class and defaults). ``fsdp_units(model) -> list of modules``: what
+        FSDP shards besides the root."""
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DistributedGRPOTrainer needs an initialised torch.distributed process group "
                                "(launch with torchrun, which sets the environment for init_process_group)")
@@ -111,10 +112,10 @@ class DistributedGRPOTrainer(GRPOTrainer):
         self._info_keys: tuple[str, ...] = ()
         self.wrapper = None
         if shard == "fsdp":
-            if optimizer is not None:
-                raise ValueError("shard='fsdp' replaces the parameters by their shards: pass no optimizer "
-                                 "(Adam at config.lr is built after sharding)")
-            self._fully_shard(fsdp_units)
+            if optimizer is not None and len(optimizer.param_groups) != 1:
+                raise ValueError("shard='fsdp' rebuilds the optimizer over the parameters' shards with its class "
+                                 f"and defaults; got one with {len(optimizer.param_groups)} parameter groups")
+            self._fully_shard(fsdp_units, optimizer)
         else:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -227,7 +228,7 @@ class DistributedGRPOTrainer(GRPOTrainer):
         return stats
 
     # --- FSDP -------------------------------------------------------------------------------
-    def _fully_shard(self, fsdp_units) -> None:
+    def _fully_shard(self, fsdp_units, optimizer) -> None:
         from torch.distributed.fsdp import fully_shard
 
         for model in (self.policy, self.reference):
@@ -236,8 +237,12 @@ class DistributedGRPOTrainer(GRPOTrainer):
             for unit in (fsdp_units(model) if fsdp_units is not None else []):
                 fully_shard(unit, reshard_after_forward=True)
             fully_shard(model, reshard_after_forward=True)
+            # FSDP takes the first module to run forward as the root; the adapter may call a unit
+            # (a vision tower) before the model's own forward, so name the root now
+            model._get_fsdp_state()._lazy_init()
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=self.config.lr)
+        self.optimizer = (torch.optim.Adam(self.params, lr=self.config.lr) if optimizer is None
+                          else type(optimizer)(self.params, **optimizer.defaults))
 
     @contextlib.contextmanager
     def gathered_parameters(self):
@@ -394,7 +399,10 @@ def reduce_info(infos: list[dict]) -> dict[str, float]:
 
 def _by_index(optim: dict, names: list[str]) -> dict:
     """A name-keyed optimizer state dict (``get_optimizer_state_dict``) in ``Optimizer.state_dict``
-    form: parameters by their index among the trainable ones."""
+    form: parameters by their index among the trainable ones (empty stays empty: a rank but 0's
+    share of a full state dict gathered to rank 0)."""
+    if not optim:
+        return {}
     index = {n: i for i, n in enumerate(names)}
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]]
     return {"state": {index[n]: s for n, s in optim["state"].items()}, "param_groups": groups}

@@ -1,0 +1,94 @@
+"""``train`` under ``torchrun``: the same command, one process per rank.
+
+``torchrun --standalone --nproc-per-node N -m grpo_harness.cli train cartpole ...`` (or ``...
+train vlm ...``) starts N copies of the command; torchrun sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK`` and the rendezvous address in each one's environment. ``grpo_harness.run`` sees
+them (``launched_by_torchrun``) and runs the command on a ``World``:
+
+- the default process group: gloo on CPU, plus nccl for CUDA tensors on a machine with CUDA
+  (``cpu:gloo,cuda:nccl``: the small reductions of metrics travel on gloo), every collective
+  bounded by ``--dist-timeout`` seconds, so that a rank waiting for a peer that hangs fails
+  instead of waiting forever;
+- on CUDA, each rank's device is ``cuda:LOCAL_RANK``;
+- the trainer is a ``grpo_core.distributed.DistributedGRPOTrainer`` (DDP, or FSDP2 with ``train
+  vlm --fsdp``); its conventions make the run equal to one process holding every group;
+- rank 0 writes: the run folder, ``config.json``, ``metrics.jsonl``, TensorBoard, the curve,
+  checkpoints, and the progress lines; the other ranks print only their errors. Every rank
+  reads the checkpoint to resume from ``--out`` (one machine, or a shared filesystem).
+
+Failure: a rank that raises prints its error (a reward function's, by name) and exits non-zero;
+its peers' next collective then fails (gloo and nccl notice the closed connection) or times out,
+and torchrun stops the remaining ranks and exits non-zero. A rank killed by SIGKILL is the same
+case. Nothing here starts or watches processes: torchrun does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+
+DEFAULT_TIMEOUT_S = 1800.0
+"""Default bound on one collective (``--dist-timeout``): longer than any rank's work between two
+collectives (a rollout of a large model), short enough that a hung peer ends the run."""
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process that torchrun started (its environment names a rank and a rendezvous)."""
+    return all(k in os.environ for k in TORCHRUN_VARIABLES)
+
+
+class World:
+    """This process's place among the ranks of a torchrun launch."""
+
+    def __init__(self, timeout_s: float = DEFAULT_TIMEOUT_S):
+        import torch
+        import torch.distributed as dist
+
+        self.rank, self.size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        backend = "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            backend = "cpu:gloo,cuda:nccl"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+    @property
+    def writer(self) -> bool:
+        """The rank that writes files and progress lines."""
+        return self.rank == 0
+
+    def agree(self, value):
+        """Rank 0's ``value`` on every rank (a decision that must be the same everywhere, such as
+        whether to checkpoint now, taken from rank 0's clock and memory)."""
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @contextlib.contextmanager
+    def rank_zero_first(self):
+        """Rank 0 runs the block, then the others (e.g. building a file the others read)."""
+        import torch.distributed as dist
+
+        if not self.writer:
+            dist.barrier()
+        yield
+        if self.writer:
+            dist.barrier()
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def vlm_fsdp_units(model) -> list:
+    """What FSDP2 shards in a Qwen2-VL-family model besides the root: each vision block and
+    decoder layer, and the vision tower itself (the adapter calls it outside the model's forward,
+    once per prompt)."""
+    inner = model.model
+    return [*inner.visual.blocks, inner.visual, *inner.language_model.layers]

@@ -1,0 +1,150 @@
+"""Data parallel on the tiny Qwen2-VL: from the same rollout, 2 gloo ranks (DDP, and FSDP2 with
+micro-batches) make the update one process makes, to 1e-5 in float32: two iterations of 2
+epochs x 2 minibatches with beta > 0 and a reference refresh between them. A token mean taken
+per rank is rejected.
+
+The rollout is sampled once by one process (ragged completions: an EOS bias); each rank trains
+on its groups of it (``VLMAdapter.join_groups``). Sampling itself is seeded per rank's block of
+groups, not per group, so end-to-end equality is not claimed for the VLM (README)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("PIL")
+
+from adapters.vlm import VLMAdapter  # noqa: E402
+from adapters.vlm_tasks import colours_dataset, colours_vocabulary  # noqa: E402
+from adapters.vlm_tiny import build_tiny_vlm, load_vlm  # noqa: E402
+from grpo_core.config import GRPOConfig  # noqa: E402
+from grpo_core.distributed import DistributedGRPOTrainer  # noqa: E402
+from grpo_core.loop import GRPOTrainer  # noqa: E402
+from grpo_harness.launch import vlm_fsdp_units  # noqa: E402
+
+from ._ranks import on_ranks  # noqa: E402
+from .test_vlm import _quiet_transformers, add_eos_bias  # noqa: E402,F401  (fixture)
+
+CFG = dict(group_size=4, groups_per_iteration=4, grpo_epochs=2, minibatches=2, beta=0.1, update_ref_model_freq=1,
+           lr=1e-3, seed=0, stats_over="sequences", gamma=1.0, loss_agg="token-mean")
+ITERATIONS = 2
+REL = 1e-5
+LR = 1e-2
+"""Plain SGD: the parameters' change is -lr times the (clipped) gradient, so comparing changes
+compares gradients. Adam would divide gradients that are rounding noise in every run (a key
+projection's bias, nearly invariant under softmax) by their own size and move them by ~lr."""
+
+
+def length_reward(prompts, completions, **kwargs) -> list[float]:
+    """Characters in the completion: a spread in every group of ragged completions (the
+    colours reward is 0 for nearly every sample of a random model: no signal, no update)."""
+    return [float(len(c)) for c in completions]
+
+
+def _adapter(model_dir):
+    model, processor = load_vlm(model_dir)
+    add_eos_bias(model, processor.tokenizer.eos_token_id)
+    return VLMAdapter(model, processor, colours_dataset(8), [length_reward], max_new_tokens=6)
+
+
+def _given(base):
+    """``base`` trainer class whose rollouts are this rank's groups of a given one."""
+
+    class Given(base):
+        rollout = None
+
+        def _collect(self, draw=0):
+            if not isinstance(self, DistributedGRPOTrainer):
+                return copy.deepcopy(self.rollout)
+            share = self.adapter.join_groups([(self.rollout, list(range(self.first_group,
+                                                                          self.first_group + self.local_groups)))])
+            self._local_valid, self._info_keys = int(share.mask.sum()), tuple(share.info)
+            return share
+
+    return Given
+
+
+class PerRankMean(DistributedGRPOTrainer):
+    """Broken: each rank divides by its own token count; DDP averages the ranks' gradients."""
+
+    def _global_count(self, count):
+        return count
+
+    def _micro_loss(self, *args):
+        return GRPOTrainer._micro_loss(self, *args)
+
+
+def _train(cls, model_dir, rollout, **kw):
+    cfg = GRPOConfig(**{**CFG, **kw.pop("config", {})})
+    adapter = _adapter(model_dir)
+    sgd = torch.optim.SGD([p for p in adapter.policy.parameters() if p.requires_grad], lr=LR)
+    trainer = _given(cls)(adapter, cfg, sgd, **kw)
+    trainer.rollout = rollout
+    metrics = [trainer.step() for _ in range(ITERATIONS)]
+    return trainer, metrics
+
+
+def _on_rank(rank, world, model_dir, rollout_file):
+    rollout = torch.load(rollout_file, weights_only=False)
+    out = {}
+    ddp, m = _train(DistributedGRPOTrainer, model_dir, rollout)
+    out["ddp"] = {"params": ddp.state_dict()["policy"], "metrics": m, "valid": ddp._local_valid}
+    fsdp, m = _train(DistributedGRPOTrainer, model_dir, rollout, shard="fsdp", fsdp_units=vlm_fsdp_units,
+                     config={"micro_batch_size": 3})
+    state = fsdp.state_dict()  # a collective: every rank calls it, rank 0 gets the tensors
+    out["fsdp"] = {"params": state["policy"], "metrics": m, "optimizer": state["optimizer"]}
+    broken, _ = _train(PerRankMean, model_dir, rollout)
+    out["per-rank token mean"] = {"params": broken.state_dict()["policy"]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("dist_vlm")
+    model_dir = build_tiny_vlm(folder / "model", words=colours_vocabulary(), family="qwen2_vl", seed=0)
+    adapter = _adapter(model_dir)
+    rollout = adapter.collect(num_groups=CFG["groups_per_iteration"], group_size=CFG["group_size"], iteration=0)
+    torch.save(rollout, folder / "rollout.pt")
+    one, metrics = _train(GRPOTrainer, model_dir, rollout)
+    assert all(m["skipped_steps"] == 0 for m in metrics), "no update to compare"
+    ranks = on_ranks(_on_rank, 2, str(model_dir), str(folder / "rollout.pt"))
+    initial = _adapter(model_dir).policy.state_dict()
+    return ranks, {"params": one.state_dict()["policy"], "metrics": metrics, "initial": initial}
+
+
+def _rel_gap(a: dict, b: dict, initial: dict) -> float:
+    """Largest difference of two runs' parameters relative to the largest change a run made."""
+    assert a.keys() == b.keys() == initial.keys()
+    moved = max(float((b[k] - initial[k]).abs().max()) for k in b)
+    assert moved > 1e-3, "the update did not move the parameters"
+    return max(float((a[k] - b[k]).abs().max()) for k in b) / moved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", ["ddp", "fsdp"])
+def test_same_update_from_the_same_rollout(runs, shard):
+    ranks, one = runs
+    two = ranks[0][shard]
+    gap = _rel_gap(two["params"], one["params"], one["initial"])
+    assert gap < REL, f"{shard}: parameters differ from one process by {gap:.2e} (relative)"
+    for m2, m1 in zip(two["metrics"], one["metrics"]):
+        for key in ("loss", "policy_loss", "kl", "entropy", "clip_frac_low", "approx_kl", "grad_norm", "adv_abs_mean"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), f"{shard}: metric {key}"
+    assert ranks[1][shard]["metrics"] == two["metrics"], "the ranks report different metrics"
+    if shard == "ddp":
+        assert _rel_gap(ranks[1]["ddp"]["params"], two["params"], one["initial"]) == 0, "the ranks' replicas differ"
+        assert ranks[0]["ddp"]["valid"] != ranks[1]["ddp"]["valid"], "ranks with equal token counts hide a per-rank mean"
+    else:  # the full state dict of an FSDP run is the one-process trainer's format, on rank 0 only
+        assert ranks[1]["fsdp"]["params"] == {} and ranks[1]["fsdp"]["optimizer"] == {}
+        assert two["optimizer"]["param_groups"][0]["params"] == list(range(len(two["params"])))
+
+
+@pytest.mark.slow
+def test_per_rank_token_mean_is_rejected(runs):
+    ranks, one = runs
+    gap = _rel_gap(ranks[0]["per-rank token mean"]["params"], one["params"], one["initial"])
+    assert gap > 1e-3, f"a per-rank token mean trained like one process (gap {gap:.2e})"
