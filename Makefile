@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch goes in first, so that no dependency pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,vlm,lora
+EXTRAS ?= dev,vlm,lora,data,rich
 PYTEST_WORKERS ?= 2
 
 .PHONY: install verify verify-deep test smoke soak gpu-check clean
