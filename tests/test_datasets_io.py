@@ -168,9 +168,12 @@ def test_json_errors_name_the_line(tmp_path):
     (tmp_path / "junk.png").write_text("hello")
     good = json.dumps({"image": "a.png", "prompt": "q"})
     cases = {
-        "missing.jsonl": (good + "\n\n" + json.dumps({"image": "b.png", "prompt": "q"}), r"missing\.jsonl:3: image file 'b.png' not found"),
-        "junk.jsonl": (good + "\n" + json.dumps({"image": "junk.png", "prompt": "q"}), r"junk\.jsonl:2: image .*junk\.png does not decode"),
-        "noprompt.jsonl": (json.dumps({"image": "a.png", "question": "q"}), r"noprompt\.jsonl:1: no 'prompt' column \(columns: image, question\)"),
+        "missing.jsonl": (good + "\n\n" + json.dumps({"image": "b.png", "prompt": "q"}),
+                          r"missing\.jsonl:3: image file 'b.png' not found"),
+        "junk.jsonl": (good + "\n" + json.dumps({"image": "junk.png", "prompt": "q"}),
+                       r"junk\.jsonl:2: image .*junk\.png does not decode"),
+        "noprompt.jsonl": (json.dumps({"image": "a.png", "question": "q"}),
+                           r"noprompt\.jsonl:1: no 'prompt' column \(columns: image, question\)"),
         "notjson.jsonl": (good + "\n{oops", r"notjson\.jsonl:2: not JSON"),
         "inline.jsonl": (json.dumps({"image": "a.png", "prompt": [{"role": "user", "content": [
             {"type": "image", "image": "a.png"}]}]}), r"inline\.jsonl:1: an image inside the prompt's messages"),
