@@ -320,7 +320,7 @@ def check_loss_and_kl_gradient(adapter, policy, reference, params, config, rollo
     rows = torch.arange(n)
     mask = rollout.mask
     adv = group_advantages(rollout.rewards, mask, group_size, gamma=cfg.gamma, scale=cfg.scale,
-                           stats_over=cfg.stats_over, eps=cfg.adv_eps)
+                           stats_over=cfg.stats_over, eps=cfg.adv_eps, scored=rollout.scored)
     ref_logp = None
     if reference is not None and cfg.beta != 0:
         with torch.no_grad():

@@ -296,3 +296,22 @@ def test_a_fails_when_training_logp_is_not_the_sampled_distribution(tiny_dirs):
     rows = run_preflight(make_trainer(tiny_dirs, "qwen2_vl", cls=FullVocabularyLogp), checks=(LOGPROB,))
     assert failed_names(rows) == [LOGPROB], format_preflight(rows)
     assert by_name(rows)[LOGPROB].value > 1e-2
+
+
+class PerTokenRewards(VLMAdapter):
+    """Process supervision: each completion's reward spread over its tokens, every valid
+    token scored (Rollout.scored)."""
+
+    def collect(self, **kw):
+        ro = super().collect(**kw)
+        m = ro.mask.bool()
+        total = ro.rewards.sum(1, keepdim=True)
+        ro.rewards = torch.where(m, total / m.sum(1, keepdim=True).clamp(min=1), torch.zeros_like(ro.rewards))
+        ro.scored = m
+        return ro
+
+
+def test_finite_loss_reads_the_scored_steps(tiny_dirs):
+    """The preflight computes advantages as the loop does, Rollout.scored included."""
+    rows = run_preflight(make_trainer(tiny_dirs, "qwen2_vl", cls=PerTokenRewards), checks=(FINITE,))
+    assert failed_names(rows) == [], format_preflight(rows)
