@@ -161,8 +161,9 @@ def metric_lines(records: list[dict]) -> list[str]:
         if not seen:
             continue
         it, last = seen[-1]
-        trl = tracker_tag(key).removeprefix("train/")
-        name = key if trl == key else f"{key} ({trl})"
+        tag = tracker_tag(key)
+        short = tag.split("/", 1)[1]
+        name = key if short == key else f"{key} ({tag.removeprefix('train/')})"
         text = f"  {name:<46} last {_fmt(last)}" + (f" (iteration {it})" if it != final else "")
         if key in BEST_KEYS:
             best_it, best = max(seen, key=lambda p: p[1])
@@ -217,7 +218,8 @@ def zero_signal_lines(records: list[dict], doc: dict[str, Any]) -> list[str]:
         return ["zero-signal groups: not in the records"]
     size = max(1, math.ceil(len(seen) / BINS))
     spans = [seen[i:i + size] for i in range(0, len(seen), size)]
-    parts = [f"{s[0][0]}-{s[-1][0]}: {sum(v for _, v in s) / (len(s) * groups):.2f}" for s in spans]
+    parts = [f"{s[0][0]}{'' if len(s) == 1 else f'-{s[-1][0]}'}: {sum(v for _, v in s) / (len(s) * groups):.2f}"
+             for s in spans]
     mean = sum(v for _, v in seen) / (len(seen) * groups)
     return [f"zero-signal groups (share of the {groups} groups per iteration; mean {mean:.2f}, last "
             f"{seen[-1][1] / groups:.2f}):", "  " + " | ".join(parts)]
