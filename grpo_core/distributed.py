@@ -265,6 +265,15 @@ class DistributedGRPOTrainer(GRPOTrainer):
                 m.set_reshard_after_forward(True, recurse=False)
                 m.reshard()
 
+    def policy_state(self) -> dict:
+        """The policy's full state dict (FSDP: a collective, every rank calls it, and rank 0's
+        holds the tensors, on CPU)."""
+        if self.shard != "fsdp":
+            return self.policy.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def state_dict(self) -> dict:
         if self.shard != "fsdp":
             return super().state_dict()

@@ -92,3 +92,27 @@ def vlm_fsdp_units(model) -> list:
     once per prompt)."""
     inner = model.model
     return [*inner.visual.blocks, inner.visual, *inner.language_model.layers]
+
+
+def run_on_world(cls, args) -> int:
+    """Run the train command ``cls`` (a ``TrainingRun``) as this rank; its exit status. A rank
+    that loses a peer (its collective fails) says so in one line and exits 1: the peer prints
+    its own error."""
+    import sys
+
+    import torch.distributed as dist
+
+    from .run import EXIT_FAILED, RunFolder, one_line
+
+    world = World(getattr(args, "dist_timeout", None) or DEFAULT_TIMEOUT_S)
+    RunFolder.writes = world.writer
+    run = cls(args)
+    run.world = world
+    try:
+        return run.main()
+    except dist.DistError as e:
+        print(f"{run.prog}: rank {world.rank}: lost another rank ({type(e).__name__}: {one_line(e)}); "
+              "its error is printed by it", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    finally:
+        world.close()

@@ -43,8 +43,10 @@ Resume (``--resume --out DIR``)
     load is named with its reason in one line and the previous one is used. Metrics lines past
     the checkpoint are dropped and regenerated; TensorBoard purges from the next step.
 Writer rank
-    Every file write goes through ``RunFolder.writes``; the scale-out launcher will set it to
-    False on every rank but 0.
+    Every file write goes through ``RunFolder.writes``. Under ``torchrun`` (``grpo_harness.launch``)
+    it is False on every rank but 0, which alone writes files and progress lines; decisions that
+    must agree across ranks (checkpoint now, keep CPU snapshots) are rank 0's (``agree``). A
+    checkpoint records the world size that wrote it and loads at any other.
 """
 
 from __future__ import annotations
@@ -134,6 +136,8 @@ def add_run_arguments(p, train_defaults: dict[str, Any], *, threads: str) -> Non
                    help="also checkpoint when M minutes passed since the last one, 0 = off "
                    f"(default {d['checkpoint_minutes']:g}: one step of a large model can take a minute)")
     p.add_argument("--threads", type=int, metavar="N", help=f"torch CPU threads (default {threads})")
+    p.add_argument("--dist-timeout", type=finite_float, metavar="S",
+                   help="under torchrun: seconds a rank waits in one collective before failing (default 1800)")
     p.add_argument("--report-to", type=parse_report_to, metavar="LIST",
                    help="trackers besides metrics.jsonl: tensorboard (default), wandb, all or none, "
                    "comma-separated; names as TRL's (grpo_harness/trackers.py)")
@@ -332,6 +336,8 @@ class RunFolder:
         return doc
 
     def create(self) -> None:
+        if not self.writes:
+            return
         top = self.path
         while not top.parent.exists() and top.parent != top:
             top = top.parent
@@ -488,7 +494,7 @@ class CheckpointStore:
                 continue
             self.used_previous = path == self.previous
             if self.used_previous:
-                if self.latest.is_file():
+                if self.latest.is_file() and self.folder.writes:
                     aside = self.latest.with_name(self.latest.name + ".corrupt")
                     os.replace(self.latest, aside)
                     reasons[0] += f"; moved it to {aside.name}"
@@ -692,6 +698,8 @@ class TrainingRun:
     """Training options that may not change on resume (they are part of the fingerprint)."""
     x_key = "iteration"
     """The record key TensorBoard plots against (it must grow with every iteration)."""
+    world = None
+    """``grpo_harness.launch.World`` under torchrun, else None (one process)."""
 
     def __init__(self, args):
         self.args = args
@@ -779,6 +787,8 @@ class TrainingRun:
 
     # --- helpers for the hooks ----------------------------------------------------------------
     def say(self, line: str) -> None:
+        if self.world is not None and not self.world.writer:
+            return
         if self.bar is not None:
             self.bar.write(line)
         else:
@@ -786,6 +796,28 @@ class TrainingRun:
 
     def wall(self) -> float:
         return self.wall_base + (time.perf_counter() - self.session_start)
+
+    def make_trainer(self, adapter, **distributed):
+        """The trainer of ``adapter`` with ``self.cfg``: a ``GRPOTrainer``, or under torchrun a
+        ``DistributedGRPOTrainer`` (``distributed``: its ``shard`` and ``fsdp_units``)."""
+        if self.world is None:
+            from grpo_core.loop import GRPOTrainer
+
+            return GRPOTrainer(adapter, self.cfg)
+        from grpo_core.distributed import DistributedGRPOTrainer
+
+        return DistributedGRPOTrainer(adapter, self.cfg, **distributed)
+
+    def agree(self, value):
+        """``value`` as rank 0 has it (one process: ``value``), for decisions every rank must
+        take alike."""
+        return value if self.world is None else self.world.agree(value)
+
+    @contextlib.contextmanager
+    def rank_zero_first(self):
+        """Rank 0 runs the block before the other ranks (one process: just the block)."""
+        with contextlib.nullcontext() if self.world is None else self.world.rank_zero_first():
+            yield
 
     @property
     def out(self) -> Path:
@@ -930,11 +962,12 @@ class TrainingRun:
         """The checkpoint of the live trainer, copied to CPU memory."""
         return {"format": CHECKPOINT_FORMAT, "env": self.env, "fingerprint": self.fingerprint,
                 "trainer": trainer_state(self.trainer), "progress": copy.deepcopy(self.progress),
-                "rng": rng_state(), "extra": cpu_copy(self.extra_state())}
+                "rng": rng_state(), "extra": cpu_copy(self.extra_state()),
+                "world_size": 1 if self.world is None else self.world.size}
 
     def _size_snapshots(self) -> None:
         size = tensor_bytes(trainer_state(self.trainer, copy_to_cpu=False))
-        self.keep_snapshots = size <= SNAPSHOT_LIMIT_BYTES
+        self.keep_snapshots = self.agree(size <= SNAPSHOT_LIMIT_BYTES)
         self.signals.abandon = self.keep_snapshots
         self.snapshot = self.capture() if self.keep_snapshots else None
 
@@ -949,6 +982,7 @@ class TrainingRun:
         it = self.trainer.iteration
         every, minutes = self.train["checkpoint_every"], self.train["checkpoint_minutes"]
         due = (every > 0 and it % every == 0) or (minutes > 0 and time.monotonic() - self._last_save >= 60 * minutes)
+        due = self.agree(due)
         if due:
             with self.signals.deferred():
                 self._save(self.snapshot if self.snapshot is not None else self.capture())
@@ -994,7 +1028,7 @@ class TrainingRun:
         self.log = open_metrics_log(self.out, x_key=self.x_key, purge_step=purge, writes=self.folder.writes,
                                     report_to=getattr(self.args, "report_to", None), config=self.config_doc(),
                                     resumed=self.resumed, say=self.say)
-        self.bar = self.make_display()
+        self.bar = self.make_display() if self.world is None or self.world.writer else _Silent()
         self._size_snapshots()
         verb = f"resuming at iteration {self.start_iteration}" if self.resumed else "training"
         self.say(f"{verb} {self.describe()}")
@@ -1045,6 +1079,8 @@ class TrainingRun:
     def _summary(self, stop: str, exit_code: int, extra: list[str], crashed: bool) -> None:
         from .trainlog import CURVE_FILE, METRICS_FILE, TB_DIR
 
+        if self.world is not None and not self.world.writer:
+            return
         k, s = self.completed, self.saved_iteration
         done = f" (iterations 0-{k - 1})" if k else ""
         lines = [f"stopped: {stop}; {k} iteration(s) done{done}, {k - self.start_iteration} in this session, "
@@ -1065,5 +1101,17 @@ class TrainingRun:
 
 
 def run_command(cls, args) -> int:
-    """``args.run`` of a train command: its exit status."""
+    """``args.run`` of a train command: its exit status; under torchrun, this rank's
+    (``grpo_harness.launch``)."""
+    from .launch import launched_by_torchrun, run_on_world
+
+    if launched_by_torchrun():
+        return run_on_world(cls, args)
     return cls(args).main()
+
+
+class _Silent:
+    """The progress display of a rank that does not write: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None

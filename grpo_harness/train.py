@@ -79,6 +79,7 @@ class CartPoleRun(TrainingRun):
     DEFAULTS = CARTPOLE_DEFAULTS
     FIXED_TRAIN = ("hidden",)
     x_key = "env_steps"
+    _newly_solved = False  # set by make_record for on_record
 
     # settings and build ----------------------------------------------------------------------
     def resolve_task(self, saved) -> None:
@@ -98,11 +99,10 @@ class CartPoleRun(TrainingRun):
 
     def build(self):
         from adapters.cartpole import CartPoleAdapter
-        from grpo_core.loop import GRPOTrainer
 
         self.adapter = CartPoleAdapter(seed=self.cfg.seed, hidden=self.train["hidden"])
         try:
-            return GRPOTrainer(self.adapter, self.cfg)
+            return self.make_trainer(self.adapter)
         except ValueError as e:
             raise UsageError(str(e)) from None
 

@@ -164,6 +164,9 @@ def _add_training_arguments(run) -> None:
     run.add_argument("--gradient-checkpointing", action="store_true",
                      help="recompute activations in the backward pass (less memory, ~30%% more time; "
                      "for real models on a GPU)")
+    run.add_argument("--fsdp", action="store_true",
+                     help="under torchrun: shard the model over the ranks with FSDP2 instead of replicating it "
+                     "(DDP); needs --set micro_batch_size=N and full fine-tuning (grpo_harness.launch)")
     run.add_argument("--skip-preflight", action="store_true",
                      help="do not run the preflight checks (log-prob consistency, reference refresh, finite "
                      "loss, KL gradient, estimator kit; see adapters.vlm_preflight) that otherwise run before "
@@ -468,10 +471,11 @@ class VLMRun(TrainingRun):
         source = self.model_source
         if source is None:
             source = self.out / "model"
-            if not (source / "config.json").is_file():
-                words = TASKS[self.task["name"]].vocabulary(self.task["colours"])
-                build_tiny_vlm(source, words=words, family=self.model["family"],
-                               seed=self.cfg.seed)
+            with self.rank_zero_first():  # under torchrun, rank 0 builds it and the others load it
+                if not (source / "config.json").is_file():
+                    words = TASKS[self.task["name"]].vocabulary(self.task["colours"])
+                    build_tiny_vlm(source, words=words, family=self.model["family"],
+                                   seed=self.cfg.seed)
         try:
             model, processor = load_vlm(source, dtype=getattr(torch, self.train["dtype"]))
         except (OSError, TypeError, ValueError) as e:
@@ -487,7 +491,6 @@ class VLMRun(TrainingRun):
 
         from adapters.vlm import VLMAdapter
         from adapters.vlm_tasks import task_adapter
-        from grpo_core.loop import GRPOTrainer
 
         hf_logging.disable_progress_bar()
         train_ds, self.held, funcs = self._datasets()
@@ -510,9 +513,23 @@ class VLMRun(TrainingRun):
                         model, self.processor, train_ds, funcs, lora_rank=self.model["lora_rank"], **kw)
             else:
                 self.adapter = task_adapter(self.task, VLMAdapter)(model, self.processor, train_ds, funcs, **kw)
-            return GRPOTrainer(self.adapter, self.cfg)
+            return self.make_trainer(self.adapter, **self._sharding())
         except (ValueError, ImportError) as e:
             raise UsageError(one_line(e)) from None
+
+    def _sharding(self) -> dict[str, Any]:
+        """The data-parallel trainer's options: FSDP2 with ``--fsdp`` (torchrun only, no LoRA)."""
+        if not getattr(self.args, "fsdp", False):
+            return {}
+        if self.world is None:
+            raise UsageError("--fsdp shards the model over the ranks of a torchrun launch: run under "
+                             "torchrun --nproc-per-node N (or drop --fsdp)")
+        if self.model["lora_rank"]:
+            raise UsageError("--fsdp with --lora-rank is not supported: LoRA trains few weights, replicate them "
+                             "with DDP (drop --fsdp)")
+        from .launch import vlm_fsdp_units
+
+        return {"shard": "fsdp", "fsdp_units": vlm_fsdp_units}
 
     def initial_progress(self) -> dict[str, Any]:
         # first / recent: the mean rewards of the first and of the latest `window` iterations
@@ -524,12 +541,16 @@ class VLMRun(TrainingRun):
         if self.args.skip_preflight:
             self.say("preflight skipped (--skip-preflight)")
             return True
+        if getattr(self.args, "fsdp", False):  # its checks compare and differentiate whole tensors, not FSDP shards
+            self.say("preflight skipped: it needs whole parameters, and --fsdp shards them")
+            return True
         from adapters.vlm_preflight import failed_names, format_preflight, run_preflight
 
         errors: list[Exception] = []
         with recording_collect_errors(self.adapter, errors):
             rows = run_preflight(self.trainer, self.cfg)
-        print(format_preflight(rows), flush=True)
+        if self.folder.writes:
+            print(format_preflight(rows), flush=True)
         failed = failed_names(rows)
         if not failed:
             return True
@@ -671,11 +692,12 @@ class VLMRun(TrainingRun):
         final = self.out / "final"
         if not clean:
             return ["model:       not exported (the run stopped in the middle of an iteration)"]
+        full = self.trainer.policy_state() if getattr(self.args, "fsdp", False) else None  # a collective: every rank
         if self.folder.writes:
             if self.model["lora_rank"]:
                 self.adapter.save_merged(final)  # the base model with the policy adapter merged in
             else:
-                self.adapter.policy.save_pretrained(final)
+                self.adapter.policy.save_pretrained(final, state_dict=full)
             self.processor.save_pretrained(final)
         return [f"model:       {final}"]
 
