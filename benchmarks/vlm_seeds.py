@@ -101,7 +101,8 @@ def run_ours(variant: str, seed: int, iterations: int) -> dict:
                       "skipped_steps": st.get("skipped_steps", 0.0),
                       "groups_dropped": st.get("groups_dropped", 0.0)})
     final_eval = adapter.evaluate(held)["eval_reward_mean"]
-    return summarise(steps, final_eval, variant=variant, seed=seed, config=cfg.to_dict())
+    return summarise(steps, final_eval, variant=variant, seed=seed, config=cfg.to_dict(),
+                     per_colour=per_colour(adapter, held))
 
 
 def run_trl(seed: int, iterations: int) -> dict:
@@ -126,8 +127,15 @@ def run_trl(seed: int, iterations: int) -> dict:
                                  callbacks=[Record()], logging_steps=1)
         trainer.train()
     model.eval()
-    final_eval = _evaluator(model, processor, train, seed).evaluate(held)["eval_reward_mean"]
-    return summarise(steps, final_eval, variant=TRL, seed=seed)
+    adapter = _evaluator(model, processor, train, seed)
+    final_eval = adapter.evaluate(held)["eval_reward_mean"]
+    return summarise(steps, final_eval, variant=TRL, seed=seed, per_colour=per_colour(adapter, held))
+
+
+def per_colour(adapter, held: list[dict]) -> dict[str, float]:
+    """Greedy held-out reward of each colour's prompts (a stall: one colour at 0)."""
+    answers = sorted({r["answer"] for r in held})
+    return {a: adapter.evaluate([r for r in held if r["answer"] == a])["eval_reward_mean"] for a in answers}
 
 
 def summarise(steps: list[dict], final_eval: float, **extra) -> dict:
@@ -145,7 +153,9 @@ def summarise(steps: list[dict], final_eval: float, **extra) -> dict:
                 final_rolling=rolling[-1], final_eval=final_eval, train_seconds=steps[-1]["seconds"],
                 generations=gens, zero_signal_groups=sum(zsg), skipped_steps=sum(s["skipped_steps"] for s in steps),
                 groups_dropped=sum(s["groups_dropped"] for s in steps),
-                rolling_every_25=[round(r, 3) for r in rolling[WINDOW - 1::WINDOW]])
+                rolling_every_25=[round(r, 3) for r in rolling[WINDOW - 1::WINDOW]],
+                trace={k: [round(x[k], 4) for x in steps] for k in ("reward_mean", "zero_signal_groups",
+                                                                    "skipped_steps", "groups_dropped")})
 
 
 # --- the sweep ---------------------------------------------------------------------------------
