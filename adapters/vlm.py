@@ -5,13 +5,18 @@ Conventions (the loop sees only ``Rollout`` tensors):
 - Row ``n = b * G + i`` is completion ``i`` of prompt ``b``; T is the longest completion.
 - Prompts: at iteration ``it`` the B prompts are dataset items ``k = it * B + b`` of a walk
   through the dataset in a fresh permutation per pass (``derive_seed(seed, "pass", k // len)``),
-  so every item is used once per pass and the choice depends only on (seed, iteration).
+  so every item is used once per pass and the choice depends only on (seed, iteration). Extra
+  draws of dynamic sampling (``collect_more``, draw r >= 1) take the first B items of a
+  permutation seeded by (seed, "draw", iteration, r) and sample with
+  ``derive_seed(seed, "sample", iteration, "draw", r)``; ``join_groups`` pads the chosen groups
+  of several rollouts into one.
 - Sampling: ``softmax(logits / temperature)`` with ``top_k = 0``, ``top_p = 1`` and every
   special token except the EOS ``<|im_end|>`` suppressed (a sampled ``<|image_pad|>`` would
   break the next forward). ``top_p < 1`` is refused: the PPO ratio and every KL estimator
   assume that the tokens come from the distribution whose log-probs they use, and a nucleus
-  cut depends on the sampling policy's own ranking, which the training forward does not share. The model's own ``generation_config`` is swapped out for the call, so
-  a checkpoint's repetition penalty, top-k or temperature cannot leak into sampling. Random
+  cut depends on the sampling policy's own ranking, which the training forward does not share.
+  The model's own ``generation_config`` is swapped out for the call, so a checkpoint's
+  repetition penalty, top-k or temperature cannot leak into sampling. Random
   numbers come from a generator seeded by ``derive_seed(seed, "sample", iteration)``.
 - Work done once per prompt (``encode_once``, the default): ``generate`` gets the B prompts and
   ``num_return_sequences=G`` (transformers encodes the B prompts' images and M-RoPE index
@@ -31,8 +36,9 @@ Conventions (the loop sees only ``Rollout`` tensors):
   (masked out anyway; a suppressed pad id would give ``-inf``). ``pixel_values`` are
   split per image by the grid products and (repeated path) repeated per completion,
   ``image_grid_thw`` repeated, ``mm_token_type_ids`` extended with zeros (text) over the
-  completion and the cached ``rope_deltas`` reset first. Qwen2.5-VL silently computes wrong M-RoPE positions when
-  ``mm_token_type_ids`` does not cover the completion; ``logprob_consistency`` catches it.
+  completion and the cached ``rope_deltas`` reset first. Qwen2.5-VL silently computes wrong
+  M-RoPE positions when ``mm_token_type_ids`` does not cover the completion;
+  ``logprob_consistency`` catches it, and also checks the encode-once path.
 - Rewards: see ``adapters.vlm_rewards``; the scalar reward of a completion sits on its last
   valid token, zeros elsewhere; a None reward masks the row out.
 """
@@ -412,7 +418,8 @@ class VLMAdapter:
         Returns one tuple of (tokens, hidden) tensors per prompt, one per image."""
         x = rollout.inputs
         pv, grid = self._visual_rows(x["pixels"], x["grids"], list(range(len(x["pixels"]))))
-        feats = inner_model(model).get_image_features(pv.to(device), grid.to(device), return_dict=True).pooler_output
+        feats = inner_model(model).get_image_features(pv.to(device), grid.to(device),
+                                                      return_dict=True).pooler_output
         bounds = [0, *itertools.accumulate(len(g) for g in x["grids"])]
         return [tuple(feats[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
 

@@ -123,8 +123,8 @@ def run_trl(seed: int, iterations: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="vlm-seeds-") as tmp:
         model, processor, train, held = _setup(seed, Path(tmp) / "model")
-        trainer, _ = trl_trainer(model, processor, train, steps=iterations, seed=seed, output_dir=str(Path(tmp) / "out"),
-                                 callbacks=[Record()], logging_steps=1)
+        trainer, _ = trl_trainer(model, processor, train, steps=iterations, seed=seed,
+                                 output_dir=str(Path(tmp) / "out"), callbacks=[Record()], logging_steps=1)
         trainer.train()
     model.eval()
     adapter = _evaluator(model, processor, train, seed)
@@ -149,9 +149,11 @@ def summarise(steps: list[dict], final_eval: float, **extra) -> dict:
     ok = reached is not None and final_eval >= EVAL_PASS
     zsg = [s["zero_signal_groups"] for s in steps]
     return dict(extra, iterations=len(steps), success=ok, reached_at=reached and reached["iteration"],
-                seconds_to_target=reached and reached["seconds"], generations_to_target=reached and reached["generations"],
+                seconds_to_target=reached and reached["seconds"],
+                generations_to_target=reached and reached["generations"],
                 final_rolling=rolling[-1], final_eval=final_eval, train_seconds=steps[-1]["seconds"],
-                generations=gens, zero_signal_groups=sum(zsg), skipped_steps=sum(s["skipped_steps"] for s in steps),
+                generations=gens, zero_signal_groups=sum(zsg),
+                skipped_steps=sum(s["skipped_steps"] for s in steps),
                 groups_dropped=sum(s["groups_dropped"] for s in steps),
                 rolling_every_25=[round(r, 3) for r in rolling[WINDOW - 1::WINDOW]],
                 trace={k: [round(x[k], 4) for x in steps] for k in ("reward_mean", "zero_signal_groups",
@@ -239,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, from: {', '.join(VARIANTS)} (default: all)")
     p.add_argument("--seeds", default="1000-1019", help="e.g. 1000-1019 or 100-104,107 (default 1000-1019)")
-    p.add_argument("--iterations", type=int, default=None, help="budget per run (default VLM_DEFAULTS' max_iterations)")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="budget per run (default VLM_DEFAULTS' max_iterations)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (default 2; one torch thread each)")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "vlm_seeds.jsonl")
     p.add_argument("--report", action="store_true", help="print the table from --results and exit")

@@ -114,7 +114,8 @@ def test_nothing_dropped_nothing_drawn(monkeypatch):
     ad = ScriptedAdapter({0: [SIG] * B})
     st = GRPOTrainer(ad, config()).step()
     assert ad.draws == [0]
-    assert (st["sampling_rounds"], st["extra_generations"], st["groups_dropped"], st["groups_trained"]) == (1, 0, 0, B)
+    got = (st["sampling_rounds"], st["extra_generations"], st["groups_dropped"], st["groups_trained"])
+    assert got == (1, 0, 0, B)
 
 
 def test_draws_run_out_trains_on_fewer_groups(monkeypatch):
