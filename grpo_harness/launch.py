@@ -110,9 +110,29 @@ def run_on_world(cls, args) -> int:
     run.world = world
     try:
         return run.main()
-    except dist.DistError as e:
+    except Exception as e:  # noqa: BLE001 - only a failed collective is answered here
+        if not (isinstance(e, dist.DistError) or raised_in_collective(e)):
+            raise
         print(f"{run.prog}: rank {world.rank}: lost another rank ({type(e).__name__}: {one_line(e)}); "
-              "its error is printed by it", file=sys.stderr, flush=True)
+              "that rank prints its own error", file=sys.stderr, flush=True)
         return EXIT_FAILED
     finally:
         world.close()
+
+
+def raised_in_collective(exc: BaseException) -> bool:
+    """True when ``exc`` (or one it was raised from) came out of torch.distributed: a collective
+    that failed because a peer closed its connection or timed out."""
+    import torch.distributed
+
+    root = os.path.dirname(torch.distributed.__file__) + os.sep
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.startswith(root):
+                return True
+            tb = tb.tb_next
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -1,7 +1,9 @@
 """Data parallel on CartPole: 2 gloo ranks train to the parameters of one process holding the
 same groups (float64, 3 iterations, several epochs and minibatches, beta > 0 and a reference
 refresh), and three mistakes GRPO trainers made at scale are each rejected: a token mean taken
-per rank, groups split across ranks, a reference refreshed on one rank only.
+per rank, groups split across ranks, a reference refreshed on one rank only. A checkpoint of the
+2-rank run after 2 iterations, loaded by one process, takes the step the 2 ranks took; with a
+per-rank minibatch shuffle it would not.
 
 The two ranks' rollouts hold different numbers of valid steps (CartPole episodes end when the
 pole falls), which is what makes a per-rank mean differ from the global one."""
@@ -16,7 +18,9 @@ from grpo_core.advantages import group_advantages
 from grpo_core.config import GRPOConfig
 from grpo_core.distributed import DistributedGRPOTrainer, _by_index, _by_name, _check_config, reduce_info
 from grpo_core.adapter import Rollout
+from grpo_core._seeding import minibatch_order
 from grpo_core.loop import GRPOTrainer
+from grpo_harness.run import load_trainer_state, trainer_state
 
 from ._ranks import on_ranks
 
@@ -82,6 +86,15 @@ class UnsyncedReference(DistributedGRPOTrainer):
         return super().refresh_reference(iteration) if self.rank == 0 else False
 
 
+class LocalShuffle(DistributedGRPOTrainer):
+    """Each rank shuffles its own rows with a seed of its own (a per-rank data sampler): a run
+    that a checkpoint cannot continue at another world size."""
+
+    def _minibatch_rows(self, epoch, n):
+        return minibatch_order(self.config.seed + 1000 * self.rank, self.iteration, epoch, n,
+                               min(self.config.minibatches, n))
+
+
 BROKEN = {"per-rank token mean": PerRankMean, "groups split across ranks": SplitGroups,
           "reference refreshed on rank 0 only": UnsyncedReference}
 
@@ -89,16 +102,20 @@ BROKEN = {"per-rank token mean": PerRankMean, "groups split across ranks": Split
 def _train(cls, cfg: dict):
     outcome = cfg.get("stats_over") == "sequences"  # the episode's length, paid at its end
     tr = cls(CartPoleAdapter(seed=cfg["seed"], hidden=16, dtype=F64, outcome_reward=outcome), GRPOConfig(**cfg))
-    metrics, valid = [], []
+    metrics, valid, state = [], [], None
     for _ in range(ITERATIONS):
         metrics.append(tr.step())
         valid.append(getattr(tr, "_local_valid", None))
-    return {"params": {k: v.clone() for k, v in tr.policy.state_dict().items()}, "metrics": metrics, "valid": valid}
+        if tr.iteration == ITERATIONS - 1:
+            state = trainer_state(tr)  # the checkpoint the run module writes
+    return {"params": {k: v.clone() for k, v in tr.policy.state_dict().items()}, "metrics": metrics,
+            "valid": valid, "state": state}
 
 
 def _on_rank(rank, world):
     out = {name: _train(DistributedGRPOTrainer, cfg) for name, cfg in CORRECT.items()}
     out.update({name: _train(cls, BASE) for name, cls in BROKEN.items()})
+    out["per-rank shuffle"] = _train(LocalShuffle, BASE)
     return out
 
 
@@ -137,6 +154,22 @@ def test_broken_data_parallel_is_rejected(runs, name):
     ranks, one = runs
     gap = _rel_gap(ranks[0][name]["params"], one["token-mean"]["params"])
     assert gap > 1e-3, f"{name}: trained like one process (gap {gap:.2e}); the test cannot catch it"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["token-mean", "per-rank shuffle"])
+def test_checkpoint_at_two_ranks_continues_in_one_process(runs, name):
+    ranks, _ = runs
+    two = ranks[0][name]
+    assert two["state"]["iteration"] == ITERATIONS - 1
+    one = GRPOTrainer(CartPoleAdapter(seed=BASE["seed"], hidden=16, dtype=F64), GRPOConfig(**BASE))
+    load_trainer_state(one, two["state"])
+    one.step()
+    gap = _rel_gap({k: v for k, v in one.policy.state_dict().items()}, two["params"])
+    if name == "token-mean":
+        assert gap < REL, f"the resumed process left the 2-rank run by {gap:.2e}"
+    else:
+        assert gap > 1e-3, f"a per-rank shuffle resumed like the 2-rank run (gap {gap:.2e}); the test cannot catch it"
 
 
 def test_groups_must_divide_among_ranks():
