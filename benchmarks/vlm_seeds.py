@@ -10,8 +10,9 @@ finished run is appended as one JSON line to ``--results`` (default
 the same command resumes an interrupted sweep. ``--report`` prints the table from that file.
 
 A run is set up as ``train vlm --task colours --seed S`` sets it up: a tiny Qwen2-VL built with
-seed S, 64 training prompts (data seed 2S) and 32 held-out prompts (2S + 1), ``VLM_DEFAULTS``
-plus the variant's overrides, ``--max-iterations`` (default: VLM_DEFAULTS' 400) with the lr
+seed S, 64 training prompts (data seed 2S) and 32 held-out prompts (2S + 1), ``VLM_DEFAULTS`` as they were before this study
+(``STUDY_DEFAULTS``) plus the variant's overrides, ``--max-iterations`` (default:
+VLM_DEFAULTS' 400) with the lr
 decaying linearly to 0 over them. Success: the rolling mean reward (25 iterations) reaches 0.8
 within the budget and the greedy held-out reward after the last iteration is >= 0.95. Also
 recorded: the iteration, the wall seconds and the generations (every sampled completion,
@@ -45,6 +46,12 @@ EVAL_SIZE = 32
 EVAL_PASS = 0.95
 TRL = "TRL"
 
+STUDY_DEFAULTS = {"group_size": 8, "groups_per_iteration": 4, "gamma": 1.0, "grpo_epochs": 1, "minibatches": 1,
+                  "beta": 0.0, "update_ref_model_freq": 0, "stats_over": "sequences", "scale": "group",
+                  "adv_eps": 1e-4, "loss_agg": "token-mean", "lr": 1e-3, "max_grad_norm": 1.0}
+"""``VLM_DEFAULTS["grpo"]`` when this study began ("today's defaults"): the variants are
+relative to it, so that choosing new defaults from the table does not change a sweep."""
+
 VARIANTS: dict[str, dict] = {
     "defaults": {},
     "skip off": {"skip_zero_grad_steps": False},
@@ -54,7 +61,7 @@ VARIANTS: dict[str, dict] = {
                                     "dynamic_sampling_rounds": 2},
     TRL: {},
 }
-"""name -> GRPOConfig overrides over VLM_DEFAULTS["grpo"] (TRL: its own trainer)."""
+"""name -> GRPOConfig overrides over ``STUDY_DEFAULTS`` (TRL: its own trainer)."""
 
 
 # --- one run -----------------------------------------------------------------------------------
@@ -83,9 +90,8 @@ def run_ours(variant: str, seed: int, iterations: int) -> dict:
 
     from grpo_core.config import GRPOConfig
     from grpo_core.loop import GRPOTrainer
-    from grpo_harness.train_vlm import VLM_DEFAULTS
 
-    cfg = GRPOConfig.from_dict(dict(VLM_DEFAULTS["grpo"], **VARIANTS[variant], seed=seed))
+    cfg = GRPOConfig.from_dict(dict(STUDY_DEFAULTS, **VARIANTS[variant], seed=seed))
     with tempfile.TemporaryDirectory(prefix="vlm-seeds-") as tmp:
         model, processor, train, held = _setup(seed, Path(tmp))
     adapter = _evaluator(model, processor, train, seed)
