@@ -222,8 +222,8 @@ def _median(vals):
 
 
 def table(rows: list[dict], seeds: list[int], variants: list[str]) -> str:
-    lines = ["| variant | success | reached 0.8 | median iterations to 0.8 | median wall s to 0.8 | "
-             "median generations to 0.8 | median final held-out | zero-signal groups per run (median) | "
+    lines = ["| variant | success | reached 0.8 | median iterations to 0.8* | median wall s to 0.8* | "
+             "median generations to 0.8* | median final held-out | zero-signal groups per run (median) | "
              "failed seeds |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for v in variants:
         rs = sorted((r for r in rows if r["variant"] == v and r["seed"] in seeds), key=lambda r: r["seed"])
@@ -234,12 +234,18 @@ def table(rows: list[dict], seeds: list[int], variants: list[str]) -> str:
         reached = [r for r in rs if r["reached_at"] is not None]
         fmt = lambda x, f="{:.0f}": "–" if x is None else f.format(x)  # noqa: E731
         zsg = _median([r["zero_signal_groups"] for r in rs if not math.isnan(r["zero_signal_groups"])])
-        failed = ", ".join(f"{r['seed']} ({r['final_eval']:.2f})" for r in rs if not r["success"]) or "–"
+        failed = ", ".join(_failure(r) for r in rs if not r["success"]) or "–"
         lines.append(f"| {v} | {ok}/{n} | {len(reached)}/{n} | {fmt(_median([r['reached_at'] for r in rs]))} | "
                      f"{fmt(_median([r['seconds_to_target'] for r in rs]), '{:.1f}')} | "
                      f"{fmt(_median([r['generations_to_target'] for r in rs]))} | "
                      f"{fmt(_median([r['final_eval'] for r in rs]), '{:.3f}')} | {fmt(zsg)} | {failed} |")
     return "\n".join(lines)
+
+
+def _failure(r: dict) -> str:
+    """``seed (held-out, the colours it never names right)``."""
+    wrong = [c for c, v in (r.get("per_colour") or {}).items() if v < 0.5]
+    return f"{r['seed']} ({r['final_eval']:.2f}{': ' + '/'.join(wrong) if wrong else ''})"
 
 
 def main(argv: list[str] | None = None) -> int:
