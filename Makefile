@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,vlm,lora,data,rich
 PYTEST_WORKERS ?= 2
 
-.PHONY: install verify verify-deep test smoke soak gpu-check clean
+.PHONY: install verify verify-dist verify-deep test smoke soak gpu-check clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 
@@ -16,12 +16,19 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
 	touch $@
 
-# The whole suite (derandomized hypothesis), then the verification report in reports/.
+# The whole suite (derandomized hypothesis), then the verification report in reports/. The
+# data-parallel tests run apart (verify-dist), to keep this one within 10 minutes on 2 cores.
+DIST_TESTS := tests/test_distributed_*.py
 verify: install
 	@rm -rf reports/fragments; mkdir -p reports
 	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -q -n $(PYTEST_WORKERS) \
-		--junitxml=reports/junit.xml; status=$$?; \
+		--ignore-glob='$(DIST_TESTS)' --junitxml=reports/junit.xml; status=$$?; \
 	$(PY) -m grpo_harness.report reports/junit.xml --out reports; rm -rf reports/fragments; exit $$status
+
+# The data-parallel tests: 2 gloo ranks per run (torch.multiprocessing, torchrun), each at one
+# torch thread; a few minutes on 2 cores. CI (.ci/run) runs them after verify.
+verify-dist: install
+	HYPOTHESIS_PROFILE=$${HYPOTHESIS_PROFILE:-ci} $(PY) -m pytest -q -n $(PYTEST_WORKERS) $(DIST_TESTS)
 
 # Same suite with many more hypothesis examples per property.
 verify-deep:
