@@ -1,23 +1,54 @@
-"""``grpo-harness check-estimator`` end to end, one subprocess per target.
+"""``grpo-harness check-estimator`` end to end: the command's ``main`` with its exit status,
+stdout and stderr, in this process (a subprocess per case cost the torch import each time);
+``test_subprocess_entry_point_exit_status`` runs the real console entry point once per exit
+status.
 
 Every deliberately wrong estimator of ``tests/wrong_estimators.py`` must exit 1 with the row
 that names its bug among the failed rows; the correct ones and the built-ins exit 0; usage
-errors exit 2 with one line on stderr. Each run costs about the torch import (1-2 s).
+errors exit 2 with one line on stderr.
 """
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from grpo_harness.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 FILE = "tests/wrong_estimators.py"
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str) -> Result:
+    """``grpo-harness check-estimator ARGS`` in this process, from the repository root."""
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli_main(["check-estimator", *args])
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.chdir(cwd)
+    return Result(int(code or 0), out.getvalue(), err.getvalue())
+
+
+def cli_subprocess(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.run(
@@ -160,3 +191,16 @@ def test_usage_error_exits_2_with_one_line(case, tmp_path):
     assert proc.stdout == ""
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and message in err[0], proc.stderr
+
+
+@pytest.mark.parametrize("args,code", [
+    ((f"{FILE}:correct_k3", "--kind", "kl"), 0),
+    ((f"{FILE}:kl_detached", "--kind", "kl"), 1),
+    ((f"{FILE}:no_such_function", "--kind", "kl"), 2),
+])
+def test_subprocess_entry_point_exit_status(args, code):
+    """The real entry point, as a user's shell sees it: the same exit statuses."""
+    proc = cli_subprocess(*args)
+    assert proc.returncode == code, proc.stderr
+    if code == 2:
+        assert len(proc.stderr.strip().splitlines()) == 1
