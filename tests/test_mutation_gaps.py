@@ -409,3 +409,66 @@ def test_grpo_loss_documented_calls_and_coefficients():
             assert stats["kl"] == pytest.approx(k3, rel=1e-12)
         if entropy is not None:
             assert stats["entropy"] == pytest.approx(h, rel=1e-12)
+
+
+def test_dual_clip_share_counts_negative_advantages_above_c_only():
+    """clip_frac_dual counts ``A < 0 and rho > c`` (the docstring): not A = 0, not rho = c."""
+    for rho, adv in ((5.0, 0.0), (2.0, -1.0)):  # exp(log 2) == 2 exactly in float64
+        logp, old, a, mask = one_valid_token(math.log(rho), adv)
+        _, stats = core.clipped_policy_loss(logp, old, a, mask, clip_ratio_c=2.0, **LOSS_KW)
+        assert stats["clip_frac_dual"] == 0.0, (rho, adv)
+
+
+def test_stats_of_an_all_masked_batch_are_those_of_no_update():
+    """No valid token: the loss is 0 and the stats read like an unchanged policy (nothing
+    clipped, approx_kl 0, ratio 1), whatever junk sits under the mask."""
+    logp, old, a, mask = one_valid_token(3.0, -2.0)
+    loss, stats = core.clipped_policy_loss(logp, old, a, torch.zeros_like(mask), clip_ratio_c=2.0, **LOSS_KW)
+    assert float(loss) == 0.0
+    assert stats == {"clip_frac_low": 0.0, "clip_frac_high": 0.0, "clip_frac_dual": 0.0,
+                     "approx_kl": 0.0, "ratio_min": 1.0, "ratio_max": 1.0}
+
+
+def test_grpo_loss_passes_the_dual_clip_on():
+    """With clip_ratio_c, a token with A < 0 whose ratio ran past c costs c * |A| (capped), not
+    rho * |A|: loss = c |A| for the one valid token, token-mean."""
+    logp, old, a, mask = one_valid_token(math.log(5.0), -1.5)
+    loss, stats = core.grpo_loss(logp, old, None, a, mask, entropy=None, beta=0.0, ent_coef=0.0,
+                                 kl_estimator="k3", clip_ratio_c=3.0, **LOSS_KW)
+    assert float(loss) == pytest.approx(3.0 * 1.5, rel=1e-12)
+    assert stats["clip_frac_dual"] == 1.0
+
+
+def test_dr_grpo_of_a_batch_without_rows_is_zero():
+    """Dr. GRPO divides by every row times max_len; a batch with no row (a rank with no
+    sample) sums to 0 and gives 0."""
+    empty = torch.zeros(0, 3, dtype=F64)
+    assert float(core.agg_loss(empty, empty, agg="seq-mean-token-sum-norm", max_len=4)) == 0.0
+
+
+def test_loss_errors_name_the_argument():
+    x = torch.zeros(2, 3, dtype=F64)
+    ones = torch.ones(2, 3)
+    dr = "seq-mean-token-sum-norm"
+    for mask in (ones, torch.zeros(2, 3)):  # with an all-masked batch max_len=0 would divide by 0
+        with raises_naming(f"agg={dr!r} needs max_len, a positive int (the maximum completion "
+                           f"length), got 0"):
+            core.agg_loss(x, mask, agg=dr, max_len=0)
+    for total in (-1, float("nan")):
+        with raises_naming("total", f" must be a count >= 0, got {total!r}$"):
+            core.agg_loss(x, ones, agg="token-mean", total=total)
+    with raises_naming("agg='bogus' is not valid; choose one of token-mean"):
+        core.agg_count(ones, "bogus")
+    for eps_low, eps_high in ((0.2, -0.1), (1.0, 0.2), (1.5, 0.2), (-0.1, 0.2)):
+        with raises_naming(f"need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low!r}, {eps_high!r}", "$"):
+            core.clipped_policy_loss(x, x, x, ones, eps_low=eps_low, eps_high=eps_high, agg="token-mean")
+    other = torch.zeros(3, 2, dtype=F64)
+    with raises_naming("shape mismatch: old_logp has shape (3, 2) but logp has shape (2, 3)"):
+        core.clipped_policy_loss(x, other, other, torch.ones(3, 2), **LOSS_KW)
+    kw = dict(kl_estimator="k3", **LOSS_KW)
+    with raises_naming("shape mismatch: ref_logp has shape (3, 2) but logp has shape (2, 3)"):
+        core.grpo_loss(x, x, other, x, ones, entropy=None, beta=0.1, ent_coef=0.0, **kw)
+    with raises_naming("beta=0.1 needs ref_logp, got None", "$"):
+        core.grpo_loss(x, x, None, x, ones, entropy=None, beta=0.1, ent_coef=0.0, **kw)
+    with raises_naming("ent_coef=0.01 needs entropy, got None", "$"):
+        core.grpo_loss(x, x, None, x, ones, entropy=None, beta=0.0, ent_coef=0.01, **kw)
