@@ -264,31 +264,36 @@ class VLMAdapter:
         completions right-padded (the pad id, mask 0) to the longest of the parts; ``info`` is
         the first part's."""
         g = parts[0][0].inputs["group_size"]
-        chosen = [(r, torch.tensor([b * g + i for b in groups for i in range(g)]), groups)
+        chosen = [(r, groups, torch.tensor([b * g + i for b in groups for i in range(g)]))
                   for r, groups in parts if groups]
         p_len = max(r.inputs["prompt_ids"].shape[1] for r, _, _ in chosen)
         t_len = max(r.rewards.shape[1] for r, _, _ in chosen)
-        left = lambda t, v: torch.nn.functional.pad(t, (p_len - t.shape[-1], 0), value=v)  # noqa: E731
-        right = lambda t, v: torch.nn.functional.pad(t, (0, t_len - t.shape[-1]), value=v)  # noqa: E731
-        cat = lambda f: torch.cat([f(r.inputs, rows, groups) for r, rows, groups in chosen])  # noqa: E731
+
+        def rows(get, width=None, value=0, left=False):
+            """The chosen rows of ``get(rollout)``, padded to ``width`` (left or right)."""
+            return torch.cat([_pad(get(r)[idx], width, value, left) for r, _, idx in chosen])
+
+        def column(key):
+            return lambda r: r.inputs[key]
+
         inputs = {"group_size": g,
-                  "prompt_ids": cat(lambda x, rows, _: left(x["prompt_ids"][rows], self.pad_id)),
-                  "prompt_attn": cat(lambda x, rows, _: left(x["prompt_attn"][rows], 0)),
-                  "prompt_mm": cat(lambda x, rows, _: left(x["prompt_mm"][rows], 0)),
-                  "pixels": [x.inputs["pixels"][b] for x, _, groups in chosen for b in groups],
-                  "grids": [x.inputs["grids"][b] for x, _, groups in chosen for b in groups],
-                  "completion_ids": cat(lambda x, rows, _: right(x["completion_ids"][rows], self.pad_id)),
-                  "completion_attn": cat(lambda x, rows, _: right(x["completion_attn"][rows], 0)),
-                  "ended": cat(lambda x, rows, _: x["ended"][rows]),
-                  "completions": [x.inputs["completions"][i] for x, rows, _ in chosen for i in rows.tolist()]}
+                  "prompt_ids": rows(column("prompt_ids"), p_len, self.pad_id, left=True),
+                  "prompt_attn": rows(column("prompt_attn"), p_len, 0, left=True),
+                  "prompt_mm": rows(column("prompt_mm"), p_len, 0, left=True),
+                  "completion_ids": rows(column("completion_ids"), t_len, self.pad_id),
+                  "completion_attn": rows(column("completion_attn"), t_len, 0),
+                  "ended": rows(column("ended")),
+                  "pixels": [r.inputs["pixels"][b] for r, groups, _ in chosen for b in groups],
+                  "grids": [r.inputs["grids"][b] for r, groups, _ in chosen for b in groups],
+                  "completions": [r.inputs["completions"][i] for r, _, idx in chosen
+                                  for i in idx.tolist()]}
         if all("prompt_positions" in r.inputs for r, _, _ in chosen):
             inputs["prompt_positions"] = torch.cat(
-                [left(r.inputs["prompt_positions"][:, groups], 0) for r, _, groups in chosen], 1)
-        old = None if any(r.old_logp is None for r, _, _ in chosen) else \
-            torch.cat([right(r.old_logp[rows], 0.0) for r, rows, _ in chosen])
-        return Rollout(rewards=torch.cat([right(r.rewards[rows], 0.0) for r, rows, _ in chosen]),
-                       mask=torch.cat([right(r.mask[rows], False) for r, rows, _ in chosen]),
-                       old_logp=old, inputs=inputs, info=dict(parts[0][0].info))
+                [_pad(r.inputs["prompt_positions"][:, groups], p_len, 0, True) for r, groups, _ in chosen], 1)
+        no_old = any(r.old_logp is None for r, _, _ in chosen)
+        return Rollout(rewards=rows(lambda r: r.rewards, t_len, 0.0), mask=rows(lambda r: r.mask, t_len, False),
+                       old_logp=None if no_old else rows(lambda r: r.old_logp, t_len, 0.0),
+                       inputs=inputs, info=dict(parts[0][0].info))
 
     def logp_and_entropy(self, model: torch.nn.Module, rollout: Rollout, rows: torch.Tensor):
         """Shapes: rows (n,) -> logp (n, T), entropy (n, T), float32, gradient to ``model``."""
@@ -540,6 +545,14 @@ class VLMAdapter:
             model.generation_config = saved
         return {"eval_reward_mean": sum(totals) / len(totals) if totals else math.nan,
                 "eval_samples": len(totals)}
+
+
+def _pad(t: torch.Tensor, width: int | None, value, left: bool = False) -> torch.Tensor:
+    """``t`` padded with ``value`` along its last dimension to ``width`` (None: as it is)."""
+    if width is None:
+        return t
+    extra = width - t.shape[-1]
+    return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value)
 
 
 @torch.no_grad()
