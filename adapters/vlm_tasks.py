@@ -177,11 +177,42 @@ class WordCredit:
     says it, marked in ``Rollout.scored`` (GRPO's process supervision, Shao et al. 2024, sec.
     4.1.3), instead of the whole reward on the last token. Words are read token by token: right
     for the tiny model's word-level tokenizer only. A row that says fewer words than the answer
-    has its last token scored 0 (unless a word sits there), so it counts in its group."""
+    has its last token scored 0 (unless a word sits there), so it counts in its group. Every
+    way the loop gets a rollout is covered: ``collect`` (a data-parallel rank's share too),
+    ``collect_more`` and ``join_groups`` (dynamic sampling)."""
 
-    def collect(self, *, num_groups: int, group_size: int, iteration: int):
-        rollout = super().collect(num_groups=num_groups, group_size=group_size, iteration=iteration)
-        items = [self.dataset[i] for i in self.prompt_indices(iteration, num_groups) for _ in range(group_size)]
+    def collect(self, *, num_groups: int, group_size: int, iteration: int, first_group: int = 0,
+                total_groups: int | None = None):
+        """As the adapter's ``collect`` (a data-parallel rank's share included), per-word credit."""
+        rollout = super().collect(num_groups=num_groups, group_size=group_size, iteration=iteration,
+                                  first_group=first_group, total_groups=total_groups)
+        indices = self.prompt_indices(iteration, total_groups or num_groups)[first_group:first_group + num_groups]
+        return self._word_credit(rollout, indices, group_size)
+
+    def collect_more(self, *, num_groups: int, group_size: int, iteration: int, draw: int):
+        """As the adapter's ``collect_more`` (an extra draw of dynamic sampling), per-word credit."""
+        rollout = super().collect_more(num_groups=num_groups, group_size=group_size, iteration=iteration, draw=draw)
+        return self._word_credit(rollout, self.prompt_indices(iteration, num_groups, draw), group_size)
+
+    def join_groups(self, parts):
+        """As the adapter's ``join_groups``, with each part's ``scored`` rows carried along
+        (padding: not scored)."""
+        import torch
+
+        joined = super().join_groups(parts)
+        g, t_len = joined.inputs["group_size"], joined.rewards.shape[1]
+        rows = []
+        for part, groups in parts:
+            idx = [b * g + i for b in groups for i in range(g)]
+            s = part.scored[idx]
+            rows.append(torch.cat([s, s.new_zeros(len(idx), t_len - s.shape[1])], 1))
+        joined.scored = torch.cat(rows)
+        return joined
+
+    def _word_credit(self, rollout, indices: list[int], group_size: int):
+        """``rollout`` with each word's share on its token, the items ``indices`` (each repeated
+        ``group_size`` times) judging the rows in order."""
+        items = [self.dataset[i] for i in indices for _ in range(group_size)]
         ids, attn = rollout.inputs["completion_ids"], rollout.inputs["completion_attn"]
         rewards = rollout.rewards.new_zeros(rollout.rewards.shape)
         scored = rollout.mask.new_zeros(rollout.mask.shape, dtype=bool)

@@ -10,7 +10,8 @@ import pytest
 
 from adapters.vlm_tasks import (COLOURS, SEQUENCE_QUESTION, TASKS, colour_names, colours_dataset,
                                 first_word_reward, sequence_answer, sequence_dataset, sequence_reward,
-                                sequence_vocabulary, sequence_word_scores, task_adapter, with_word_credit)
+                                sequence_vocabulary, sequence_word_scores, task_adapter, with_word_credit,
+                                WordCredit)
 
 
 CYCLE = "red green blue yellow"
@@ -118,26 +119,53 @@ class _Tokenizer:
 
 
 class _StubAdapter:
-    """What WordCredit needs of a VLM adapter: collect() with the outcome on the last token."""
+    """What WordCredit needs of a VLM adapter: collect() (a rank's share too), collect_more()
+    and join_groups(), with the outcome on the last token. It says ``completions`` in order
+    or, with ``completions=None``, each sampled item's answer (its token ids), then ``extra``."""
 
-    def __init__(self, dataset, completions):
-        self.dataset, self.tokenizer, self.completions = dataset, _Tokenizer(), completions
+    def __init__(self, dataset, completions=None, extra=()):
+        self.dataset, self.tokenizer, self.completions, self.extra = dataset, _Tokenizer(), completions, list(extra)
 
-    def prompt_indices(self, iteration, num_groups):
-        return list(range(num_groups))
+    def prompt_indices(self, iteration, num_groups, draw=0):
+        return [(3 * iteration + 5 * draw + b) % len(self.dataset) for b in range(num_groups)]
 
-    def collect(self, *, num_groups, group_size, iteration):
+    def collect(self, *, num_groups, group_size, iteration, first_group=0, total_groups=None):
+        indices = self.prompt_indices(iteration, total_groups or num_groups)[first_group:first_group + num_groups]
+        return self._rollout(indices, group_size)
+
+    def collect_more(self, *, num_groups, group_size, iteration, draw):
+        return self._rollout(self.prompt_indices(iteration, num_groups, draw), group_size)
+
+    def _rollout(self, indices, group_size):
         import torch
 
         from grpo_core.adapter import Rollout
 
-        t_len = max(len(c) for c in self.completions)
-        ids = torch.tensor([c + [0] * (t_len - len(c)) for c in self.completions])
-        attn = torch.tensor([[1] * len(c) + [0] * (t_len - len(c)) for c in self.completions])
+        said = self.completions or [[_Tokenizer.WORDS.index(w) for w in self.dataset[i]["answer"].split()] + self.extra
+                                    for i in indices for _ in range(group_size)]
+        t_len = max(len(c) for c in said)
+        ids = torch.tensor([c + [0] * (t_len - len(c)) for c in said])
+        attn = torch.tensor([[1] * len(c) + [0] * (t_len - len(c)) for c in said])
         rewards = torch.zeros(ids.shape)
         rewards[torch.arange(len(ids)), attn.sum(1) - 1] = 0.5  # junk: WordCredit replaces it
         return Rollout(rewards=rewards, mask=attn.bool(), old_logp=None,
-                       inputs={"completion_ids": ids, "completion_attn": attn})
+                       inputs={"completion_ids": ids, "completion_attn": attn, "group_size": group_size})
+
+    def join_groups(self, parts):
+        """The listed groups' rewards and masks, right-padded (no ``scored``: WordCredit's job)."""
+        import torch
+
+        from grpo_core.adapter import Rollout
+
+        g = parts[0][0].inputs["group_size"]
+        t_len = max(r.rewards.shape[1] for r, groups in parts if groups)
+
+        def rows(r, x, groups):
+            x = x[[b * g + i for b in groups for i in range(g)]]
+            return torch.cat([x, x.new_zeros(len(x), t_len - x.shape[1])], 1)
+        return Rollout(rewards=torch.cat([rows(r, r.rewards, gs) for r, gs in parts]),
+                       mask=torch.cat([rows(r, r.mask, gs) for r, gs in parts]), old_logp=None,
+                       inputs={"group_size": g})
 
 
 def test_word_credit_puts_each_words_share_on_its_token():
@@ -157,18 +185,83 @@ def test_word_credit_puts_each_words_share_on_its_token():
     assert r.rewards.sum(1).tolist() == pytest.approx(outcome)  # the shares add up to the outcome
 
 
+def _four_items():
+    return [{"answer": sequence_answer(c), "cycle": CYCLE} for c in CYCLE.split()]
+
+
+def check_draws(mixin):
+    """A rank's share (first_group, total_groups) and an extra draw of dynamic sampling: the
+    stub says each sampled item's own answer, so every row earns 1 only if the rows are judged
+    against the items sampled for them (another item's answer starts with another colour: 2/3)."""
+    import torch
+
+    adapter = type("Adapter", (mixin, _StubAdapter), {})(_four_items())
+    share = adapter.collect(num_groups=2, group_size=2, iteration=1, first_group=2, total_groups=4)
+    more = adapter.collect_more(num_groups=2, group_size=2, iteration=1, draw=1)
+    for r in (share, more):
+        assert r.rewards.sum(1).tolist() == pytest.approx([1.0] * 4)
+        assert r.scored is not None and r.scored.all()
+    assert torch.equal(share.rewards[0], torch.full((3,), 1 / 3))
+
+
+def check_join(mixin):
+    """Dynamic sampling joins groups of several draws: their per-word rewards keep their scored
+    steps (padding unscored), so the joined rollout's advantages can be computed; without
+    ``scored`` the core refuses rewards before the last token."""
+    import torch
+
+    from grpo_core.advantages import group_advantages
+
+    items, cls = _four_items(), type("Adapter", (mixin, _StubAdapter), {})
+    first = cls(items).collect(num_groups=2, group_size=2, iteration=0)
+    more = cls(items, extra=[5]).collect_more(num_groups=2, group_size=2, iteration=0, draw=1)
+    joined = cls(items).join_groups([(first, [1]), (more, [0])])
+    t = 1 / 3
+    assert torch.equal(joined.rewards, torch.tensor([[t, t, t, 0]] * 4))
+    # the part of 3 tokens is padded unscored; "the" past the answer (part 2) is a word: scored 0
+    assert torch.equal(joined.scored, torch.tensor([[1, 1, 1, 0]] * 2 + [[1, 1, 1, 1]] * 2).bool())
+    kw = {"gamma": 1.0, "scale": "group", "stats_over": "sequences"}
+    group_advantages(joined.rewards, joined.mask, 2, scored=joined.scored, **kw)
+    with pytest.raises(ValueError, match="scored"):
+        group_advantages(joined.rewards, joined.mask, 2, scored=None, **kw)
+
+
+class CollectOnly(WordCredit):
+    """The mistake fixed here: a mixin that overrides ``collect`` alone, without a rank's share
+    (the extra draws and the joined rollout then come from the plain adapter: outcome rewards,
+    ``scored`` dropped)."""
+
+    def collect(self, *, num_groups, group_size, iteration):
+        return WordCredit.collect(self, num_groups=num_groups, group_size=group_size, iteration=iteration)
+
+    collect_more = _StubAdapter.collect_more
+    join_groups = _StubAdapter.join_groups
+
+
+def test_word_credit_judges_the_items_each_draw_sampled():
+    check_draws(WordCredit)
+    with pytest.raises((TypeError, AssertionError)):
+        check_draws(CollectOnly)
+
+
+def test_word_credit_join_groups_carries_scored():
+    check_join(WordCredit)
+    with pytest.raises((TypeError, AssertionError)):
+        check_join(CollectOnly)
+
+
 @pytest.mark.slow
 def test_train_vlm_sequence_from_nothing(tmp_path):
-    """The task trains from a fresh clone: the tiny model is built with the task's words, and
-    the per-word rewards pass the core's scored-step checks. (--skip-preflight: the preflight's
-    finite_loss row computes advantages without Rollout.scored, so it refuses per-word rewards.)"""
+    """The task trains from a fresh clone, through the preflight: the tiny model is built with
+    the task's words, and the per-word rewards pass the core's scored-step checks, with dynamic
+    sampling's extra draws."""
     pytest.importorskip("transformers")
     from grpo_harness.train_vlm import main
 
     out = tmp_path / "run"
     assert main(["--task", "sequence-words", "--out", str(out), "--max-iterations", "2", "--num-prompts", "4",
                  "--eval-size", "2", "--set", "groups_per_iteration=2", "--set", "group_size=2",
-                 "--skip-preflight"]) == 0
+                 "--set", "dynamic_sampling=true"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["task"]["name"] == "sequence-words" and config["train"]["max_new_tokens"] == 3
     vocab = json.loads((out / "model" / "tokenizer.json").read_text())["model"]["vocab"]
