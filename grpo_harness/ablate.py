@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .run import EXIT_USAGE, UsageError, parse_set
+from .run import EXIT_USAGE, UsageError, make_config, parse_set
 from .stats import quartiles, signed_rank_test
 
 ENVS = ("cartpole", "vlm")
@@ -331,6 +331,21 @@ def train_args(spec: Spec, job: Job) -> list[str]:
     return [spec.env, *spec.train, *own, *sets, "--seed", str(job.seed), "--threads", "1"]
 
 
+def stale_defaults(spec: Spec, job: Job) -> str:
+    """The train-command defaults (``_command_defaults``) that a finished run of ``job`` did not
+    run with, as ``key: then -> now`` ('' when none, or when the run left no config.json): the
+    same arguments mean another run once a default changes. Keys the run sets are skipped."""
+    try:
+        then = json.loads((job.folder / "config.json").read_text())["grpo"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return ""
+    own = [*spec.train, *spec.variants[job.variant].train]
+    sets = {a.split("=", 1)[0] for flag, a in zip(own, own[1:]) if flag == "--set"}
+    now = make_config(_command_defaults(spec.env)).to_dict()
+    keys = [k for k in _command_defaults(spec.env) if k not in job.values and k not in sets]
+    return ", ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in keys if then.get(k) != now[k])
+
+
 def read_result(job: Job) -> dict[str, Any] | None:
     """The finished run's result, None when it has none yet (or a failed one)."""
     try:
@@ -398,7 +413,12 @@ class Runner:
         if doc is not None and doc.get("args") != args:
             raise UsageError(f"{job.result_path} was run as `train {shlex.join(doc.get('args', []))}`, not "
                              f"`train {shlex.join(args)}`; use another --out or delete {job.folder}")
-        if doc is not None and doc.get("exit") == 0:
+        stale = doc is not None and doc.get("exit") == 0 and stale_defaults(self.spec, job)
+        if stale:
+            self.say(f"{job.variant} seed {job.seed}: run again, the train defaults changed since ({stale})")
+            job.result_path.unlink()
+            shutil.rmtree(job.folder, ignore_errors=True)
+        elif doc is not None and doc.get("exit") == 0:
             return None
         cmd = self.command(job)
         if (job.folder / "config.json").is_file():

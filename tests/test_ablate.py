@@ -184,6 +184,28 @@ def test_a_result_of_other_settings_is_not_mixed_in(tmp_path):
         ablate.Runner(spec, 1, print).prepare(job)
 
 
+def test_a_finished_run_under_other_train_defaults_runs_again(tmp_path, monkeypatch):
+    """The same arguments are another run once a train-command default changes (e.g. the VLM
+    defaults gaining dynamic sampling): such a result is dropped and the run started afresh;
+    a default the variant sets itself does not count."""
+    spec = ablate.Spec("vlm", {"base": ablate.Variant("base", baseline=None),
+                               "v": ablate.Variant("v", {"gamma": 0.9})}, seeds=[0])
+    jobs = {j.variant: j for j in ablate.verdict_jobs(spec, tmp_path, {"base": {}, "v": {}})}
+    for job in jobs.values():
+        job.folder.mkdir(parents=True)
+        job.result_path.write_text(json.dumps({"args": ablate.train_args(spec, job), "exit": 0}))
+        (job.folder / "config.json").write_text(json.dumps({"grpo": {"gamma": 1.0, "lr": 0.001}}))
+    monkeypatch.setattr(ablate, "_command_defaults", lambda env: {"gamma": 1.0, "lr": 0.001})
+    said = []
+    runner = ablate.Runner(spec, 1, said.append)
+    assert runner.prepare(jobs["base"]) is None and runner.prepare(jobs["v"]) is None  # as run
+    monkeypatch.setattr(ablate, "_command_defaults", lambda env: {"gamma": 0.5, "lr": 0.001})
+    assert runner.prepare(jobs["v"]) is None  # gamma is the variant's own setting
+    cmd = runner.prepare(jobs["base"])
+    assert cmd is not None and "--resume" not in cmd and not jobs["base"].result_path.exists()
+    assert said == ["base seed 0: run again, the train defaults changed since (gamma: 1.0 -> 0.5)"]
+
+
 # --- a real ablation ----------------------------------------------------------------------------------
 
 TINY = ["ablate", "cartpole", "--vary", "grpo_epochs=2", "--seeds", "0-1", "--jobs", "2",
