@@ -1,7 +1,7 @@
 """Tiny Qwen2-VL on the colours task: this project's GRPO vs TRL's GRPOTrainer (seconds per
-optimizer step and peak memory), and the plan's ablation with this project's trainer.
+optimizer step and peak memory), and the colours ablation through ``grpo-harness ablate``.
 
-    python -m benchmarks.vlm [--steps 60] [--seeds 3] [--iterations 300] [--out benchmarks/results]
+    python -m benchmarks.vlm [--steps 60] [--seeds 0-19] [--jobs 2] [--out benchmarks/results]
 
 Needs the ``vlm`` extra and ``trl`` (``pip install "trl>=1.0"``); without TRL the comparison is
 skipped with a note.
@@ -18,23 +18,20 @@ scaled by the group std (eps 1e-4) and the loss averaged over all valid tokens o
 (ours ``loss_agg="token-mean"``, TRL ``loss_type="dapo"``, which with one process, one
 accumulation step and one step per generation divides by the same token count).
 
-Ablation. This project's trainer set up as ``train vlm --task colours`` sets it up
-(``VLM_DEFAULTS``, a tiny model built per seed, lr decaying linearly to 0 over
-``--iterations``; the same metrics to the digit as the CLI) plus each variant's overrides, in
-one subprocess per (variant, seed), ``--jobs`` at a time. Metric: the first iteration whose
-rolling mean reward (25 iterations) reaches 0.8, and the final rolling mean; medians over seeds,
-and per pair of variants how many seeds got there sooner. beta is 0 in VLM_DEFAULTS, where the
-reference and the KL estimator do nothing, so the refresh and k1/k3 pairs use beta 0.04.
+Ablation. ``grpo-harness ablate vlm --variants benchmarks/ablations/colours.toml`` (the colours
+task under ``train vlm``'s defaults, each variant's overrides, paired verdicts over seeds; see
+``grpo_harness.ablate``), run into ``--out/ablation-colours`` and continued there if interrupted;
+``--seeds`` replaces the file's verdict seeds. The colours task cannot show a discount or a
+refresh with one epoch: ``benchmarks/ablations/sequence.toml`` is the ablation of the plan's
+claims.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import datetime
 import itertools
 import json
-import math
 import os
 import platform
 import statistics
@@ -48,35 +45,9 @@ REPO = Path(__file__).resolve().parent.parent
 NUM_PROMPTS = 64
 COLOURS = 4
 MAX_NEW_TOKENS = 2
-TARGET = 0.8
-WINDOW = 25
-NOISE = 0.10
-"""A median change in iterations to target below this fraction counts as seed noise: gamma 0.995
-vs 1 changes the first of two tokens' return by 0.5% and moves single seeds by ~5%."""
 TIME_TARGET = 0.45  # the target: at most 0.45x TRL's step time, no more peak memory
 
-# (name, --set overrides over VLM_DEFAULTS["grpo"])
-VARIANTS = {
-    "base": {},
-    "gamma 0.995": {"gamma": 0.995},
-    "grpo_epochs 4": {"grpo_epochs": 4},
-    "beta 0.04, k3, refresh off": {"beta": 0.04, "update_ref_model_freq": 0, "kl_estimator": "k3"},
-    "beta 0.04, k3, refresh on": {"beta": 0.04, "update_ref_model_freq": 1, "kl_estimator": "k3"},
-    "beta 0.04, k3, refresh every 10": {"beta": 0.04, "update_ref_model_freq": 10, "kl_estimator": "k3"},
-    "beta 0.04, k1, refresh off": {"beta": 0.04, "update_ref_model_freq": 0, "kl_estimator": "k1"},
-}
-# (what the plan claims, baseline variant, changed variant)
-PAIRS = [
-    ("reference refresh every iteration vs off (beta 0.04, k3): more stable training",
-     "beta 0.04, k3, refresh off", "beta 0.04, k3, refresh on"),
-    ("reference refresh every 10 iterations vs off (beta 0.04, k3): more stable training",
-     "beta 0.04, k3, refresh off", "beta 0.04, k3, refresh every 10"),
-    ("gamma 0.995 vs 1: longer-horizon credit assignment", "base", "gamma 0.995"),
-    ("grpo_epochs 4 vs 1: better data efficiency", "base", "grpo_epochs 4"),
-    ("k3 vs k1 (beta 0.04, refresh off): faster convergence",
-     "beta 0.04, k1, refresh off", "beta 0.04, k3, refresh off"),
-]
-
+ABLATION_FILE = REPO / "benchmarks" / "ablations" / "colours.toml"
 
 # --- workers: one fresh process per measured side ----------------------------------------------
 
@@ -372,138 +343,18 @@ def speed(model_dir: Path, scratch: Path, *, steps: int, warmup: int, repeats: i
 
 # --- ablation ----------------------------------------------------------------------------------
 
-def run_ablation_worker(variant: str, seed: int, iterations: int) -> dict:
-    """One ablation run, set up as ``train vlm --task colours`` does: a tiny model built with
-    ``seed``, 64 training / 32 held-out prompts (data seeds 2*seed, 2*seed+1), VLM_DEFAULTS plus
-    the variant's overrides, lr decaying linearly to 0 over ``iterations``, greedy held-out
-    evaluation at the end."""
-    import torch
+def ablation(out: Path, seeds: str | None, jobs: int) -> tuple[int, dict]:
+    """The colours ablation through ``grpo-harness ablate`` (see the module docstring): (exit
+    status, the report's data, with its markdown)."""
+    from grpo_harness.ablate import collect, load_spec, markdown, parse_seeds, run_ablation
 
-    from adapters.vlm import VLMAdapter
-    from adapters.vlm_tasks import colours_dataset, colours_vocabulary, first_word_reward
-    from adapters.vlm_tiny import build_tiny_vlm, load_vlm
-    from grpo_core.config import GRPOConfig
-    from grpo_core.loop import GRPOTrainer
-    from grpo_harness.train_vlm import VLM_DEFAULTS
-
-    torch.set_num_threads(1)
-    cfg = GRPOConfig.from_dict(dict(VLM_DEFAULTS["grpo"], **VARIANTS[variant], seed=seed))
-    train = VLM_DEFAULTS["train"]
-    with tempfile.TemporaryDirectory(prefix="vlm-abl-") as tmp:
-        build_tiny_vlm(Path(tmp), words=colours_vocabulary(COLOURS), seed=seed)
-        model, processor = load_vlm(tmp)
-    adapter = VLMAdapter(model, processor, colours_dataset(NUM_PROMPTS, k=COLOURS, seed=2 * seed),
-                         [first_word_reward], seed=seed, temperature=train["temperature"], top_p=train["top_p"],
-                         max_new_tokens=MAX_NEW_TOKENS, old_logp_forward=False)
-    trainer = GRPOTrainer(adapter, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda i: max(0.0, 1.0 - i / iterations))
-    records, rewards, t0 = [], [], time.perf_counter()
-    for _ in range(iterations):
-        st = trainer.step()
-        sched.step()
-        rewards.append(st["reward_mean"])
-        tail = [r for r in rewards[-WINDOW:] if not math.isnan(r)]  # the rolling mean of train vlm
-        rec = {"iteration": st["iteration"], "reward_mean": st["reward_mean"],
-               "reward_rolling": sum(tail) / len(tail) if tail else float("nan"),
-               "grad_norm_max": st["grad_norm_max"], "skipped_steps": st.get("skipped_steps", 0.0)}
-        if "kl" in st:
-            rec["kl"] = st["kl"]
-        records.append(rec)
-    seconds = time.perf_counter() - t0
-    held = colours_dataset(32, k=COLOURS, seed=2 * seed + 1)
-    records[-1]["eval_reward_mean"] = adapter.evaluate(held)["eval_reward_mean"]
-    return summarise_run(records, variant=variant, seed=seed, train_seconds=seconds)
-
-
-def _ablation_run(variant: str, seed: int, iterations: int, scratch: Path) -> dict:
-    result = scratch / f"abl-{list(VARIANTS).index(variant)}-s{seed}.json"
-    cmd = [sys.executable, "-m", "benchmarks.vlm", "--worker", "ablation", "--variant", variant,
-           "--seed", str(seed), "--iterations", str(iterations), "--result", str(result)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_worker_env(), capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not result.is_file():
-        raise RuntimeError(f"ablation {variant!r} seed {seed} failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-4000:]}")
-    return json.loads(result.read_text())
-
-
-def summarise_run(records: list[dict], **extra) -> dict:
-    rolling = [r["reward_rolling"] for r in records]
-    reached = next((r["iteration"] for r in records if r["reward_rolling"] >= TARGET), None)
-    kls = [r["kl"] for r in records if "kl" in r]
-    evals = [r["eval_reward_mean"] for r in records if "eval_reward_mean" in r]
-    return dict(extra, iterations=len(records), reached_at=reached, final_rolling=rolling[-1],
-                final_eval=evals[-1] if evals else None,
-                kl_mean=statistics.fmean(kls) if kls else None, kl_max=max(kls) if kls else None,
-                grad_norm_max=max(r["grad_norm_max"] for r in records),
-                skipped_steps=sum(r.get("skipped_steps", 0) for r in records),
-                rolling_curve=[round(x, 4) for x in rolling])
-
-
-def ablation(scratch: Path, *, seeds: int, iterations: int, jobs: int, log) -> dict:
-    tasks = [(v, s) for v in VARIANTS for s in range(seeds)]
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_ablation_run, v, s, iterations, scratch): (v, s) for v, s in tasks}
-        for fut in concurrent.futures.as_completed(futures):
-            r = fut.result()
-            runs[r["variant"]].append(r)
-            log(f"  ablation {r['variant']} seed {r['seed']}: target at {r['reached_at']}, final rolling "
-                f"{r['final_rolling']:.3f}, {r['train_seconds']:.0f} s")
-    for rs in runs.values():
-        rs.sort(key=lambda r: r["seed"])
-    summary = {v: summarise_variant(rs, iterations) for v, rs in runs.items()}
-    pairs = [compare_pair(claim, runs[a], runs[b], a, b) for claim, a, b in PAIRS]
-    return {"variants": summary, "pairs": pairs, "runs": runs, "seeds": seeds, "iterations": iterations,
-            "overrides": VARIANTS}
-
-
-def _median_reached(rs: list[dict]) -> float | None:
-    """Median iterations to target; an unreached seed counts as infinity (None if the median is)."""
-    vals = sorted(float("inf") if r["reached_at"] is None else r["reached_at"] for r in rs)
-    m = statistics.median(vals)
-    return None if m == float("inf") else m
-
-
-def summarise_variant(rs: list[dict], iterations: int) -> dict:
-    def med(key):
-        vals = [r[key] for r in rs if r[key] is not None]
-        return statistics.median(vals) if vals else None
-
-    return {"reached": sum(r["reached_at"] is not None for r in rs), "seeds": len(rs),
-            "median_reached_at": _median_reached(rs), "reached_at": [r["reached_at"] for r in rs],
-            "median_final_rolling": med("final_rolling"), "median_final_eval": med("final_eval"),
-            "median_kl_mean": med("kl_mean"), "max_kl": max((r["kl_max"] for r in rs if r["kl_max"] is not None),
-                                                            default=None),
-            "median_skipped_steps": med("skipped_steps"), "median_train_seconds": med("train_seconds"), "median_ms_per_iteration":
-            1e3 * statistics.median(r["train_seconds"] / r["iterations"] for r in rs)}
-
-
-def compare_pair(claim: str, base: list[dict], changed: list[dict], a: str, b: str) -> dict:
-    """Paired by seed: how many seeds reached the target sooner / ended higher with ``changed``."""
-    inf = float("inf")
-    sooner = later = same = 0
-    for x, y in zip(base, changed):
-        rx = inf if x["reached_at"] is None else x["reached_at"]
-        ry = inf if y["reached_at"] is None else y["reached_at"]
-        sooner += ry < rx
-        later += ry > rx
-        same += ry == rx
-    mb, mc = _median_reached(base), _median_reached(changed)
-    fb = statistics.median(r["final_rolling"] for r in base)
-    fc = statistics.median(r["final_rolling"] for r in changed)
-    n = len(base)
-    gain = ((mb or inf) - (mc or inf)) / (mb or inf) if mb is not None else (1.0 if mc is not None else 0.0)
-    if sooner == 0 and later == 0:
-        verdict = "no difference" if mb is not None else "neither reached the target"
-    elif sooner > n / 2 and gain >= NOISE:
-        verdict = "held: sooner on most seeds and on the median"
-    elif later > n / 2 and (gain <= -NOISE or mc is None):
-        verdict = "opposite: later on most seeds and on the median"
-    else:
-        verdict = f"not shown: within seed noise (median change < {NOISE:.0%} or split seeds)"
-    return {"claim": claim, "baseline": a, "changed": b, "median_reached_at": [mb, mc],
-            "median_final_rolling": [fb, fc], "seeds_sooner": sooner, "seeds_later": later,
-            "seeds_same": same, "verdict": verdict}
+    spec = load_spec(ABLATION_FILE)
+    if seeds is not None:
+        spec.seeds = parse_seeds(seeds)
+    status = run_ablation(spec, out, jobs=jobs)
+    doc = collect(spec, out)
+    doc["markdown"] = markdown(doc)
+    return status, doc
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -547,31 +398,6 @@ def profile_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def ablation_table(a: dict) -> str:
-    lines = [("| variant (over VLM_DEFAULTS) | reached 0.8 | median iterations to 0.8 | iterations per seed | "
-              "median final rolling reward | median final greedy held-out | median mean KL | "
-              "median updates skipped (zero gradient) | ms/iteration* |"),
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for name, v in a["variants"].items():
-        per_seed = ", ".join("–" if x is None else str(x) for x in v["reached_at"])
-        lines.append(f"| {name} | {v['reached']}/{v['seeds']} | {_f(v['median_reached_at'])} | {per_seed} | "
-                     f"{_f(v['median_final_rolling'], '{:.3f}')} | {_f(v['median_final_eval'], '{:.3f}')} | "
-                     f"{_f(v['median_kl_mean'], '{:.2e}')} | {_f(v.get('median_skipped_steps'))} | "
-                     f"{v['median_ms_per_iteration']:.0f} |")
-    return "\n".join(lines)
-
-
-def pairs_table(a: dict) -> str:
-    lines = [("| claim | median iterations to 0.8 (baseline -> changed) | median final rolling | "
-              "seeds sooner / later / same | verdict |"), "|---|---|---|---|---|"]
-    for p in a["pairs"]:
-        mb, mc = p["median_reached_at"]
-        fb, fc = p["median_final_rolling"]
-        lines.append(f"| {p['claim']} | {_f(mb)} -> {_f(mc)} | {fb:.3f} -> {fc:.3f} | "
-                     f"{p['seeds_sooner']} / {p['seeds_later']} / {p['seeds_same']} | {p['verdict']} |")
-    return "\n".join(lines)
-
-
 def machine() -> dict:
     import torch
     import transformers
@@ -601,11 +427,8 @@ def report(result: dict) -> str:
             parts += ["", "Where a step's time goes (cProfile, one run per side; full lists in vlm.json):", "",
                       profile_table(result)]
     if "ablation" in result:
-        a = result["ablation"]
-        parts += ["", (f"### Ablation ({a['seeds']} seeds x {a['iterations']} iterations, colours task, "
-                       f"VLM_DEFAULTS; target: rolling mean ({WINDOW}) reward >= {TARGET})"), "", ablation_table(a),
-                  "", (f"\\* wall milliseconds per iteration with {result['args']['jobs']} runs at once on a shared "
-                       "machine: not a speed measurement"), "", pairs_table(a)]
+        parts += ["", "### Colours ablation (`grpo-harness ablate`, benchmarks/ablations/colours.toml)", "",
+                  result["ablation"]["markdown"]]
     return "\n".join(parts)
 
 
@@ -623,8 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per speed run (default 60)")
     p.add_argument("--warmup", type=int, default=10, help="steps left out of the median (default 10)")
     p.add_argument("--repeats", type=int, default=2, help="alternating speed runs per side (default 2)")
-    p.add_argument("--seeds", type=int, default=5, help="ablation seeds (default 5)")
-    p.add_argument("--iterations", type=int, default=300, help="ablation iterations per run (default 300)")
+    p.add_argument("--seeds", default=None, help="ablation verdict seeds, e.g. 0-4 (default: the variants file's)")
     p.add_argument("--jobs", type=int, default=2, help="ablation runs at once (default 2; 1 thread each)")
     p.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                    help="cProfile both sides (auto: when ours misses the time target)")
@@ -633,15 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--before", action="store_true",
                    help="also alternate the adapter's repeated path (encode_once=False) as a third side")
-    p.add_argument("--worker", choices=["ours", "trl", "ours-repeated", "ablation"], help=argparse.SUPPRESS)
-    p.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["ours", "trl", "ours-repeated"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.worker == "ablation":
-        args.result.write_text(json.dumps(run_ablation_worker(args.variant, args.seed, args.iterations)))
-        return 0
     if args.worker:
         res = run_worker(args.worker, args.model, args.steps, args.profile == "always")
         args.result.write_text(json.dumps(res))
@@ -654,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     result = {"args": {k: v for k, v in vars(args).items()
-                       if k not in ("out", "worker", "model", "result", "variant", "seed")},
+                       if k not in ("out", "worker", "model", "result")},
               "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="vlm-bench-") as tmp:
         scratch = Path(tmp)
@@ -672,11 +489,10 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"profiling {side}")
                     prof = spawn_worker(side, model_dir, args.steps, scratch, profile=True)
                     result[f"profile_{side}"] = prof["profile"]
-        if not args.skip_ablation:
-            log(f"ablation: {len(VARIANTS)} variants x {args.seeds} seeds x {args.iterations} iterations, "
-                f"{args.jobs} at once")
-            result["ablation"] = ablation(scratch, seeds=args.seeds, iterations=args.iterations,
-                                          jobs=args.jobs, log=log)
+    status = 0
+    if not args.skip_ablation:
+        log(f"ablation: grpo-harness ablate vlm --variants {ABLATION_FILE.relative_to(REPO)}, {args.jobs} at once")
+        status, result["ablation"] = ablation(args.out / "ablation-colours", args.seeds, args.jobs)
     result["wall_seconds"] = time.perf_counter() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "vlm.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -684,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "vlm.md").write_text(text + "\n")
     print(text)
     log(f"wrote {args.out / 'vlm.json'} and {args.out / 'vlm.md'} ({result['wall_seconds']:.0f} s)")
-    return 0
+    return status
 
 
 if __name__ == "__main__":
