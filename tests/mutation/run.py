@@ -5,6 +5,7 @@ Run from the repository root (``make mutate`` runs the first form):
     python tests/mutation/run.py                      # the "math" suite; fails below the ratchet
     python tests/mutation/run.py --suite loop         # loop.py and refmodel.py with the loop tests
     python tests/mutation/run.py --files grpo_core/kl.py   # only these files of the suite
+    python tests/mutation/run.py --retest             # after adding tests: re-test the survivors
     python tests/mutation/run.py --record             # write the scores as the new ratchet
 
 A suite is the ``[tool.mutmut]`` table of pyproject.toml ("math") with the keys of
@@ -141,8 +142,9 @@ def diffs(work: Path, names: list[str]) -> dict[str, str]:
     return {name: mutmut(work, "show", name) for name in names}  # mutmut's internals moved
 
 
-def collect(work: Path) -> list[dict]:
-    """Every mutant of the run: name, file, function, status and, for a survivor, its change."""
+def collect(work: Path, with_changes: bool = True) -> list[dict]:
+    """Every mutant of the run: name, file, function, status and, for a survivor (if
+    ``with_changes``), its change."""
     rows = []
     for line in mutmut(work, "results", "--all", "true").splitlines():
         name, sep, status = line.strip().rpartition(": ")
@@ -151,7 +153,7 @@ def collect(work: Path) -> list[dict]:
         if status == "not checked":
             raise SystemExit(f"{name} was not checked: the mutmut run did not finish")
         rows.append({"name": name, "file": file_of(name), "function": function_of(name), "status": status})
-    survivors = [r for r in rows if r["status"] in UNDETECTED]
+    survivors = [r for r in rows if r["status"] in UNDETECTED] if with_changes else []
     by_name = diffs(work, [r["name"] for r in survivors])
     for row in survivors:
         row["change"] = change_of(by_name[row["name"]])
@@ -189,22 +191,30 @@ def untriaged_rows(rows: list[dict], known) -> list[str]:
             for r in rows if r["status"] in UNDETECTED and (r["function"], r["change"]) not in known]
 
 
-def ratchet(suite: str, result: dict, record: bool) -> list[str]:
-    """Compare with (and with ``record``, update) the recorded scores; returns the failures."""
-    recorded = json.loads(SCORE_FILE.read_text()) if SCORE_FILE.exists() else {}
-    old = recorded.get(suite, {"files": {}})
-    failures = [f"{name}: {f['score']:.2f}% < recorded {old['files'][name]['score']:.2f}%"
+def compare(suite: str, old: dict, result: dict) -> tuple[list[str], dict]:
+    """``result`` against the recorded entry ``old`` of ``suite`` (``{}`` if none): the failures
+    (a file or the suite below its recorded score; equal or higher passes) and the entry to
+    record, the recorded files that ``result`` did not run (``--files``) kept as they were."""
+    old_files = old.get("files", {})
+    failures = [f"{name}: {f['score']:.2f}% < recorded {old_files[name]['score']:.2f}%"
                 for name, f in result["files"].items()
-                if name in old["files"] and f["score"] < old["files"][name]["score"]]
-    merged = {**old["files"], **result["files"]}
+                if name in old_files and f["score"] < old_files[name]["score"]]
+    merged = {**old_files, **result["files"]}
     sums = {k: sum(f[k] for f in merged.values()) for k in ("mutants", "detected", "equivalent")}
     total = round(100.0 * sums["detected"] / max(sums["mutants"] - sums["equivalent"], 1), 2)
     if "total" in old and total < old["total"]["score"]:
         failures.append(f"suite {suite}: {total:.2f}% < recorded {old['total']['score']:.2f}%")
+    return failures, {"files": merged, "total": {**sums, "score": total}}
+
+
+def ratchet(suite: str, result: dict, record: bool) -> list[str]:
+    """Compare with (and with ``record``, update) the recorded scores; returns the failures."""
+    recorded = json.loads(SCORE_FILE.read_text()) if SCORE_FILE.exists() else {}
+    failures, entry = compare(suite, recorded.get(suite, {}), result)
     if record and not failures:
-        recorded[suite] = {"files": merged, "total": {**sums, "score": total}}
+        recorded[suite] = entry
         SCORE_FILE.write_text(json.dumps(recorded, indent=2) + "\n")
-        print(f"recorded in {SCORE_FILE.relative_to(ROOT)}: {suite} {total:.2f}%")
+        print(f"recorded in {SCORE_FILE.relative_to(ROOT)}: {suite} {entry['total']['score']:.2f}%")
     return failures
 
 
@@ -220,12 +230,39 @@ def write_report(suite: str, result: dict, rows: list[dict], todo: list[str], ti
     (out / f"mutation-{suite}.md").write_text("\n".join(text))
 
 
+def run_mutmut(work: Path, args: argparse.Namespace) -> str:
+    """Run mutmut as ``args`` ask; returns how long the run took, as the report states it (a
+    re-test adds its time to that of the full run it completes, kept in ``timing.txt``)."""
+    timing_file = work / "timing.txt"
+    last = timing_file.read_text().strip() if timing_file.exists() else "an earlier run"
+    if args.no_run:
+        return last
+    names = []
+    if args.retest:
+        names = [r["name"] for r in collect(work, with_changes=False) if r["status"] in UNDETECTED]
+        if not names:
+            return last
+    start = time.monotonic()
+    mutmut(work, "run", "--max-children", str(args.jobs), *names, capture=False)
+    took = (f"{(time.monotonic() - start) / 60:.1f} min with {args.jobs} jobs, load average "
+            f"{os.getloadavg()[2]:.1f} over the last 15 min")
+    if args.retest:
+        timing = f"{last}; its {len(names)} survivors re-tested in {took}"
+    else:
+        timing = took
+    timing_file.write_text(timing + "\n")
+    return timing
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", default="math", help="math (default) or a [tool.mutmut.suites] name")
     parser.add_argument("--files", nargs="+", help="mutate only these files of the suite")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
+    parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 2),
+                        help="mutants tested at once (default: 2, or 1 on a single core)")
     parser.add_argument("--resume", action="store_true", help="keep mutmut's cache of the last run")
+    parser.add_argument("--retest", action="store_true", help="test only the survivors of the "
+                        "last run again (after adding tests; implies --resume)")
     parser.add_argument("--no-run", action="store_true", help="only score the last run again "
                         "(after editing survivors.md)")
     parser.add_argument("--record", action="store_true", help="write the scores as the new ratchet")
@@ -233,13 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = suite_config(args.suite)
     if args.files:
         cfg["only_mutate"] = args.files
-    work = prepare_workdir(args.suite, cfg, args.resume or args.no_run)
-    timing = "the last run scored again"
-    if not args.no_run:
-        start = time.monotonic()
-        mutmut(work, "run", "--max-children", str(args.jobs), capture=False)
-        timing = (f"{(time.monotonic() - start) / 60:.1f} min with {args.jobs} jobs, load average "
-                  f"{os.getloadavg()[2]:.1f} over the last 15 min")
+    work = prepare_workdir(args.suite, cfg, args.resume or args.retest or args.no_run)
+    timing = run_mutmut(work, args)
     known = triaged()
     rows = collect(work)
     result = score(rows, known)
