@@ -890,7 +890,7 @@ class TrainingRun:
         keys = tuple(self.DEFAULTS["train"])
         grpo_given, train_given = explicit_settings(self.args, env=self.env, train_keys=keys)
         if saved is None:
-            self.cfg = make_config({**self.DEFAULTS["grpo"], **grpo_given}, train_keys=keys)
+            self.cfg = make_config({**self._defaults_for_world(grpo_given), **grpo_given}, train_keys=keys)
             self.train = {**self.DEFAULTS["train"], **train_given}
         else:
             self.cfg = make_config(saved["grpo"], train_keys=keys)
@@ -913,6 +913,17 @@ class TrainingRun:
         fp = {"config": self.cfg.to_dict(), "train": {k: self.train[k] for k in self.FIXED_TRAIN},
               "task": self.task, "model": self.model}
         self.fingerprint = json.loads(json.dumps(fp, default=str))
+
+    def _defaults_for_world(self, given: dict[str, Any]) -> dict[str, Any]:
+        """``DEFAULTS["grpo"]``, with a default dynamic sampling turned off (and said) under a
+        torchrun launch of more than one process, which does not support it yet; asked for
+        explicitly there, it is refused by the distributed trainer."""
+        defaults = dict(self.DEFAULTS["grpo"])
+        if (self.world is not None and self.world.size > 1 and defaults.get("dynamic_sampling")
+                and "dynamic_sampling" not in given):
+            defaults["dynamic_sampling"] = False
+            self.say(f"dynamic sampling (a default) is off: not supported on {self.world.size} processes yet")
+        return defaults
 
     def _set_threads(self) -> None:
         import torch

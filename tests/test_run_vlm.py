@@ -60,7 +60,8 @@ def data(tmp_path):
 def data_args(tiny_dirs, data, reward="third_call_raises", *extra):
     return ["--data", str(data / "rows.jsonl"), "--reward", f"{data / 'rewards.py'}:{reward}",
             "--model", str(tiny_dirs["qwen2_vl"]), "--max-iterations", "4", "--max-new-tokens", "2",
-            "--set", "group_size=2", "--set", "groups_per_iteration=2", "--threads", "1", *extra]
+            "--set", "group_size=2", "--set", "groups_per_iteration=2", "--threads", "1",
+            "--set", "dynamic_sampling=false", *extra]  # one reward call per iteration: no extra draws
 
 
 def one_error_line(capsys, rc: int, *needles: str) -> str:
@@ -228,3 +229,23 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tiny_dirs, t
         a, b = ckpt["trainer"][part], other["trainer"][part]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
     assert all(math.isfinite(r["loss"]) for r in rows(straight))
+
+
+class _World:
+    size, writer = 2, True
+
+
+@pytest.mark.parametrize("world, given, expected", [
+    (None, {}, True),  # one process: the default stands
+    (_World(), {}, False),  # two ranks: not supported there yet, so the default is turned off
+    (_World(), {"dynamic_sampling": True}, True),  # asked for: kept (the distributed trainer refuses it)
+])
+def test_default_dynamic_sampling_under_torchrun(world, given, expected, capsys):
+    from grpo_harness.train_vlm import VLMRun
+
+    assert VLM_DEFAULTS["grpo"]["dynamic_sampling"] is True
+    run = VLMRun.__new__(VLMRun)
+    run.world, run.bar = world, None
+    assert run._defaults_for_world(given)["dynamic_sampling"] is expected
+    said = "dynamic sampling (a default) is off" in capsys.readouterr().err
+    assert said is (world is not None and not given)
