@@ -761,9 +761,15 @@ def _seeds_text(seeds: list[int]) -> str:
 def markdown(doc: dict) -> str:
     cost = "env steps" if doc["env"] == "cartpole" else "iterations"
     train = " ".join(["grpo-harness train", doc["env"], *doc["train"]])
+    done = set(doc["seeds"])
+    for v in doc["variants"].values():
+        done &= {int(s) for s in v["results"]}
+    partial = "" if done == set(doc["seeds"]) else f" (finished by every variant: {_seeds_text(sorted(done))})"
+    tuned = any(v["tuning"] for v in doc["variants"].values())
     lines = [f"Runs: `{train} --seed N --threads 1` plus each variant's `--set`; verdict seeds "
-             f"{_seeds_text(doc['seeds'])}; tuning seeds {_seeds_text(doc['tune_seeds'])} (used only to "
-             "choose tuned values, never for a verdict).", "",
+             f"{_seeds_text(doc['seeds'])}{partial}; tuning seeds {_seeds_text(doc['tune_seeds'])} "
+             + ("(used only to choose tuned values, never for a verdict)." if tuned else "(no variant is tuned here)."),
+             "",
              f"Test: exact two-sided Wilcoxon signed-rank test of the per-seed differences (variant minus "
              f"baseline, same seed), zero differences dropped, of the {cost} to the target (censored runs "
              f"at their budget) unless the row says final reward; verdict at alpha = {doc['alpha']}: "

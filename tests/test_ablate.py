@@ -175,6 +175,14 @@ def test_verdict_rule(tmp_path, expect, variant_costs, verdict, p):
     assert f"**{verdict}**" in md and "verdict seeds 0-5" in md
 
 
+def test_the_report_names_the_seeds_every_variant_finished(tmp_path):
+    spec = ablate.Spec("vlm", {"base": ablate.Variant("base", baseline=None),
+                               "v": ablate.Variant("v", {"gamma": 0.9})}, seeds=list(range(6)))
+    fake_results(spec, tmp_path, {"base": [50] * 6, "v": [40] * 4})  # v stopped after seed 3
+    md = ablate.markdown(ablate.collect(spec, tmp_path))
+    assert "verdict seeds 0-5 (finished by every variant: 0-3); tuning seeds none (no variant is tuned here)" in md
+
+
 def test_a_result_of_other_settings_is_not_mixed_in(tmp_path):
     spec = ablate.Spec("vlm", {"base": ablate.Variant("base", baseline=None)}, seeds=[0])
     fake_results(spec, tmp_path, {"base": [50]})
