@@ -244,6 +244,15 @@ def test_word_credit_judges_the_items_each_draw_sampled():
         check_draws(CollectOnly)
 
 
+def test_a_data_parallel_trainer_accepts_word_credit():
+    """The distributed trainer checks that ``collect`` takes a rank's share; the mixin's does."""
+    from grpo_core.distributed import _check_share_collect
+
+    _check_share_collect(with_word_credit(_StubAdapter)(_four_items()))
+    with pytest.raises(ValueError, match="first_group"):
+        _check_share_collect(type("Broken", (CollectOnly, _StubAdapter), {})(_four_items()))
+
+
 def test_word_credit_join_groups_carries_scored():
     check_join(WordCredit)
     with pytest.raises((TypeError, AssertionError)):
