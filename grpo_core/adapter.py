@@ -73,8 +73,9 @@ class Adapter(Protocol):
     # ``GRPOConfig.max_len`` is None.
     # Optional, needed by ``GRPOConfig.dynamic_sampling``:
     # ``collect_more(*, num_groups, group_size, iteration, draw) -> Rollout``: as ``collect``,
-    #   from other prompts or start states, different for each ``draw`` = 1, 2, ... of the
-    #   iteration (deterministic in (seed, iteration, draw)), from the same policy;
+    #   a fresh draw of prompts or start states (earlier ones may recur, with new samples),
+    #   different for each ``draw`` = 1, 2, ... of the iteration (deterministic in (seed,
+    #   iteration, draw)), from the same policy;
     # ``join_groups(parts: list[tuple[Rollout, list[int]]]) -> Rollout``: one rollout made of
     #   the listed groups of each part, in order (group g of a part is its rows g*G .. g*G+G-1),
     #   padded to the longest T; ``info`` may be the first part's.

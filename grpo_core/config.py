@@ -91,10 +91,11 @@ class GRPOConfig:
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling (Yu et al. 2025, sec. 3.2): a group whose samples all got the
     same reward (every advantage 0) is dropped, and while fewer than groups_per_iteration groups
-    with signal have been found, groups_per_iteration more groups are sampled from other prompts
-    or start states (the adapter's ``collect_more``), at most ``dynamic_sampling_rounds`` extra
+    with signal have been found, groups_per_iteration more groups are sampled from a fresh draw of
+    prompts or start states (the adapter's ``collect_more``; a prompt may recur), at most ``dynamic_sampling_rounds`` extra
     draws per iteration. The update uses the first groups_per_iteration groups with signal, in
-    draw order (fewer when the draws run out; none: the first draw, a no-signal iteration).
+    draw order (fewer when the draws run out, the loss then normalised by the rows trained;
+    none: the first draw, a no-signal iteration). ``sampling_rounds`` counts the first draw.
     Metrics: ``groups_dropped``, ``extra_generations`` (sequences sampled by the extra draws),
     ``sampling_rounds``, ``groups_trained``; ``reward_mean`` and ``zero_signal_groups`` stay
     those of the first draw. Needs an adapter with ``collect_more`` and ``join_groups``."""

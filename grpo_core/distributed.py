@@ -317,7 +317,8 @@ def _check_config(config: GRPOConfig, world: int, shard: str, adapter) -> None:
                          "collects the same number of whole groups (a group split across ranks would take "
                          "its mean and std from part of its samples)")
     if getattr(config, "dynamic_sampling", False) and world > 1:
-        raise ValueError("dynamic_sampling=True is not supported with more than one process yet")
+        raise ValueError("dynamic_sampling=True is not supported with more than one process yet: start the run "
+                         "with dynamic_sampling=false (a run started with it resumes in one process only)")
     if shard == "fsdp":
         most = getattr(adapter, "forward_batch", None)
         size = config.micro_batch_size

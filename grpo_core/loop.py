@@ -173,10 +173,11 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _batch_logp(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
-        """Log-probs of the whole batch under ``model``, one minibatch-sized chunk at a time."""
+        """Log-probs of the whole batch under ``model``, one minibatch-sized chunk at a time (no
+        empty chunk when dynamic sampling trains fewer rows than ``minibatches``)."""
         n = rollout.rewards.shape[0]
         parts = []
-        for rows in torch.arange(n).tensor_split(self.config.minibatches):
+        for rows in torch.arange(n).tensor_split(max(1, min(self.config.minibatches, n))):
             logp, _ = self.adapter.logp_and_entropy(model, rollout, rows)
             parts.append(logp)
         return torch.cat(parts)

@@ -178,6 +178,13 @@ def test_groups_must_divide_among_ranks():
     _check_config(GRPOConfig(groups_per_iteration=4), 2, "ddp", object())
 
 
+def test_dynamic_sampling_is_refused_on_more_than_one_rank():
+    with pytest.raises(ValueError, match="dynamic_sampling=True is not supported with more than one process yet: "
+                       "start the run with dynamic_sampling=false"):
+        _check_config(GRPOConfig(dynamic_sampling=True), 2, "ddp", object())
+    _check_config(GRPOConfig(dynamic_sampling=True), 1, "ddp", object())
+
+
 def test_fsdp_needs_a_micro_batch_size():
     with pytest.raises(ValueError, match="micro_batch_size"):
         _check_config(GRPOConfig(), 1, "fsdp", object())

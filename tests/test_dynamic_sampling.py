@@ -33,6 +33,8 @@ class ScriptedAdapter(ToyAdapter):
         self.script, self.draws, self.forwards = script, [], []
 
     def logp_and_entropy(self, model, rollout, rows):
+        if len(rows) == 0:  # as a real model's forward, which cannot run on no rows
+            raise ValueError("a forward on no rows")
         self.forwards.append((rollout, rows))
         return super().logp_and_entropy(model, rollout, rows)
 
@@ -58,7 +60,8 @@ class ScriptedAdapter(ToyAdapter):
         pick = lambda f: torch.cat([f(r)[idx] for (r, _), idx in zip(parts, rows)])  # noqa: E731
         inputs = {k: pick(lambda r, k=k: r.inputs[k]) for k in ("tokens", "draw", "row")}
         return Rollout(rewards=pick(lambda r: r.rewards), mask=pick(lambda r: r.mask),
-                       old_logp=pick(lambda r: r.old_logp), inputs=inputs, info=parts[0][0].info)
+                       old_logp=None if parts[0][0].old_logp is None else pick(lambda r: r.old_logp),
+                       inputs=inputs, info=parts[0][0].info)
 
 
 def config(**kw):
@@ -128,6 +131,39 @@ def test_draws_run_out_trains_on_fewer_groups(monkeypatch):
     assert st["groups_trained"] == 1 and st["groups_dropped"] == 11 and st["extra_generations"] == 2 * B * G
     assert [m.shape[0] for _, m in seen] == [1] * G  # min(minibatches, rows) = 3 minibatches
     assert st["skipped_steps"] == 1  # the sample at the group mean (advantage 0) alone
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_fewer_rows_than_minibatches_without_old_logp(beta):
+    """The loop computes old log-probs (and the reference's) of the joined batch by minibatch
+    chunks: one group of G = 3 rows and minibatches = 4 runs 3 one-row forwards, none empty."""
+    ad = ScriptedAdapter({0: [ZERO, ONES, ZERO, ONES], 1: [ONES] * B, 2: [ZERO, ZERO, SIG, ZERO]})
+    real = ad._scripted
+
+    def without_old_logp(*a):
+        ro = real(*a)
+        ro.old_logp = None  # as the VLM adapter leaves it to the loop
+        return ro
+    ad._scripted = without_old_logp
+    ad.join_groups = lambda parts: ScriptedAdapter.join_groups(ad, parts)
+    st = GRPOTrainer(ad, config(minibatches=4, beta=beta)).step()
+    assert st["groups_trained"] == 1
+    joined = [len(rows) for ro, rows in ad.forwards if ro.rewards.shape[0] == G]  # not the draws' own
+    assert joined == [1] * G * (3 if beta else 2)  # old log-probs, (reference,) update: 3 chunks each
+
+
+@torch.no_grad()
+def _batch_logp_with_empty_chunks(self, model, rollout):
+    """The old chunking: ``minibatches`` chunks whatever the rows, empty ones included."""
+    n = rollout.rewards.shape[0]
+    return torch.cat([self.adapter.logp_and_entropy(model, rollout, rows)[0]
+                      for rows in torch.arange(n).tensor_split(self.config.minibatches)])
+
+
+def test_the_fewer_rows_test_rejects_empty_chunks(monkeypatch):
+    monkeypatch.setattr(GRPOTrainer, "_batch_logp", _batch_logp_with_empty_chunks)
+    with pytest.raises(ValueError, match="a forward on no rows"):
+        test_fewer_rows_than_minibatches_without_old_logp(0.0)
 
 
 def test_no_signal_in_any_draw_is_a_no_signal_iteration():
