@@ -242,6 +242,26 @@ def table(rows: list[dict], seeds: list[int], variants: list[str]) -> str:
     return "\n".join(lines)
 
 
+def paired(rows: list[dict], seeds: list[int], variants: list[str], base: str = "defaults") -> str:
+    """Per variant against ``base`` on the seeds where both reached 0.8: the median of the
+    per-seed ratios of wall seconds, generations and iterations to 0.8 (runs of one seed ran
+    close together in time, so the ratio sees similar machine load on both sides)."""
+    by = {(r["variant"], r["seed"]): r for r in rows if r["seed"] in seeds}
+    lines = [f"| variant vs {base} | seeds (both reached) | wall s to 0.8 | generations to 0.8 | "
+             "iterations to 0.8 |", "|---|---:|---:|---:|---:|"]
+    for v in variants:
+        if v == base:
+            continue
+        both = [(by[(v, s)], by[(base, s)]) for s in seeds if (v, s) in by and (base, s) in by
+                and by[(v, s)]["reached_at"] is not None and by[(base, s)]["reached_at"] is not None]
+        if not both:
+            continue
+        ratio = lambda k: statistics.median(a[k] / b[k] for a, b in both)  # noqa: E731
+        lines.append(f"| {v} | {len(both)} | {ratio('seconds_to_target'):.2f}x | "
+                     f"{ratio('generations_to_target'):.2f}x | {ratio('reached_at'):.2f}x |")
+    return "\n".join(lines)
+
+
 def _failure(r: dict) -> str:
     """``seed (held-out, the colours it never names right)``."""
     wrong = [c for c, v in (r.get("per_colour") or {}).items() if v < 0.5]
@@ -280,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.report:
         sweep(variants, seeds, args.iterations, args.jobs, args.results)
-    print(table(load_results(args.results), seeds, variants))
+    rows = load_results(args.results)
+    print(table(rows, seeds, variants))
+    print()
+    print(paired(rows, seeds, variants))
     return 0
 
 
