@@ -203,6 +203,18 @@ def test_logprob_buffers_follow_the_inputs_device(chunk):
     assert torch.allclose(logits.grad.double(), x.grad, atol=1e-5)
 
 
+def test_masked_ids_follow_the_logits_device():
+    """``masked_ids`` given on the CPU (a list) with logits on another device: the masked index
+    moves to the logits' device, as every buffer does. ``meta`` stands in for an accelerator
+    (like CUDA, it refuses a CPU index into its tensors); without ids the forward needs no data,
+    so it runs on meta."""
+    assert lp_mod._masked_index([3, 1, 3], 5, torch.device("meta")).device.type == "meta"
+    assert lp_mod._masked_index(torch.tensor([3, 1, 3]), 5, torch.device("cpu")).tolist() == [1, 3]
+    logits = torch.empty(2, 3, 6, device="meta")
+    ent = lp_mod.entropy_from_logits(logits, masked_ids=[1, 4], chunk=2)
+    assert ent.device.type == "meta" and ent.shape == (2, 3) and ent.dtype == torch.float32
+
+
 def test_blocks_tile_the_grid_once_within_chunk():
     """``_blocks`` puts every (row, token) in exactly one block (a token in two blocks would be
     computed twice) and no block has more than ``chunk`` tokens (the memory bound)."""

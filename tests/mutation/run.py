@@ -142,9 +142,8 @@ def diffs(work: Path, names: list[str]) -> dict[str, str]:
     return {name: mutmut(work, "show", name) for name in names}  # mutmut's internals moved
 
 
-def collect(work: Path, with_changes: bool = True) -> list[dict]:
-    """Every mutant of the run: name, file, function, status and, for a survivor (if
-    ``with_changes``), its change."""
+def collect(work: Path) -> list[dict]:
+    """Every mutant of the run: name, file, function, status and, for a survivor, its change."""
     rows = []
     for line in mutmut(work, "results", "--all", "true").splitlines():
         name, sep, status = line.strip().rpartition(": ")
@@ -153,7 +152,7 @@ def collect(work: Path, with_changes: bool = True) -> list[dict]:
         if status == "not checked":
             raise SystemExit(f"{name} was not checked: the mutmut run did not finish")
         rows.append({"name": name, "file": file_of(name), "function": function_of(name), "status": status})
-    survivors = [r for r in rows if r["status"] in UNDETECTED] if with_changes else []
+    survivors = [r for r in rows if r["status"] in UNDETECTED]
     by_name = diffs(work, [r["name"] for r in survivors])
     for row in survivors:
         row["change"] = change_of(by_name[row["name"]])
@@ -239,7 +238,9 @@ def run_mutmut(work: Path, args: argparse.Namespace) -> str:
         return last
     names = []
     if args.retest:
-        names = [r["name"] for r in collect(work, with_changes=False) if r["status"] in UNDETECTED]
+        known = triaged()
+        names = [r["name"] for r in collect(work) if r["status"] in UNDETECTED
+                 and known.get((r["function"], r["change"])) != "equivalent"]
         if not names:
             return last
     start = time.monotonic()
@@ -247,7 +248,7 @@ def run_mutmut(work: Path, args: argparse.Namespace) -> str:
     took = (f"{(time.monotonic() - start) / 60:.1f} min with {args.jobs} jobs, load average "
             f"{os.getloadavg()[2]:.1f} over the last 15 min")
     if args.retest:
-        timing = f"{last}; its {len(names)} survivors re-tested in {took}"
+        timing = f"{last}; {len(names)} of its survivors re-tested in {took}"
     else:
         timing = took
     timing_file.write_text(timing + "\n")
@@ -261,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 2),
                         help="mutants tested at once (default: 2, or 1 on a single core)")
     parser.add_argument("--resume", action="store_true", help="keep mutmut's cache of the last run")
-    parser.add_argument("--retest", action="store_true", help="test only the survivors of the "
-                        "last run again (after adding tests; implies --resume)")
+    parser.add_argument("--retest", action="store_true", help="test again only the survivors "
+                        "of the last run not argued equivalent (after adding tests; implies --resume)")
     parser.add_argument("--no-run", action="store_true", help="only score the last run again "
                         "(after editing survivors.md)")
     parser.add_argument("--record", action="store_true", help="write the scores as the new ratchet")
