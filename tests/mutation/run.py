@@ -6,6 +6,7 @@ Run from the repository root (``make mutate`` runs the first form):
     python tests/mutation/run.py --suite loop         # loop.py and refmodel.py with the loop tests
     python tests/mutation/run.py --files grpo_core/kl.py   # only these files of the suite
     python tests/mutation/run.py --retest             # after adding tests: re-test the survivors
+                                                      # not argued equivalent (keeps the cache)
     python tests/mutation/run.py --record             # write the scores as the new ratchet
 
 A suite is the ``[tool.mutmut]`` table of pyproject.toml ("math") with the keys of
@@ -38,8 +39,12 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest's own dependency reads TOML the same way
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
