@@ -261,8 +261,8 @@ class VLMAdapter:
     def join_groups(self, parts: list[tuple[Rollout, list[int]]]) -> Rollout:
         """One rollout of the listed groups of each part, in order (dynamic sampling): prompts
         left-padded (ids: the pad id, masks and positions: 0, as the processor pads) and
-        completions right-padded (the pad id, mask 0) to the longest of the parts; ``info`` is
-        the first part's."""
+        completions right-padded (the pad id, mask 0, not scored) to the longest of the parts;
+        ``info`` is the first part's."""
         g = parts[0][0].inputs["group_size"]
         chosen = [(r, groups, torch.tensor([b * g + i for b in groups for i in range(g)]))
                   for r, groups in parts if groups]
@@ -291,8 +291,12 @@ class VLMAdapter:
             inputs["prompt_positions"] = torch.cat(
                 [_pad(r.inputs["prompt_positions"][:, groups], p_len, 0, True) for r, groups, _ in chosen], 1)
         no_old = any(r.old_logp is None for r, _, _ in chosen)
+        scored = [r.scored is not None for r, _, _ in chosen]
+        if any(scored) and not all(scored):
+            raise ValueError("join_groups: some parts mark their scored steps (Rollout.scored) and others do not")
         return Rollout(rewards=rows(lambda r: r.rewards, t_len, 0.0), mask=rows(lambda r: r.mask, t_len, False),
                        old_logp=None if no_old else rows(lambda r: r.old_logp, t_len, 0.0),
+                       scored=rows(lambda r: r.scored, t_len, False) if all(scored) else None,
                        inputs=inputs, info=dict(parts[0][0].info))
 
     def logp_and_entropy(self, model: torch.nn.Module, rollout: Rollout, rows: torch.Tensor):

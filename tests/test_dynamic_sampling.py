@@ -222,6 +222,8 @@ def test_vlm_join_groups_keeps_every_row_and_its_logp(tiny_dirs, encode_once):
     g = 2
     a = ad.collect(num_groups=4, group_size=g, iteration=0)
     b = ad.collect_more(num_groups=4, group_size=g, iteration=0, draw=1)
+    for seed, ro in enumerate((a, b)):  # per-step scoring (process supervision): random valid steps
+        ro.scored = (torch.rand(ro.mask.shape, generator=torch.Generator().manual_seed(seed)) < 0.5) & ro.mask
     joined = ad.join_groups([(a, [3, 1]), (b, [2])])
     joined.validate(g, 3)
     src = [(a, r) for grp in (3, 1) for r in range(grp * g, grp * g + g)] + [(b, r) for r in range(2 * g, 3 * g)]
@@ -230,9 +232,13 @@ def test_vlm_join_groups_keeps_every_row_and_its_logp(tiny_dirs, encode_once):
         n = int(ro.mask[r].sum())
         assert torch.equal(joined.inputs["completion_ids"][k, :n], ro.inputs["completion_ids"][r, :n])
         assert torch.equal(joined.rewards[k, :n], ro.rewards[r, :n]) and int(joined.mask[k].sum()) == n
+        assert torch.equal(joined.scored[k, :n], ro.scored[r, :n]) and not joined.scored[k, n:].any()
         want, _ = ad.forward_logp(ad.policy, ro, torch.tensor([r]))
         torch.testing.assert_close(lp[k, :n], want[0, :n], rtol=0, atol=1e-5)
         assert joined.inputs["completions"][k] == ro.inputs["completions"][r]
+    b.scored = None
+    with pytest.raises(ValueError, match="some parts mark their scored steps"):
+        ad.join_groups([(a, [3]), (b, [2])])
 
 
 @pytest.mark.slow
