@@ -134,15 +134,10 @@ def ablation(out: Path, seeds: str | None, jobs: int) -> tuple[int, dict]:
     """The plan's ablation through ``grpo-harness ablate`` (see the module docstring); its
     markdown is printed after the tables. Returns (exit status, the report's data) where the
     data also holds every run's learning curve (greedy evaluations against env steps)."""
-    from grpo_harness.ablate import collect, load_spec, markdown as ablation_markdown, parse_seeds, run_ablation
+    from grpo_harness.ablate import run_file
     from grpo_harness.trainlog import read_metrics
 
-    spec = load_spec(ABLATION_FILE)
-    if seeds is not None:
-        spec.seeds = parse_seeds(seeds)
-    status = run_ablation(spec, out, jobs=jobs)
-    doc = collect(spec, out)
-    doc["markdown"] = ablation_markdown(doc)
+    status, doc = run_file(ABLATION_FILE, out, seeds=seeds, jobs=jobs)
     doc["curves"] = {name: [[{"env_steps": r["env_steps"], "eval": r["eval_mean"]}
                              for r in read_metrics(folder / "metrics.jsonl") if "eval_mean" in r]
                             for folder in sorted((out / "runs" / slug).glob("seed-*")) if folder.is_dir()]

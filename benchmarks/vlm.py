@@ -346,15 +346,9 @@ def speed(model_dir: Path, scratch: Path, *, steps: int, warmup: int, repeats: i
 def ablation(out: Path, seeds: str | None, jobs: int) -> tuple[int, dict]:
     """The colours ablation through ``grpo-harness ablate`` (see the module docstring): (exit
     status, the report's data, with its markdown)."""
-    from grpo_harness.ablate import collect, load_spec, markdown, parse_seeds, run_ablation
+    from grpo_harness.ablate import run_file
 
-    spec = load_spec(ABLATION_FILE)
-    if seeds is not None:
-        spec.seeds = parse_seeds(seeds)
-    status = run_ablation(spec, out, jobs=jobs)
-    doc = collect(spec, out)
-    doc["markdown"] = markdown(doc)
-    return status, doc
+    return run_file(ABLATION_FILE, out, seeds=seeds, jobs=jobs)
 
 
 # --- report ------------------------------------------------------------------------------------

@@ -646,6 +646,18 @@ def _median(values: list[float]) -> float:
     return quartiles(values)[1] if values else math.nan
 
 
+def run_file(path: Path, out: Path, *, seeds: str | None = None, jobs: int = 2) -> tuple[int, dict[str, Any]]:
+    """Run the variants file ``path`` into ``out`` (``seeds``: verdict seeds over the file's):
+    (exit status, the report's data with its markdown), as the benchmarks use it."""
+    spec = load_spec(path)
+    if seeds is not None:
+        spec.seeds = parse_seeds(seeds)
+    status = run_ablation(spec, out, jobs=jobs)
+    doc = collect(spec, out)
+    doc["markdown"] = markdown(doc)
+    return status, doc
+
+
 def collect(spec: Spec, out: Path) -> dict[str, Any]:
     """Everything the report shows, from the result files on disk."""
     doc: dict[str, Any] = {"env": spec.env, "train": spec.train, "seeds": spec.seeds,
