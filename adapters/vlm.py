@@ -8,8 +8,10 @@ Conventions (the loop sees only ``Rollout`` tensors):
   so every item is used once per pass and the choice depends only on (seed, iteration). Extra
   draws of dynamic sampling (``collect_more``, draw r >= 1) take the first B items of a
   permutation seeded by (seed, "draw", iteration, r) and sample with
-  ``derive_seed(seed, "sample", iteration, "draw", r)``; ``join_groups`` pads the chosen groups
-  of several rollouts into one.
+  ``derive_seed(seed, "sample", iteration, "draw", r)``; a retry (``collect_more(again=...)``)
+  draws the named groups' items again (``inputs["items"]``: each group's dataset index) and
+  samples with ``derive_seed(seed, "sample", iteration, "retry", r)``; ``join_groups`` pads the
+  chosen groups of several rollouts into one.
 - Sampling: ``softmax(logits / temperature)`` with ``top_k = 0``, ``top_p = 1`` and every
   special token except the EOS ``<|im_end|>`` suppressed (a sampled ``<|image_pad|>`` would
   break the next forward). ``top_p < 1`` is refused: the PPO ratio and every KL estimator
@@ -207,23 +209,38 @@ class VLMAdapter:
         "groups", first_group)`` (a stream per rank's share, not per group)."""
         return self._collect(num_groups, group_size, iteration, 0, first_group, total_groups)
 
-    def collect_more(self, *, num_groups: int, group_size: int, iteration: int, draw: int) -> Rollout:
+    def collect_more(self, *, num_groups: int, group_size: int, iteration: int, draw: int,
+                     again: tuple[Rollout, list[int]] | None = None) -> Rollout:
         """Extra draw ``draw`` >= 1 of dynamic sampling: other prompts (``prompt_indices``),
-        sampled with ``derive_seed(seed, "sample", iteration, "draw", draw)``."""
+        sampled with ``derive_seed(seed, "sample", iteration, "draw", draw)``; with ``again =
+        (rollout, groups)`` the prompts of those groups of ``rollout`` once more (in that order),
+        sampled with ``derive_seed(seed, "sample", iteration, "retry", draw)``."""
         if draw < 1:
             raise ValueError(f"draw must be >= 1 (draw 0 is collect), got {draw!r}")
-        return self._collect(num_groups, group_size, iteration, draw)
+        if again is None:
+            return self._collect(num_groups, group_size, iteration, draw)
+        rollout, groups = again
+        if len(groups) != num_groups:
+            raise ValueError(f"collect_more: again names {len(groups)} groups, num_groups is {num_groups}")
+        items = rollout.inputs["items"]
+        return self._collect(num_groups, group_size, iteration, draw, indices=[items[k] for k in groups])
 
     @torch.no_grad()
     def _collect(self, num_groups: int, group_size: int, iteration: int, draw: int, first_group: int = 0,
-                 total_groups: int | None = None) -> Rollout:
-        indices = self.prompt_indices(iteration, total_groups or num_groups, draw)
-        items = [self.dataset[i] for i in indices[first_group:first_group + num_groups]]
+                 total_groups: int | None = None, indices: list[int] | None = None) -> Rollout:
+        if indices is None:
+            indices = self.prompt_indices(iteration, total_groups or num_groups, draw)
+            indices = indices[first_group:first_group + num_groups]
+            stream = ("draw", draw) if draw else ()
+        else:
+            stream = ("retry", draw)
+        items = [self.dataset[i] for i in indices]
         batch = self.encode_prompts(items)
-        seed = derive_seed(self.seed, "sample", iteration, *(("draw", draw) if draw else ()),
+        seed = derive_seed(self.seed, "sample", iteration, *stream,
                            *(("groups", first_group) if first_group else ()))
         gen_out = self.generate(batch, group_size, seed)
         inputs = self._rollout_inputs(batch, gen_out, group_size)
+        inputs["items"] = list(indices)  # the dataset item of each group (a retry draws them again)
 
         completions = self.tokenizer.batch_decode(
             [ids[: int(n)] for ids, n in zip(inputs["completion_ids"], inputs["completion_attn"].sum(1))],
@@ -285,6 +302,7 @@ class VLMAdapter:
                   "ended": rows(column("ended")),
                   "pixels": [r.inputs["pixels"][b] for r, groups, _ in chosen for b in groups],
                   "grids": [r.inputs["grids"][b] for r, groups, _ in chosen for b in groups],
+                  "items": [r.inputs["items"][b] for r, groups, _ in chosen for b in groups],
                   "completions": [r.inputs["completions"][i] for r, _, idx in chosen
                                   for i in idx.tolist()]}
         if all("prompt_positions" in r.inputs for r, _, _ in chosen):

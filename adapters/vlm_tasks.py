@@ -189,10 +189,12 @@ class WordCredit:
         indices = self.prompt_indices(iteration, total_groups or num_groups)[first_group:first_group + num_groups]
         return self._word_credit(rollout, indices, group_size)
 
-    def collect_more(self, *, num_groups: int, group_size: int, iteration: int, draw: int):
-        """As the adapter's ``collect_more`` (an extra draw of dynamic sampling), per-word credit."""
-        rollout = super().collect_more(num_groups=num_groups, group_size=group_size, iteration=iteration, draw=draw)
-        return self._word_credit(rollout, self.prompt_indices(iteration, num_groups, draw), group_size)
+    def collect_more(self, *, num_groups: int, group_size: int, iteration: int, draw: int, again=None):
+        """As the adapter's ``collect_more`` (an extra draw or a retry of dynamic sampling),
+        per-word credit."""
+        rollout = super().collect_more(num_groups=num_groups, group_size=group_size, iteration=iteration,
+                                       draw=draw, again=again)
+        return self._word_credit(rollout, rollout.inputs["items"], group_size)
 
     def join_groups(self, parts):
         """As the adapter's ``join_groups``, with each part's ``scored`` rows carried along

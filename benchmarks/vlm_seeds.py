@@ -59,6 +59,10 @@ VARIANTS: dict[str, dict] = {
     "dynamic sampling": {"dynamic_sampling": True, "dynamic_sampling_rounds": 2},
     "skip off + dynamic sampling": {"skip_zero_grad_steps": False, "dynamic_sampling": True,
                                     "dynamic_sampling_rounds": 2},
+    "retry unsolved (2 rounds)": {"dynamic_sampling": True, "dynamic_sampling_redraw": "retry",
+                                  "dynamic_sampling_rounds": 2},
+    "retry unsolved (4 rounds)": {"dynamic_sampling": True, "dynamic_sampling_redraw": "retry",
+                                  "dynamic_sampling_rounds": 4},
     TRL: {},
 }
 """name -> GRPOConfig overrides over ``STUDY_DEFAULTS`` (TRL: its own trainer)."""

@@ -75,7 +75,9 @@ class Adapter(Protocol):
     # ``collect_more(*, num_groups, group_size, iteration, draw) -> Rollout``: as ``collect``,
     #   a fresh draw of prompts or start states (earlier ones may recur, with new samples),
     #   different for each ``draw`` = 1, 2, ... of the iteration (deterministic in (seed,
-    #   iteration, draw)), from the same policy;
+    #   iteration, draw)), from the same policy; needed by ``dynamic_sampling_redraw="retry"``:
+    #   a keyword ``again=(rollout, groups)``, and the rollout then holds G new samples of the
+    #   prompt or start state of each listed group of ``rollout``, in that order;
     # ``join_groups(parts: list[tuple[Rollout, list[int]]]) -> Rollout``: one rollout made of
     #   the listed groups of each part, in order (group g of a part is its rows g*G .. g*G+G-1),
     #   padded to the longest T; ``info`` may be the first part's.

@@ -14,6 +14,7 @@ from .kl import FLAT_AT_REFERENCE, KL_ESTIMATORS
 from .losses import AGGS
 
 REF_UPDATES = ("hard", "soft")
+REDRAWS = ("fresh", "retry")
 
 
 class KLInertWarning(UserWarning):
@@ -102,6 +103,17 @@ class GRPOConfig:
     dynamic_sampling_rounds: int = 2
     """Most extra draws per iteration with dynamic_sampling (DAPO's max_num_gen_batches is
     this + 1; DAPO errors when they run out, this trains on what was found). >= 0."""
+    dynamic_sampling_redraw: str = "fresh"
+    """What an extra draw of dynamic_sampling samples. ``"fresh"``: DAPO's, as above. ``"retry"``:
+    the prompts or start states of the first draw's unsolved groups once more (the adapter's
+    ``collect_more(..., again=(rollout, groups))``), G new samples each, until a draw gives the
+    group a signal or the rounds run out. A group is unsolved when it has no signal and its
+    outcome (the mean over its samples of each sample's summed rewards) is below the best
+    sample outcome the run has seen (``GRPOTrainer.best_outcome``, kept in checkpoints); a
+    group without signal at that best is solved and is dropped without a retry, so a task
+    that is mostly solved costs no extra draws. The update trains the first draw's groups with
+    signal and the retried groups that found one (fewer than groups_per_iteration when some
+    never do). Also counted: ``groups_retried``."""
     seed: int = 0
     """Seeds rollouts, start states and minibatch shuffles. >= 0."""
 
@@ -138,6 +150,7 @@ class GRPOConfig:
             raise ValueError(f"skip_zero_grad_steps={self.skip_zero_grad_steps!r} is invalid: "
                              "expected true or false")
         _check_choice(self, "ref_update", REF_UPDATES)
+        _check_choice(self, "dynamic_sampling_redraw", REDRAWS)
         _check_choice(self, "kl_estimator", tuple(KL_ESTIMATORS))
         _check_choice(self, "scale", SCALES)
         _check_choice(self, "stats_over", STATS_OVER)

@@ -5,7 +5,8 @@ Per iteration, in the plan's order:
 1. ``adapter.collect`` samples B groups of G sequences from the policy (old log-probs frozen).
 2. ``group_advantages`` of the rewards (gamma, scale, stats_over). With ``dynamic_sampling``
    (DAPO), the groups without signal are dropped and more groups drawn (``collect_more``),
-   and the iteration continues on the groups with signal (``join_groups``).
+   and the iteration continues on the groups with signal (``join_groups``); with
+   ``dynamic_sampling_redraw="retry"`` the extra draws are the unsolved groups' prompts again.
 3. Reference refresh when ``update_ref_model_freq > 0`` and ``iteration % freq == 0``. It
    happens after the rollout and before any update, so during iteration ``i``'s updates a
    hard-refreshed reference equals the policy that collected iteration ``i``'s rollouts: the
@@ -36,6 +37,7 @@ in ``skipped_steps``; nothing of the optimizer runs for it (no step, no decouple
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections import defaultdict
 
@@ -85,10 +87,17 @@ class GRPOTrainer:
             raise ValueError(f"loss_agg={DR_GRPO!r} divides by a constant length: set max_len "
                              "(the maximum completion length) in the config; this adapter has none")
         self._forward_checked = False
+        self.best_outcome = -math.inf
+        """The best sample outcome seen so far (``dynamic_sampling_redraw="retry"``)."""
         missing = [m for m in ("collect_more", "join_groups") if not callable(getattr(adapter, m, None))]
         if config.dynamic_sampling and missing:
             raise ValueError(f"dynamic_sampling=True needs an adapter with collect_more and join_groups; "
                              f"{type(adapter).__name__} has no {' or '.join(missing)}")
+        if config.dynamic_sampling and config.dynamic_sampling_redraw == "retry" and not missing:
+            params = inspect.signature(adapter.collect_more).parameters
+            if "again" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                raise ValueError(f"dynamic_sampling_redraw='retry' needs an adapter whose collect_more "
+                                 f"takes again=(rollout, groups); {type(adapter).__name__}'s does not")
 
     def step(self) -> dict[str, float]:
         """Run one full iteration and return its metrics."""
@@ -98,7 +107,9 @@ class GRPOTrainer:
         info = rollout.info
         zero_groups = _zero_signal_groups(adv, rollout.mask.bool(), cfg.group_size)
         sampling = {}
-        if cfg.dynamic_sampling:
+        if cfg.dynamic_sampling and cfg.dynamic_sampling_redraw == "retry":
+            rollout, adv, sampling = self._retry_unsolved(rollout, adv)
+        elif cfg.dynamic_sampling:
             rollout, adv, sampling = self._dynamic_sampling(rollout, adv)
         self.refresh_reference(it)
         ref_logp = self._batch_logp(self.reference, rollout) if cfg.beta != 0 else None
@@ -130,13 +141,20 @@ class GRPOTrainer:
         self.ref_is_policy = copied or self.ref_is_policy
         return True
 
-    def _collect(self, draw: int = 0) -> Rollout:
-        """The iteration's rollout (draw 0), or extra draw ``draw`` of dynamic sampling."""
+    def _collect(self, draw: int = 0, again: tuple[Rollout, list[int]] | None = None) -> Rollout:
+        """The iteration's rollout (draw 0), or extra draw ``draw`` of dynamic sampling (with
+        ``again``: the named groups' prompts once more)."""
         cfg = self.config
-        kw = {"num_groups": cfg.groups_per_iteration, "group_size": cfg.group_size, "iteration": self.iteration}
+        groups = cfg.groups_per_iteration if again is None else len(again[1])
+        kw = {"num_groups": groups, "group_size": cfg.group_size, "iteration": self.iteration}
         with torch.no_grad():
-            rollout = self.adapter.collect(**kw) if draw == 0 else self.adapter.collect_more(**kw, draw=draw)
-        rollout.validate(cfg.group_size, cfg.groups_per_iteration)
+            if draw == 0:
+                rollout = self.adapter.collect(**kw)
+            elif again is None:
+                rollout = self.adapter.collect_more(**kw, draw=draw)
+            else:
+                rollout = self.adapter.collect_more(**kw, draw=draw, again=again)
+        rollout.validate(cfg.group_size, groups)
         return rollout
 
     def _advantages(self, rollout: Rollout) -> torch.Tensor:
@@ -170,6 +188,43 @@ class GRPOTrainer:
         joined = self.adapter.join_groups([(part, gs) for part, gs in picks if gs])
         joined.validate(g, b - room)
         return joined, self._advantages(joined), stats
+
+    def _retry_unsolved(self, rollout: Rollout, adv: torch.Tensor):
+        """Dynamic sampling with ``dynamic_sampling_redraw="retry"``: ``(rollout, advantages,
+        metrics)`` of the first draw's groups with signal and of the retries of its unsolved
+        groups that found signal (the first draw's when nothing was dropped or nothing has
+        signal)."""
+        cfg = self.config
+        b, g = cfg.groups_per_iteration, cfg.group_size
+        outcome, valid = _sample_outcomes(rollout)
+        self._see_outcomes(outcome, valid)
+        signal = _signal_groups(adv, rollout.mask, g)
+        group_outcome = _group_outcomes(outcome, valid, g)
+        todo = [k for k in range(b) if k not in signal and _below(group_outcome[k], self.best_outcome)]
+        retried, dropped, found, extra, rounds = len(todo), b - len(signal), [], 0, 1
+        while todo and rounds <= cfg.dynamic_sampling_rounds:
+            more = self._collect(draw=rounds, again=(rollout, todo))
+            more_outcome, more_valid = _sample_outcomes(more)
+            self._see_outcomes(more_outcome, more_valid)
+            hits = _signal_groups(self._advantages(more), more.mask, g)
+            found.append((more, hits))
+            extra += len(todo) * g
+            dropped += len(todo) - len(hits)
+            todo = [k for j, k in enumerate(todo) if j not in hits]
+            rounds += 1
+        trained = len(signal) + sum(len(h) for _, h in found)
+        stats = {"sampling_rounds": float(rounds), "extra_generations": float(extra),
+                 "groups_dropped": float(dropped), "groups_trained": float(trained),
+                 "groups_retried": float(retried)}
+        if trained == 0 or trained == b:  # nothing with signal, or nothing dropped (no retry)
+            return rollout, adv, stats
+        joined = self.adapter.join_groups([(part, gs) for part, gs in [(rollout, signal)] + found if gs])
+        joined.validate(g, trained)
+        return joined, self._advantages(joined), stats
+
+    def _see_outcomes(self, outcome: torch.Tensor, valid: torch.Tensor) -> None:
+        if valid.any():
+            self.best_outcome = max(self.best_outcome, float(outcome[valid].max()))
 
     @torch.no_grad()
     def _batch_logp(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
@@ -315,7 +370,8 @@ class GRPOTrainer:
         ref = None if self.reference is None else self.reference.state_dict()
         return {"policy": self.policy.state_dict(), "reference": ref,
                 "optimizer": self.optimizer.state_dict(), "iteration": self.iteration,
-                "ref_is_policy": self.ref_is_policy, "config": self.config.to_dict()}
+                "ref_is_policy": self.ref_is_policy, "best_outcome": self.best_outcome,
+                "config": self.config.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
@@ -325,12 +381,33 @@ class GRPOTrainer:
         self.iteration = int(state["iteration"])
         # an older checkpoint does not say: assume the reference differs (never skips wrongly)
         self.ref_is_policy = bool(state.get("ref_is_policy", False)) and self.reference is not None
+        self.best_outcome = float(state.get("best_outcome", -math.inf))  # older checkpoints: none seen
 
 
 def _signal_groups(adv: torch.Tensor, mask: torch.Tensor, group_size: int) -> list[int]:
     """Indices of the groups with a non-zero advantage at a valid step. Shapes: (N, T) -> list."""
     nonzero = ((adv != 0) & mask.bool()).view(-1, group_size * adv.shape[1]).any(1)
     return nonzero.nonzero().flatten().tolist()
+
+
+def _sample_outcomes(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's outcome (its rewards summed over its valid steps) and whether it has a
+    valid step. Shapes: (N, T) -> (N,), (N,) bool."""
+    mask = rollout.mask.bool()
+    return torch.where(mask, rollout.rewards, torch.zeros_like(rollout.rewards)).sum(1), mask.any(1)
+
+
+def _group_outcomes(outcome: torch.Tensor, valid: torch.Tensor, group_size: int) -> list[float]:
+    """Each group's mean outcome over its valid samples; NaN for a group without one."""
+    out = []
+    for o, v in zip(outcome.view(-1, group_size), valid.view(-1, group_size)):
+        out.append(float(o[v].double().mean()) if v.any() else math.nan)
+    return out
+
+
+def _below(value: float, best: float) -> bool:
+    """``value`` is below ``best`` by more than rounding (a relative 1e-6); NaN never is."""
+    return value < best - 1e-6 * max(1.0, abs(best))
 
 
 def _zero_signal_groups(adv: torch.Tensor, valid: torch.Tensor, group_size: int) -> int:

@@ -513,11 +513,17 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def fingerprint_diff(checkpoint: dict, run: dict) -> list[str]:
-    """``"key (checkpoint X, this run Y)"`` for every leaf where two fingerprints differ."""
+    """``"key (checkpoint X, this run Y)"`` for every leaf where two fingerprints differ. A
+    GRPOConfig field that the checkpoint lacks (added to the config after it was written) is
+    no difference when this run has it at its default, which is what the older code did."""
+    from grpo_core.config import GRPOConfig
+
     a, b = _flatten(checkpoint), _flatten(run)
+    added = {f"config.{k}": v for k, v in GRPOConfig().to_dict().items()}
     missing = "(absent)"
     return [f"{k} (checkpoint {a.get(k, missing)!r}, this run {b.get(k, missing)!r})"
-            for k in sorted(a.keys() | b.keys()) if a.get(k, missing) != b.get(k, missing)]
+            for k in sorted(a.keys() | b.keys()) if a.get(k, missing) != b.get(k, missing)
+            and not (k not in a and k in added and b.get(k) == added[k])]
 
 
 # --- RNG state: checkpointed so that a resumed process continues every global stream ----------

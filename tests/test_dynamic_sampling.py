@@ -196,6 +196,127 @@ def test_invalid_options_name_field_and_value(field, value):
         config(**{field: value})
 
 
+# --- dynamic_sampling_redraw="retry" -------------------------------------------------------------
+
+class RetryAdapter(ScriptedAdapter):
+    """ScriptedAdapter whose retries are scripted too: ``script[("retry", draw)]`` holds one
+    group's rewards per retried group, in the order asked (the first as many as asked); ``asked`` records each retry's
+    (draw, groups, the rollout it names)."""
+
+    def __init__(self, script, **kw):
+        super().__init__(script, **kw)
+        self.asked, self.iteration_script = [], {}
+
+    def collect(self, *, num_groups, group_size, iteration):
+        if iteration in self.iteration_script:
+            self.script[0] = self.iteration_script[iteration]
+        return super().collect(num_groups=num_groups, group_size=group_size, iteration=iteration)
+
+    def collect_more(self, *, num_groups, group_size, iteration, draw, again=None):
+        assert again is not None, "a retry run asked for a fresh draw"
+        rollout, groups = again
+        assert len(groups) == num_groups
+        self.asked.append((draw, list(groups), rollout))
+        self.script[draw] = self.script[("retry", draw)][:num_groups]
+        return self._scripted(num_groups, group_size, iteration, draw)
+
+
+def retry_config(**kw):
+    return config(dynamic_sampling_redraw="retry", **kw)
+
+
+def test_retry_draws_the_unsolved_prompts_again_until_they_have_signal(monkeypatch):
+    """First draw: solved, unsolved, signal, unsolved (best outcome 1.0). Groups 1 and 3 are
+    retried; retry 1 gives group 3 signal, retry 2 gives group 1 signal. The update trains
+    draw 0's group 2, retry 1's group 3 and retry 2's group 1, each with its own group's
+    closed-form advantages; the solved group is dropped without a retry."""
+    script = {0: [ONES, ZERO, SIG, [0.5, 0.5, 0.5]],
+              ("retry", 1): [ZERO, [0.0, 1.0, 0.0]],
+              ("retry", 2): [[1.0, 1.0, 0.0]]}
+    ad = RetryAdapter(script)
+    seen = spy_loss(monkeypatch)
+    tr = GRPOTrainer(ad, retry_config())
+    st = tr.step()
+    assert [(d, gs) for d, gs, _ in ad.asked] == [(1, [1, 3]), (2, [1])]
+    assert all(ro.inputs["draw"][0] == 0 for _, _, ro in ad.asked)  # groups of the first draw
+    assert st["sampling_rounds"] == 3 and st["extra_generations"] == 3 * G
+    assert st["groups_retried"] == 2 and st["groups_trained"] == 3
+    assert st["groups_dropped"] == 3 + 1  # draw 0: solved + 2 unsolved; retry 1: group 1 again
+    assert tr.best_outcome == 1.0
+    adv, mask = seen[0]
+    rollout, rows = ad.forwards[-1]
+    source = [(int(rollout.inputs["draw"][r]), int(rollout.inputs["row"][r])) for r in rows]
+    last = mask.sum(1) - 1
+    got = dict(zip(source, adv[torch.arange(len(rows)), last].tolist()))
+    want = {}
+    for draw, group, rewards in ((0, 2, SIG), (1, 1, [0.0, 1.0, 0.0]), (2, 0, [1.0, 1.0, 0.0])):
+        for i, a in enumerate(closed_form(rewards, config().adv_eps)):
+            want[(draw, group * G + i)] = a
+    assert got.keys() == want.keys()
+    assert [got[k] for k in want] == pytest.approx(list(want.values()), abs=1e-9)
+
+
+def test_retry_costs_nothing_when_the_groups_without_signal_are_solved():
+    ad = RetryAdapter({0: [ONES, SIG, ONES, SIG]})
+    st = GRPOTrainer(ad, retry_config()).step()
+    assert ad.asked == [] and ad.draws == [0]
+    got = (st["sampling_rounds"], st["extra_generations"], st["groups_retried"], st["groups_dropped"],
+           st["groups_trained"])
+    assert got == (1, 0, 0, 2, 2)
+
+
+def test_retry_judges_solved_against_the_best_outcome_of_the_run():
+    """Iteration 0 scores 0 everywhere (best 0: nothing is below it, no retry, a no-signal
+    step); iteration 1 has a 1.0, so iteration 2's zeros are unsolved and retried. A trainer
+    restored from iteration 2's checkpoint retries the same way; one that forgot the best
+    (an older checkpoint) does not."""
+    script = {("retry", 1): [ZERO] * B, ("retry", 2): [ZERO] * B}
+    ad = RetryAdapter(script)
+    ad.iteration_script = {0: [ZERO] * B, 1: [ONES, ZERO, ZERO, ZERO], 2: [ZERO] * B}
+    tr = GRPOTrainer(ad, retry_config())
+    st0 = tr.step()
+    assert ad.asked == [] and st0["skipped_steps"] == 1 and tr.best_outcome == 0.0
+    st1 = tr.step()
+    assert [gs for _, gs, _ in ad.asked] == [[1, 2, 3], [1, 2, 3]] and st1["groups_trained"] == 0
+    state = tr.state_dict()
+    assert state["best_outcome"] == 1.0
+    ad.asked.clear()
+    st2 = tr.step()
+    assert [gs for _, gs, _ in ad.asked] == [[0, 1, 2, 3]] * 2 and st2["groups_retried"] == 4
+
+    for saved, retries in ((state, 2), ({k: v for k, v in state.items() if k != "best_outcome"}, 0)):
+        ad2 = RetryAdapter(dict(script))
+        ad2.iteration_script = dict(ad.iteration_script)
+        tr2 = GRPOTrainer(ad2, retry_config())
+        tr2.load_state_dict(saved)
+        tr2.step()
+        assert len(ad2.asked) == retries
+
+
+def test_retry_rounds_run_out_trains_the_first_draws_signal():
+    ad = RetryAdapter({0: [SIG, ZERO, ONES, ONES], ("retry", 1): [ZERO]})
+    st = GRPOTrainer(ad, retry_config(dynamic_sampling_rounds=1)).step()
+    assert [gs for _, gs, _ in ad.asked] == [[1]]
+    assert (st["groups_trained"], st["groups_dropped"], st["extra_generations"]) == (1, 4, G)
+
+
+def test_retry_needs_an_adapter_that_takes_again():
+    with pytest.raises(ValueError, match="dynamic_sampling_redraw='retry' needs .* ScriptedAdapter"):
+        GRPOTrainer(ScriptedAdapter({0: [SIG] * B}), retry_config())
+    with pytest.raises(ValueError, match="dynamic_sampling_redraw='sometimes'"):
+        config(dynamic_sampling_redraw="sometimes")
+    assert GRPOConfig().dynamic_sampling_redraw == "fresh"
+
+
+def test_unsolved_needs_more_than_rounding_below_the_best():
+    """The solved test is on the signal, not an exact float: a group 1 ulp below the best is
+    solved; one 1e-3 below is not; a group without a valid sample (NaN) never is unsolved."""
+    assert not loop_module._below(1.0 - 2.0 ** -52, 1.0)
+    assert loop_module._below(1.0 - 1e-3, 1.0)
+    assert not loop_module._below(math.nan, 1.0)
+    assert not loop_module._below(0.0, -math.inf)
+
+
 # --- the VLM adapter ----------------------------------------------------------------------------
 
 pytest.importorskip("transformers")
@@ -212,6 +333,28 @@ def test_vlm_collect_more_draws_other_prompts_deterministically(tiny_dirs):
     assert torch.equal(a.inputs["completion_ids"], b.inputs["completion_ids"])
     with pytest.raises(ValueError, match="draw must be >= 1"):
         ad.collect_more(num_groups=2, group_size=2, iteration=3, draw=0)
+
+
+def test_vlm_retry_draws_the_named_groups_prompts_again(tiny_dirs):
+    """``collect_more(again=(rollout, [2, 0]))``: the items of groups 2 and 0 of ``rollout``, in
+    that order (their prompt tokens and reward columns), sampled from a stream of their own
+    (deterministic, not the fresh draw's); ``join_groups`` carries each group's item."""
+    ad = make_adapter(tiny_dirs, dataset=mixed_dataset() * 2)
+    first = ad.collect(num_groups=4, group_size=2, iteration=5)
+    assert first.inputs["items"] == ad.prompt_indices(5, 4)
+    again = ad.collect_more(num_groups=2, group_size=2, iteration=5, draw=1, again=(first, [2, 0]))
+    assert again.inputs["items"] == [first.inputs["items"][2], first.inputs["items"][0]]
+    for k, grp in enumerate((2, 0)):
+        src, dst = first.inputs["prompt_ids"][grp * 2], again.inputs["prompt_ids"][k * 2]
+        assert torch.equal(src[first.inputs["prompt_attn"][grp * 2].bool()], dst[again.inputs["prompt_attn"][k * 2].bool()])
+    same = ad.collect_more(num_groups=2, group_size=2, iteration=5, draw=1, again=(first, [2, 0]))
+    assert torch.equal(again.inputs["completion_ids"], same.inputs["completion_ids"])
+    fresh = ad.collect_more(num_groups=2, group_size=2, iteration=5, draw=1)
+    assert fresh.inputs["items"] == ad.prompt_indices(5, 2, draw=1)
+    joined = ad.join_groups([(first, [1]), (again, [1, 0])])
+    assert joined.inputs["items"] == [first.inputs["items"][1], first.inputs["items"][0], first.inputs["items"][2]]
+    with pytest.raises(ValueError, match="again names 1 groups, num_groups is 2"):
+        ad.collect_more(num_groups=2, group_size=2, iteration=5, draw=1, again=(first, [1]))
 
 
 @pytest.mark.parametrize("encode_once", [True, False])

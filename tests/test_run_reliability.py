@@ -254,6 +254,21 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path, ca
     assert len(metrics(a)) == 2
 
 
+def test_a_config_field_added_since_the_checkpoint_is_no_difference_at_its_default():
+    """A checkpoint written before a GRPOConfig field existed resumes when this run has the
+    field at its default (what the older code did); at another value, or for a key that is not
+    a GRPOConfig field, the difference is named."""
+    from grpo_harness.run import fingerprint_diff
+
+    run = {"config": {"seed": 0, "dynamic_sampling_redraw": "fresh"}, "train": {"hidden": 16}}
+    old = {"config": {"seed": 0}, "train": {"hidden": 16}}
+    assert fingerprint_diff(old, run) == []
+    run["config"]["dynamic_sampling_redraw"] = "retry"
+    assert fingerprint_diff(old, run) == ["config.dynamic_sampling_redraw (checkpoint '(absent)', this run 'retry')"]
+    assert fingerprint_diff({"config": {"seed": 0}, "train": {}}, {"config": {"seed": 0}, "train": {"hidden": 16}}) \
+        == ["train.hidden (checkpoint '(absent)', this run 16)"]
+
+
 # --- TensorBoard after kill and resume ------------------------------------------------------------
 
 def tb_steps(folder: Path, tag: str = "train/loss") -> list[int]:

@@ -133,8 +133,10 @@ class _StubAdapter:
         indices = self.prompt_indices(iteration, total_groups or num_groups)[first_group:first_group + num_groups]
         return self._rollout(indices, group_size)
 
-    def collect_more(self, *, num_groups, group_size, iteration, draw):
-        return self._rollout(self.prompt_indices(iteration, num_groups, draw), group_size)
+    def collect_more(self, *, num_groups, group_size, iteration, draw, again=None):
+        if again is None:
+            return self._rollout(self.prompt_indices(iteration, num_groups, draw), group_size)
+        return self._rollout([again[0].inputs["items"][k] for k in again[1]], group_size)
 
     def _rollout(self, indices, group_size):
         import torch
@@ -149,7 +151,8 @@ class _StubAdapter:
         rewards = torch.zeros(ids.shape)
         rewards[torch.arange(len(ids)), attn.sum(1) - 1] = 0.5  # junk: WordCredit replaces it
         return Rollout(rewards=rewards, mask=attn.bool(), old_logp=None,
-                       inputs={"completion_ids": ids, "completion_attn": attn, "group_size": group_size})
+                       inputs={"completion_ids": ids, "completion_attn": attn, "group_size": group_size,
+                               "items": list(indices)})
 
     def join_groups(self, parts):
         """The listed groups' rewards and masks, right-padded (no ``scored``: WordCredit's job)."""
@@ -190,7 +193,7 @@ def _four_items():
 
 
 def check_draws(mixin):
-    """A rank's share (first_group, total_groups) and an extra draw of dynamic sampling: the
+    """A rank's share (first_group, total_groups), an extra draw and a retry of dynamic sampling: the
     stub says each sampled item's own answer, so every row earns 1 only if the rows are judged
     against the items sampled for them (another item's answer starts with another colour: 2/3)."""
     import torch
@@ -198,8 +201,10 @@ def check_draws(mixin):
     adapter = type("Adapter", (mixin, _StubAdapter), {})(_four_items())
     share = adapter.collect(num_groups=2, group_size=2, iteration=1, first_group=2, total_groups=4)
     more = adapter.collect_more(num_groups=2, group_size=2, iteration=1, draw=1)
-    for r in (share, more):
-        assert r.rewards.sum(1).tolist() == pytest.approx([1.0] * 4)
+    retry = adapter.collect_more(num_groups=1, group_size=2, iteration=1, draw=1, again=(share, [1]))
+    assert retry.inputs["items"] != adapter.prompt_indices(1, 1, 1)  # not the fresh draw's item
+    for r in (share, more, retry):
+        assert r.rewards.sum(1).tolist() == pytest.approx([1.0] * (r.rewards.shape[0]))
         assert r.scored is not None and r.scored.all()
     assert torch.equal(share.rewards[0], torch.full((3,), 1 / 3))
 
