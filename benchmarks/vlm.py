@@ -109,9 +109,12 @@ def _trl_first_word_reward(prompts, completions, answer, **kwargs):
 
 
 def trl_trainer(model, processor, rows: list[dict], *, steps: int, seed: int, output_dir: str,
-                callbacks=(), logging_steps: int | None = None):
+                callbacks=(), logging_steps: int | None = None, question: str | None = None,
+                reward=_trl_first_word_reward, max_completion_length: int = MAX_NEW_TOKENS, **overrides):
     """TRL's GRPOTrainer with the matched settings (see the module docstring) on ``rows``
-    (colours items); returns ``(trainer, suppressed ids)``."""
+    (colours items by default; another task gives its ``question``, ``reward`` on TRL's
+    completions, its rows' extra columns and completion length); ``overrides``: GRPOConfig
+    arguments over the matched ones. Returns ``(trainer, suppressed ids)``."""
     from datasets import Dataset
     from transformers.utils import logging as hf_logging
     from trl import GRPOConfig, GRPOTrainer
@@ -121,18 +124,19 @@ def trl_trainer(model, processor, rows: list[dict], *, steps: int, seed: int, ou
 
     hf_logging.set_verbosity_error()
     suppress = suppressed_token_ids(processor.tokenizer, model.config)  # the list our adapter uses
-    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    ds = Dataset.from_list([{"prompt": prompt, "image": r["image"], "answer": r["answer"]} for r in rows])
-    args = GRPOConfig(
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question or QUESTION}]}]
+    ds = Dataset.from_list([{**{k: v for k, v in r.items() if k != "prompt"}, "prompt": prompt} for r in rows])
+    matched = dict(
         output_dir=output_dir, use_cpu=True, bf16=False, gradient_checkpointing=False, seed=seed,
         num_generations=8, per_device_train_batch_size=32, gradient_accumulation_steps=1,
-        max_completion_length=MAX_NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0,
+        max_completion_length=max_completion_length, temperature=1.0, top_p=1.0, top_k=0,
         generation_kwargs={"suppress_tokens": suppress},
         learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         max_steps=steps, beta=0.0, num_iterations=1, epsilon=0.2, scale_rewards="group", loss_type="dapo",
         report_to="none", save_strategy="no", logging_steps=logging_steps or steps, disable_tqdm=True,
         dataloader_num_workers=0)
-    trainer = GRPOTrainer(model=model, processing_class=processor, reward_funcs=[_trl_first_word_reward],
+    args = GRPOConfig(**dict(matched, **overrides))
+    trainer = GRPOTrainer(model=model, processing_class=processor, reward_funcs=[reward],
                           args=args, train_dataset=ds, callbacks=list(callbacks))
     return trainer, suppress
 
