@@ -118,6 +118,28 @@ def test_reference_refresh_timing(freq):
         assert same(params(tr.reference), last_refresh), f"iteration {it}"
 
 
+def test_the_reference_is_a_frozen_independent_copy():
+    """``frozen_copy`` (the adapters' ``make_reference``): eval mode (a dropout layer of the
+    policy in train mode is off in the copy), no parameter that autograd would track, and
+    storage of its own: a policy step moves the policy, not the reference, and leaves no
+    gradient on it."""
+    from grpo_core.refmodel import frozen_copy
+
+    policy = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2)).train()
+    ref = frozen_copy(policy)
+    assert policy.training and not ref.training and not any(m.training for m in ref.modules())
+    assert not any(p.requires_grad for p in ref.parameters())
+    assert all(p.requires_grad for p in policy.parameters())
+    x = torch.randn(5, 3)
+    assert torch.equal(ref(x), ref(x))  # no dropout noise
+    tr = cartpole_trainer(beta=0.1, update_ref_model_freq=0)
+    before = params(tr.reference)
+    for _ in range(2):
+        tr.step()
+    assert same(params(tr.reference), before) and not same(params(tr.policy), before)
+    assert all(p.grad is None and not p.requires_grad for p in tr.reference.parameters())
+
+
 def test_soft_refresh_alpha_one_is_a_copy_and_zero_does_nothing():
     policy, ref = torch.nn.Linear(3, 2).double(), torch.nn.Linear(3, 2).double()
     before = params(ref)
