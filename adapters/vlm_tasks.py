@@ -8,9 +8,7 @@ are passed to the reward functions.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -278,34 +276,3 @@ def task_adapter(task: dict, cls: type) -> type:
     if spec is None or spec.adapter is None or task.get("reward"):
         return cls
     return spec.adapter(cls)
-
-
-def load_jsonl(path, *, required=("image", "prompt", "answer")) -> list[dict]:
-    """Rows of a JSONL file; ``image`` paths are resolved against the file's folder and opened
-    lazily by the adapter. A missing column or image file raises ValueError naming the line."""
-    path = Path(path)
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path.name}:{lineno}: not JSON ({exc})") from None
-            missing = [c for c in required if c not in row]
-            if missing:
-                raise ValueError(f"{path.name}:{lineno}: missing column(s) {', '.join(missing)}")
-            images = row["image"] if isinstance(row["image"], list) else [row["image"]]
-            resolved = []
-            for img in images:
-                p = Path(img)
-                p = p if p.is_absolute() else path.parent / p
-                if not p.is_file():
-                    raise ValueError(f"{path.name}:{lineno}: image file {img!r} not found")
-                resolved.append(str(p))
-            row["image"] = resolved if isinstance(row["image"], list) else resolved[0]
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} holds no rows")
-    return rows

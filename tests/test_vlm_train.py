@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from adapters.vlm_rewards import load_reward  # noqa: E402
-from adapters.vlm_tasks import colours_dataset, first_word_reward, load_jsonl  # noqa: E402
+from adapters.vlm_tasks import first_word_reward  # noqa: E402
 from grpo_harness.train_vlm import main  # noqa: E402
 
 from .test_vlm import _one_thread, _quiet_transformers, tiny_dirs  # noqa: E402,F401  (fixtures)
@@ -63,18 +63,7 @@ def test_jsonl_data_with_a_reward_module(tmp_path, tiny_dirs):
     assert len(records(out)) == 2
 
 
-def test_load_jsonl_and_reward_spec(tmp_path):
-    rows = colours_dataset(2)
-    rows[0]["image"].save(tmp_path / "a.png")
-    (tmp_path / "ok.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "q", "answer": "red"}) + "\n\n")
-    loaded = load_jsonl(tmp_path / "ok.jsonl")
-    assert loaded[0]["image"] == str(tmp_path / "a.png") and loaded[0]["answer"] == "red"
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "a.png", "prompt": "q"}) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: missing column\(s\) answer"):
-        load_jsonl(tmp_path / "bad.jsonl")
-    (tmp_path / "noimg.jsonl").write_text(json.dumps({"image": "b.png", "prompt": "q", "answer": "x"}) + "\n")
-    with pytest.raises(ValueError, match="image file 'b.png' not found"):
-        load_jsonl(tmp_path / "noimg.jsonl")
+def test_reward_spec():
     assert load_reward("adapters.vlm_tasks:first_word_reward") is first_word_reward
     with pytest.raises(ValueError, match="no reward function 'nope'"):
         load_reward("adapters.vlm_tasks:nope")
