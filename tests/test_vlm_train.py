@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from adapters.vlm_rewards import load_reward  # noqa: E402
-from adapters.vlm_tasks import first_word_reward  # noqa: E402
+from adapters.vlm_tasks import colours_dataset, first_word_reward  # noqa: E402
 from grpo_harness.train_vlm import main  # noqa: E402
 
 from .test_vlm import _one_thread, _quiet_transformers, tiny_dirs  # noqa: E402,F401  (fixtures)
