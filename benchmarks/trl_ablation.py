@@ -4,8 +4,8 @@
     python -m benchmarks.trl_ablation --seeds 0-19 [--variants "TRL base,TRL 4 iterations"] [--jobs 2]
     python -m benchmarks.trl_ablation --report [--seeds 0-19]
 
-A run mirrors ``grpo-harness train vlm --task sequence --max-iterations 300 --eval-every 0 --seed
-S``: the tiny Qwen2-VL built with seed S and the sequence task's vocabulary, 64 training prompts
+A run is set up as ``grpo-harness train vlm --task sequence --max-iterations 300 --eval-every 0
+--seed S`` sets it up: the tiny Qwen2-VL built with seed S and the sequence task's vocabulary, 64 training prompts
 (data seed 2S) and 32 held-out prompts (2S + 1), 4 prompts x 8 completions of at most 3 tokens
 per generation batch, 300 generation batches, lr 1e-3 decaying linearly to 0 over the run. TRL's
 settings are ``benchmarks.vlm.trl_trainer``'s matched ones (beta 0, one optimizer step per
@@ -14,7 +14,10 @@ token-mean loss ``dapo``, the suppressed ids our adapter uses) plus the variant'
 ``num_iterations`` = mu optimizer steps per generation batch: ``max_steps`` is mu x 300, so that
 the run holds 300 generation batches like ours with ``grpo_epochs`` = mu (one minibatch).
 TRL's reference sync (``sync_ref_model``) runs after every ``ref_model_sync_steps`` optimizer
-steps; with mu steps and alpha 1 it is our hard refresh at every iteration.
+steps; with mu steps and alpha 1 it is our hard refresh at every iteration. TRL's base is not
+ours: it has no dynamic sampling and steps the optimizer on a batch without signal (Adam's
+momentum moves the weights), where ours redraws and skips. So each verdict here is TRL against
+TRL, to set beside ours for the direction of a knob's effect, not its size.
 
 Measures, as ``grpo_harness.ablate``'s for a VLM run: cost = generation batches until the
 rolling mean reward (25 batches, TRL's logged ``reward`` of each batch) first reaches 0.8, a run

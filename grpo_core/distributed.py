@@ -286,7 +286,7 @@ class DistributedGRPOTrainer(GRPOTrainer):
         optim = get_optimizer_state_dict(self.policy, self.optimizer, options=opts)
         return {"policy": policy, "reference": ref, "optimizer": _by_index(optim, self._param_names()),
                 "iteration": self.iteration, "ref_is_policy": self.ref_is_policy,
-                "config": self.config.to_dict()}
+                "best_outcome": self.best_outcome, "config": self.config.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         if self.shard != "fsdp":
@@ -303,6 +303,7 @@ class DistributedGRPOTrainer(GRPOTrainer):
                                  options=opts)
         self.iteration = int(state["iteration"])
         self.ref_is_policy = bool(state.get("ref_is_policy", False)) and self.reference is not None
+        self.best_outcome = float(state.get("best_outcome", -math.inf))
 
     def _param_names(self) -> list[str]:
         return [n for n, p in self.policy.named_parameters() if p.requires_grad]
@@ -316,9 +317,10 @@ def _check_config(config: GRPOConfig, world: int, shard: str, adapter) -> None:
         raise ValueError(f"groups_per_iteration={b} is not divisible by the world size {world}: every rank "
                          "collects the same number of whole groups (a group split across ranks would take "
                          "its mean and std from part of its samples)")
-    if getattr(config, "dynamic_sampling", False) and world > 1:
-        raise ValueError("dynamic_sampling=True is not supported with more than one process yet: start the run "
-                         "with dynamic_sampling=false (a run started with it resumes in one process only)")
+    if getattr(config, "dynamic_sampling", False):
+        raise ValueError("dynamic_sampling=True is not supported by the distributed trainer yet (torchrun, "
+                         f"{world} process{'es' if world > 1 else ''}): start the run with dynamic_sampling=false "
+                         "(a run started with it resumes without torchrun only)")
     if shard == "fsdp":
         most = getattr(adapter, "forward_batch", None)
         size = config.micro_batch_size

@@ -201,6 +201,7 @@ class GRPOTrainer:
         signal = _signal_groups(adv, rollout.mask, g)
         group_outcome = _group_outcomes(outcome, valid, g)
         todo = [k for k in range(b) if k not in signal and _below(group_outcome[k], self.best_outcome)]
+        todo = todo if cfg.dynamic_sampling_rounds else []
         retried, dropped, found, extra, rounds = len(todo), b - len(signal), [], 0, 1
         while todo and rounds <= cfg.dynamic_sampling_rounds:
             more = self._collect(draw=rounds, again=(rollout, todo))
@@ -216,7 +217,7 @@ class GRPOTrainer:
         stats = {"sampling_rounds": float(rounds), "extra_generations": float(extra),
                  "groups_dropped": float(dropped), "groups_trained": float(trained),
                  "groups_retried": float(retried)}
-        if trained == 0 or trained == b:  # nothing with signal, or nothing dropped (no retry)
+        if trained == 0 or len(signal) == b:  # nothing with signal, or the first draw all signal
             return rollout, adv, stats
         joined = self.adapter.join_groups([(part, gs) for part, gs in [(rollout, signal)] + found if gs])
         joined.validate(g, trained)

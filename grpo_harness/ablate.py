@@ -342,8 +342,41 @@ def stale_defaults(spec: Spec, job: Job) -> str:
     own = [*spec.train, *spec.variants[job.variant].train]
     sets = {a.split("=", 1)[0] for flag, a in zip(own, own[1:]) if flag == "--set"}
     now = make_config(_command_defaults(spec.env)).to_dict()
+    field_default = make_config({}).to_dict()  # a field the run's config lacks is older than it: its default
     keys = [k for k in _command_defaults(spec.env) if k not in job.values and k not in sets]
-    return ", ".join(f"{k}: {then.get(k)!r} -> {now[k]!r}" for k in keys if then.get(k) != now[k])
+    then = {k: then.get(k, field_default.get(k)) for k in keys}
+    return ", ".join(f"{k}: {then[k]!r} -> {now[k]!r}" for k in keys if then[k] != now[k])
+
+
+def _split_sets(args: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """``args`` without its ``--set KEY=VALUE`` pairs, and those pairs parsed."""
+    rest, sets, i = [], {}, 0
+    while i < len(args):
+        if args[i] == "--set" and i + 1 < len(args):
+            key, value = parse_set(args[i + 1])
+            sets[key] = value
+            i += 2
+        else:
+            rest.append(args[i])
+            i += 1
+    return rest, sets
+
+
+def pinned_alike(recorded: list[str], args: list[str], job: Job) -> bool:
+    """True when the finished run recorded as ``recorded`` is the run ``args`` asks for: the
+    same arguments but for ``--set`` pins that ``args`` adds and that the run already ran with
+    (its config.json; a field it lacks at the GRPOConfig default), as when a variants file
+    pins a setting whose default changed after its runs."""
+    old_rest, old_sets = _split_sets(recorded)
+    new_rest, new_sets = _split_sets(args)
+    if old_rest != new_rest or any(k not in new_sets or new_sets[k] != v for k, v in old_sets.items()):
+        return False
+    try:
+        ran = json.loads((job.folder / "config.json").read_text())["grpo"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return False
+    field_default = make_config({}).to_dict()
+    return all(ran.get(k, field_default.get(k)) == v for k, v in new_sets.items() if k not in old_sets)
 
 
 def read_result(job: Job) -> dict[str, Any] | None:
@@ -410,7 +443,7 @@ class Runner:
             doc = json.loads(job.result_path.read_text())
         except (OSError, json.JSONDecodeError):
             doc = None
-        if doc is not None and doc.get("args") != args:
+        if doc is not None and doc.get("args") != args and not pinned_alike(doc.get("args", []), args, job):
             raise UsageError(f"{job.result_path} was run as `train {shlex.join(doc.get('args', []))}`, not "
                              f"`train {shlex.join(args)}`; use another --out or delete {job.folder}")
         stale = doc is not None and doc.get("exit") == 0 and stale_defaults(self.spec, job)

@@ -922,13 +922,14 @@ class TrainingRun:
 
     def _defaults_for_world(self, given: dict[str, Any]) -> dict[str, Any]:
         """``DEFAULTS["grpo"]``, with a default dynamic sampling turned off (and said) under a
-        torchrun launch of more than one process, which does not support it yet; asked for
-        explicitly there, it is refused by the distributed trainer."""
+        torchrun launch (the distributed trainer does not support it yet, one process
+        included); asked for explicitly there, it is refused by the distributed trainer."""
         defaults = dict(self.DEFAULTS["grpo"])
-        if (self.world is not None and self.world.size > 1 and defaults.get("dynamic_sampling")
-                and "dynamic_sampling" not in given):
+        if self.world is not None and defaults.get("dynamic_sampling") and "dynamic_sampling" not in given:
             defaults["dynamic_sampling"] = False
-            self.say(f"dynamic sampling (a default) is off: not supported on {self.world.size} processes yet")
+            n = self.world.size
+            self.say(f"dynamic sampling (a default) is off: not supported under torchrun yet ({n} process"
+                     f"{'es' if n > 1 else ''})")
         return defaults
 
     def _set_threads(self) -> None:

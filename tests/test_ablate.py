@@ -214,6 +214,37 @@ def test_a_finished_run_under_other_train_defaults_runs_again(tmp_path, monkeypa
     assert said == ["base seed 0: run again, the train defaults changed since (gamma: 1.0 -> 0.5)"]
 
 
+def test_a_pin_of_what_a_finished_run_ran_with_keeps_it(tmp_path, monkeypatch):
+    """A variants file that pins a setting after its runs (its default changed since) keeps
+    the finished runs that ran with that value (config.json; a field it lacks counts at the
+    GRPOConfig default); a pin of another value, or a recorded pin that is gone, is another
+    run and stops the ablation. The absent field is judged the same way for stale defaults."""
+    spec = ablate.Spec("vlm", {"base": ablate.Variant("base", baseline=None)}, seeds=[0])
+    job = ablate.verdict_jobs(spec, tmp_path, {"base": {}})[0]
+    job.folder.mkdir(parents=True)
+    recorded = ablate.train_args(spec, job)
+    job.result_path.write_text(json.dumps({"args": recorded, "exit": 0}))
+    (job.folder / "config.json").write_text(json.dumps({"grpo": {"gamma": 1.0, "dynamic_sampling_rounds": 2}}))
+    monkeypatch.setattr(ablate, "_command_defaults", lambda env: {"gamma": 1.0, "dynamic_sampling_rounds": 4,
+                                                                  "dynamic_sampling_redraw": "retry"})
+    said = []
+    runner = ablate.Runner(spec, 1, said.append)
+    spec.train = ["--set", "dynamic_sampling_rounds=2", "--set", "dynamic_sampling_redraw=fresh"]
+    assert runner.prepare(job) is None and said == []  # ran with 2 rounds; no field: the default, fresh
+    for pins in (["--set", "dynamic_sampling_rounds=3"], ["--set", "dynamic_sampling_redraw=retry"]):
+        spec.train = pins
+        with pytest.raises(UsageError, match="was run as"):
+            runner.prepare(job)
+    spec.train = ["--set", "dynamic_sampling_rounds=2"]  # the redraw left to the (changed) default
+    cmd = runner.prepare(job)
+    assert cmd is not None and said == ["base seed 0: run again, the train defaults changed since "
+                                        "(dynamic_sampling_redraw: 'fresh' -> 'retry')"]
+    job.result_path.write_text(json.dumps({"args": recorded + ["--set", "gamma=1.0"], "exit": 0}))
+    spec.train = []
+    with pytest.raises(UsageError, match="was run as"):  # a pin the record has and the file dropped
+        runner.prepare(job)
+
+
 # --- a real ablation ----------------------------------------------------------------------------------
 
 TINY = ["ablate", "cartpole", "--vary", "grpo_epochs=2", "--seeds", "0-1", "--jobs", "2",

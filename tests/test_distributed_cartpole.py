@@ -178,11 +178,15 @@ def test_groups_must_divide_among_ranks():
     _check_config(GRPOConfig(groups_per_iteration=4), 2, "ddp", object())
 
 
-def test_dynamic_sampling_is_refused_on_more_than_one_rank():
-    with pytest.raises(ValueError, match="dynamic_sampling=True is not supported with more than one process yet: "
-                       "start the run with dynamic_sampling=false"):
-        _check_config(GRPOConfig(dynamic_sampling=True), 2, "ddp", object())
-    _check_config(GRPOConfig(dynamic_sampling=True), 1, "ddp", object())
+@pytest.mark.parametrize("world", [1, 2])
+def test_dynamic_sampling_is_refused_by_the_distributed_trainer(world):
+    """Also on one process: the distributed trainer's collect knows no extra draws (it would
+    train the first draw again as each "extra" one) nor retries."""
+    for redraw in ("fresh", "retry"):
+        with pytest.raises(ValueError, match="dynamic_sampling=True is not supported by the distributed trainer "
+                           r"yet \(torchrun, " + str(world) + " process"):
+            _check_config(GRPOConfig(dynamic_sampling=True, dynamic_sampling_redraw=redraw), world, "ddp", object())
+    _check_config(GRPOConfig(dynamic_sampling=False), world, "ddp", object())
 
 
 def test_fsdp_needs_a_micro_batch_size():

@@ -84,7 +84,7 @@ def test_a_reward_raising_on_one_rank_ends_both(tmp_path):
     assert r.returncode != 0
     assert "reward function 'picky_reward' raised RuntimeError: rank 1 refuses to score" in r.stderr
     # the VLM defaults' dynamic sampling is refused on 2 ranks: the defaults reached the rollout without it
-    assert "dynamic sampling (a default) is off: not supported on 2 processes yet" in r.stderr
+    assert "dynamic sampling (a default) is off: not supported under torchrun yet (2 processes)" in r.stderr
     codes = _exit_codes(r.stderr)
     assert set(codes) == {0, 1} and all(c != 0 for c in codes.values()), codes
 

@@ -256,6 +256,14 @@ def test_retry_draws_the_unsolved_prompts_again_until_they_have_signal(monkeypat
     assert [got[k] for k in want] == pytest.approx(list(want.values()), abs=1e-9)
 
 
+def trained_sources(ad) -> list[tuple[int, int]]:
+    """(draw, group) of each group the last update trained (all G rows of each), sorted."""
+    rollout, rows = ad.forwards[-1]
+    pairs = [(int(rollout.inputs["draw"][r]), int(rollout.inputs["row"][r]) // G) for r in rows]
+    assert all(pairs.count(p) == G for p in pairs)
+    return sorted(set(pairs))
+
+
 def test_retry_costs_nothing_when_the_groups_without_signal_are_solved():
     ad = RetryAdapter({0: [ONES, SIG, ONES, SIG]})
     st = GRPOTrainer(ad, retry_config()).step()
@@ -263,6 +271,24 @@ def test_retry_costs_nothing_when_the_groups_without_signal_are_solved():
     got = (st["sampling_rounds"], st["extra_generations"], st["groups_retried"], st["groups_dropped"],
            st["groups_trained"])
     assert got == (1, 0, 0, 2, 2)
+    assert trained_sources(ad) == [(0, 1), (0, 3)]  # the solved groups are dropped, not trained
+
+
+def test_a_retry_that_fills_the_batch_is_trained():
+    """Three groups with signal and one retried into signal: the update trains the retry's
+    group in place of the first draw's empty one (the shortcut for a full batch is only for a
+    first draw with signal everywhere)."""
+    ad = RetryAdapter({0: [SIG, SIG, [0.2, 0.9, 0.4], ZERO], ("retry", 1): [[0.0, 1.0, 0.0]]})
+    st = GRPOTrainer(ad, retry_config()).step()
+    assert [gs for _, gs, _ in ad.asked] == [[3]] and st["groups_trained"] == B
+    assert trained_sources(ad) == [(0, 0), (0, 1), (0, 2), (1, 0)]
+
+
+def test_retries_raise_the_best_outcome():
+    ad = RetryAdapter({0: [ZERO, [0.5, 0.0, 0.5], ZERO, ZERO], ("retry", 1): [[2.0] * G, ZERO, ZERO]})
+    tr = GRPOTrainer(ad, retry_config(dynamic_sampling_rounds=1))
+    tr.step()
+    assert tr.best_outcome == 2.0
 
 
 def test_retry_judges_solved_against_the_best_outcome_of_the_run():
@@ -298,6 +324,10 @@ def test_retry_rounds_run_out_trains_the_first_draws_signal():
     st = GRPOTrainer(ad, retry_config(dynamic_sampling_rounds=1)).step()
     assert [gs for _, gs, _ in ad.asked] == [[1]]
     assert (st["groups_trained"], st["groups_dropped"], st["extra_generations"]) == (1, 4, G)
+    assert trained_sources(ad) == [(0, 0)]
+    ad = RetryAdapter({0: [SIG, ZERO, ONES, ONES]})
+    st = GRPOTrainer(ad, retry_config(dynamic_sampling_rounds=0)).step()
+    assert ad.asked == [] and (st["groups_retried"], st["groups_trained"]) == (0, 1)
 
 
 def test_retry_needs_an_adapter_that_takes_again():
@@ -338,7 +368,7 @@ def test_vlm_collect_more_draws_other_prompts_deterministically(tiny_dirs):
 def test_vlm_retry_draws_the_named_groups_prompts_again(tiny_dirs):
     """``collect_more(again=(rollout, [2, 0]))``: the items of groups 2 and 0 of ``rollout``, in
     that order (their prompt tokens and reward columns), sampled from a stream of their own
-    (deterministic, not the fresh draw's); ``join_groups`` carries each group's item."""
+    (deterministic); ``join_groups`` carries each group's item."""
     ad = make_adapter(tiny_dirs, dataset=mixed_dataset() * 2)
     first = ad.collect(num_groups=4, group_size=2, iteration=5)
     assert first.inputs["items"] == ad.prompt_indices(5, 4)
