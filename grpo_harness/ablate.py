@@ -414,11 +414,22 @@ def summarise_run(env: str, folder: Path) -> dict[str, Any]:
         out["env_steps"] = int(at["env_steps"])
     else:
         out["final_rolling"] = float(last["reward_rolling"])
+        out["generations"] = _generations(config, records, int(at["iteration"]))
     for key in ("kl", "skipped_steps"):
         vals = [r[key] for r in records if isinstance(r.get(key), (int, float))]
         if vals:
             out[f"{key}_mean"] = sum(vals) / len(vals)
     return out
+
+
+def _generations(config: dict, records: list[dict], through: int) -> int:
+    """Completions a VLM run sampled in iterations 0..``through``: B x G each, plus what
+    dynamic sampling's extra draws added (``extra_generations``)."""
+    from grpo_core.config import GRPOConfig
+
+    grpo = {**GRPOConfig().to_dict(), **config.get("grpo", {})}
+    per = grpo["group_size"] * grpo["groups_per_iteration"]
+    return int(sum(per + r.get("extra_generations", 0) for r in records if r["iteration"] <= through))
 
 
 class Runner:
@@ -653,6 +664,8 @@ def variant_summary(env: str, results: list[dict]) -> dict[str, Any]:
            "final_q": quartiles(finals) if finals else (math.nan,) * 3}
     if env == "vlm":
         out["final_rolling_q"] = q("final_rolling")
+        known = [r["generations"] for r in results if "generations" in r]
+        out["generations_q"] = quartiles(known) if results and len(known) == len(results) else (math.nan,) * 3
     return out
 
 
@@ -705,6 +718,8 @@ def collect(spec: Spec, out: Path) -> dict[str, Any]:
         if picked is not None:
             for job in verdict_jobs(spec, out, {v.name: picked[0]}):
                 r = read_result(job)
+                if r is not None and spec.env == "vlm" and "generations" not in r and job.folder.is_dir():
+                    r = {**r, "generations": summarise_run(spec.env, job.folder)["generations"]}  # older result
                 if r is not None:
                     runs[job.seed] = r
         per[v.name] = runs
@@ -743,6 +758,7 @@ def variants_table(doc: dict) -> list[str]:
     if env == "cartpole":
         head.insert(5, "env steps to target")
     else:
+        head.insert(5, "completions to target")
         head.append("final rolling reward")
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for name, e in doc["variants"].items():
@@ -753,11 +769,14 @@ def variants_table(doc: dict) -> list[str]:
         if env == "cartpole":
             row.insert(5, _q(s["cost_q"]))
         else:
+            row.insert(5, _q(s["generations_q"]))
             row.append(_q(s["final_rolling_q"], 3))
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     lines.append(f"Median [IQR] over the runs; a run that did not reach the target counts as the {cost}, "
-                 "iterations and seconds it had used when its budget ran out.")
+                 "iterations and seconds it had used when its budget ran out."
+                 + (" Completions: every sampled completion, dynamic sampling's extra draws included."
+                    if env == "vlm" else ""))
     return lines
 
 

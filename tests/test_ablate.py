@@ -117,9 +117,9 @@ def test_variants_file_of_another_env_or_with_unknown_keys(tmp_path):
 
 # --- measures and verdicts -----------------------------------------------------------------------
 
-def write_run(folder: Path, env: str, records: list[dict], train: dict) -> None:
+def write_run(folder: Path, env: str, records: list[dict], train: dict, grpo: dict | None = None) -> None:
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"env": env, "grpo": {}, "train": train}))
+    (folder / "config.json").write_text(json.dumps({"env": env, "grpo": grpo or {}, "train": train}))
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -145,6 +145,23 @@ def test_summarise_vlm_run_uses_the_runs_target(tmp_path):
     write_run(tmp_path / "b", "vlm", recs, {"target_reward": 0.8})
     r = ablate.summarise_run("vlm", tmp_path / "b")
     assert (r["reached"], r["iterations"]) == (False, 4)
+
+
+def test_summarise_vlm_run_counts_every_completion_to_the_target(tmp_path):
+    """3 x 2 completions per iteration plus each iteration's extra draws, through the first
+    iteration at the target (censored: through the last): 6 + (6 + 12) = 24 and 24 + 6 + (6 + 6) = 42."""
+    recs = [{"iteration": i, "wall_time": float(i), "reward_rolling": v, "extra_generations": e}
+            for i, (v, e) in enumerate([(0.1, 0.0), (0.9, 12.0), (0.7, 0.0), (0.6, 6.0)])]
+    write_run(tmp_path / "a", "vlm", recs, {"target_reward": 0.8}, {"group_size": 3, "groups_per_iteration": 2})
+    assert ablate.summarise_run("vlm", tmp_path / "a")["generations"] == 24
+    write_run(tmp_path / "b", "vlm", recs, {"target_reward": 0.95}, {"group_size": 3, "groups_per_iteration": 2})
+    assert ablate.summarise_run("vlm", tmp_path / "b")["generations"] == 42
+    write_run(tmp_path / "c", "vlm", [{k: v for k, v in r.items() if k != "extra_generations"} for r in recs],
+              {"target_reward": 0.8})  # no dynamic sampling; the GRPOConfig defaults' B x G
+    from grpo_core.config import GRPOConfig
+
+    per = GRPOConfig().group_size * GRPOConfig().groups_per_iteration
+    assert ablate.summarise_run("vlm", tmp_path / "c")["generations"] == 2 * per
 
 
 def fake_results(spec, out, costs: dict[str, list[int]], budget: int = 100):
