@@ -32,15 +32,15 @@ re-run.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.vlm import REPO, _worker_env, trl_trainer
+from benchmarks.seed_sweep import load_results, parse_choice, run_sweep
+from benchmarks.vlm import REPO, trl_trainer
+from grpo_harness.ablate import parse_seeds
 
 ITERATIONS = 300
 TARGET = 0.8
@@ -132,49 +132,19 @@ def run(variant: str, seed: int, iterations: int = ITERATIONS) -> dict:
 
 # --- the sweep ---------------------------------------------------------------------------------
 
-def parse_seeds(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
-def load_results(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _spawn(variant: str, seed: int, scratch: Path) -> dict:
-    result = scratch / f"{list(VARIANTS).index(variant)}-{seed}.json"
-    cmd = [sys.executable, "-m", "benchmarks.trl_ablation", "--worker", "--variants", variant, "--seeds", str(seed),
-           "--result", str(result)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_worker_env(), capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not result.is_file():
-        raise RuntimeError(f"{variant!r} seed {seed} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(result.read_text())
-
-
 def sweep(variants: list[str], seeds: list[int], jobs: int, results: Path) -> None:
-    done = {(r["variant"], r["seed"]) for r in load_results(results)}
+    rows = load_results(results)
+    done = {(r["variant"], r["seed"]) for r in rows}
     todo = [(v, s) for s in seeds for v in variants if (v, s) not in done]
-    print(f"{len(todo)} runs to do ({len(done)} already in {results.name})", file=sys.stderr, flush=True)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="trl-seq-") as tmp, \
-            concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_spawn, v, s, Path(tmp)): (v, s) for v, s in todo}
-        for fut in concurrent.futures.as_completed(futures):
-            v, s = futures[fut]
-            try:
-                r = fut.result()
-            except RuntimeError as e:
-                print(f"  {v} seed {s}: FAILED {e}", file=sys.stderr, flush=True)
-                continue
-            with results.open("a") as f:
-                f.write(json.dumps(r) + "\n")
-            print(f"  {v} seed {s}: {'reached at ' + str(r['iterations']) if r['reached'] else 'not reached'}, "
-                  f"final {r['final']:.3f}, {r['train_seconds']:.0f} s", file=sys.stderr, flush=True)
+
+    def command(variant: str, seed: int) -> list[str]:
+        return [sys.executable, "-m", "benchmarks.trl_ablation", "--worker", "--variants", variant, "--seeds",
+                str(seed)]
+
+    def describe(r: dict) -> str:
+        reached = f"reached at {r['iterations']}" if r["reached"] else "not reached"
+        return f"{reached}, final {r['final']:.3f}, {r['train_seconds']:.0f} s"
+    run_sweep(todo, command, results, jobs, describe, done=len(rows))
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -229,11 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    seeds = parse_seeds(args.seeds)
+    variants, seeds = parse_choice(p, args.variants, VARIANTS), parse_seeds(args.seeds)
     if args.worker:
         args.result.write_text(json.dumps(run(variants[0], seeds[0], args.iterations)))
         return 0

@@ -28,17 +28,17 @@ reward is measured with this project's greedy evaluation (``VLMAdapter.evaluate`
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.vlm import COLOURS, MAX_NEW_TOKENS, NUM_PROMPTS, REPO, _worker_env, trl_trainer
+from benchmarks.seed_sweep import load_results, parse_choice, run_sweep
+from benchmarks.vlm import COLOURS, MAX_NEW_TOKENS, NUM_PROMPTS, REPO, trl_trainer
+from grpo_harness.ablate import parse_seeds
 
 TARGET = 0.8
 WINDOW = 25
@@ -172,50 +172,19 @@ def summarise(steps: list[dict], final_eval: float, **extra) -> dict:
 
 # --- the sweep ---------------------------------------------------------------------------------
 
-def parse_seeds(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
-def load_results(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _spawn(variant: str, seed: int, iterations: int, scratch: Path) -> dict:
-    result = scratch / f"{list(VARIANTS).index(variant)}-{seed}.json"
-    cmd = [sys.executable, "-m", "benchmarks.vlm_seeds", "--worker", "--variants", variant, "--seeds", str(seed),
-           "--iterations", str(iterations), "--result", str(result)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_worker_env(), capture_output=True, text=True, check=False)
-    if proc.returncode != 0 or not result.is_file():
-        raise RuntimeError(f"{variant!r} seed {seed} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(result.read_text())
-
-
 def sweep(variants: list[str], seeds: list[int], iterations: int, jobs: int, results: Path) -> None:
-    done = {(r["variant"], r["seed"], r["iterations"]) for r in load_results(results)}
+    rows = load_results(results)
+    done = {(r["variant"], r["seed"], r["iterations"]) for r in rows}
     todo = [(v, s) for s in seeds for v in variants if (v, s, iterations) not in done]
-    print(f"{len(todo)} runs to do ({len(done)} already in {results.name})", file=sys.stderr, flush=True)
-    results.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="vlm-seeds-") as tmp, \
-            concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_spawn, v, s, iterations, Path(tmp)): (v, s) for v, s in todo}
-        for fut in concurrent.futures.as_completed(futures):
-            v, s = futures[fut]
-            try:
-                r = fut.result()
-            except RuntimeError as e:
-                print(f"  {v} seed {s}: FAILED {e}", file=sys.stderr, flush=True)
-                continue
-            with results.open("a") as f:
-                f.write(json.dumps(r) + "\n")
-            print(f"  {v} seed {s}: {'ok' if r['success'] else 'FAIL'} target at {r['reached_at']}, "
-                  f"final rolling {r['final_rolling']:.3f}, held-out {r['final_eval']:.3f}, "
-                  f"{r['train_seconds']:.0f} s", file=sys.stderr, flush=True)
+
+    def command(variant: str, seed: int) -> list[str]:
+        return [sys.executable, "-m", "benchmarks.vlm_seeds", "--worker", "--variants", variant, "--seeds",
+                str(seed), "--iterations", str(iterations)]
+
+    def describe(r: dict) -> str:
+        return (f"{'ok' if r['success'] else 'FAIL'} target at {r['reached_at']}, final rolling "
+                f"{r['final_rolling']:.3f}, held-out {r['final_eval']:.3f}, {r['train_seconds']:.0f} s")
+    run_sweep(todo, command, results, jobs, describe, done=len(rows))
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -285,11 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    seeds = parse_seeds(args.seeds)
+    variants, seeds = parse_choice(p, args.variants, VARIANTS), parse_seeds(args.seeds)
     if args.iterations is None:
         from grpo_harness.train_vlm import VLM_DEFAULTS
 
