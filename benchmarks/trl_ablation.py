@@ -5,7 +5,7 @@
     python -m benchmarks.trl_ablation --report [--seeds 0-19]
 
 A run is set up as ``grpo-harness train vlm --task sequence --max-iterations 300 --eval-every 0
---seed S`` sets it up: the tiny Qwen2-VL built with seed S and the sequence task's vocabulary, 64 training prompts
+--seed S`` sets up ours: the tiny Qwen2-VL built with seed S and the sequence task's vocabulary, 64 training prompts
 (data seed 2S) and 32 held-out prompts (2S + 1), 4 prompts x 8 completions of at most 3 tokens
 per generation batch, 300 generation batches, lr 1e-3 decaying linearly to 0 over the run. TRL's
 settings are ``benchmarks.vlm.trl_trainer``'s matched ones (beta 0, one optimizer step per

@@ -334,7 +334,8 @@ def train_args(spec: Spec, job: Job) -> list[str]:
 def stale_defaults(spec: Spec, job: Job) -> str:
     """The train-command defaults (``_command_defaults``) that a finished run of ``job`` did not
     run with, as ``key: then -> now`` ('' when none, or when the run left no config.json): the
-    same arguments mean another run once a default changes. Keys the run sets are skipped."""
+    same arguments mean another run once a default changes: those of the train command and of
+    GRPOConfig alike (the seed and the keys the run sets are skipped)."""
     try:
         then = json.loads((job.folder / "config.json").read_text())["grpo"]
     except (OSError, json.JSONDecodeError, KeyError):
@@ -343,7 +344,7 @@ def stale_defaults(spec: Spec, job: Job) -> str:
     sets = {a.split("=", 1)[0] for flag, a in zip(own, own[1:]) if flag == "--set"}
     now = make_config(_command_defaults(spec.env)).to_dict()
     field_default = make_config({}).to_dict()  # a field the run's config lacks is older than it: its default
-    keys = [k for k in _command_defaults(spec.env) if k not in job.values and k not in sets]
+    keys = [k for k in now if k != "seed" and k not in job.values and k not in sets]
     then = {k: then.get(k, field_default.get(k)) for k in keys}
     return ", ".join(f"{k}: {then[k]!r} -> {now[k]!r}" for k in keys if then[k] != now[k])
 

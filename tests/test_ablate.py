@@ -256,10 +256,14 @@ def test_a_pin_of_what_a_finished_run_ran_with_keeps_it(tmp_path, monkeypatch):
     cmd = runner.prepare(job)
     assert cmd is not None and said == ["base seed 0: run again, the train defaults changed since "
                                         "(dynamic_sampling_redraw: 'fresh' -> 'retry')"]
-    job.result_path.write_text(json.dumps({"args": recorded + ["--set", "gamma=1.0"], "exit": 0}))
-    spec.train = []
-    with pytest.raises(UsageError, match="was run as"):  # a pin the record has and the file dropped
-        runner.prepare(job)
+    job.folder.mkdir(parents=True, exist_ok=True)  # the run again, with what it ran with
+    (job.folder / "config.json").write_text(json.dumps({"grpo": {"gamma": 1.0, "dynamic_sampling_rounds": 2}}))
+    for record, pins in (([*recorded, "--set", "gamma=1.0"], []),  # a pin the record has and the file dropped
+                         ([*recorded, "--threads", "2"], ["--set", "gamma=1.0"])):  # another argument
+        job.result_path.write_text(json.dumps({"args": record, "exit": 0}))
+        spec.train = pins
+        with pytest.raises(UsageError, match="was run as"):
+            runner.prepare(job)
 
 
 # --- a real ablation ----------------------------------------------------------------------------------

@@ -232,12 +232,16 @@ def test_lora_checkpoints_hold_only_the_adapters_and_resume_exactly(tiny_dirs, t
 
 
 class _World:
-    size, writer = 2, True
+    writer = True
+
+    def __init__(self, size: int = 2):
+        self.size = size
 
 
 @pytest.mark.parametrize("world, given, expected", [
-    (None, {}, True),  # one process: the default stands
+    (None, {}, True),  # no torchrun: the default stands
     (_World(), {}, False),  # two ranks: not supported there yet, so the default is turned off
+    (_World(1), {}, False),  # one torchrun process: the distributed trainer, which refuses it too
     (_World(), {"dynamic_sampling": True}, True),  # asked for: kept (the distributed trainer refuses it)
 ])
 def test_default_dynamic_sampling_under_torchrun(world, given, expected, capsys):
