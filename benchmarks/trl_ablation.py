@@ -55,7 +55,8 @@ VARIANTS: dict[str, dict] = {
     "TRL 4 iterations + beta 0.04": {"num_iterations": 4, "beta": 0.04},
     "TRL 4 iterations + beta 0.04 + sync every batch": {"num_iterations": 4, "beta": 0.04, "sync_ref_model": True,
                                                       "ref_model_sync_steps": 4, "ref_model_mixup_alpha": 1.0},
-    "TRL epsilon_high 0.28": {"epsilon_high": 0.28},
+    # clip-higher needs ratios away from 1: with one step per generation batch the ratio is 1
+    "TRL 4 iterations + epsilon_high 0.28": {"num_iterations": 4, "epsilon_high": 0.28},
 }
 """name -> TRL GRPOConfig overrides over the matched settings."""
 
@@ -64,7 +65,8 @@ PAIRS: list[tuple[str, str, str, str]] = [
     ("TRL 4 iterations + beta 0.04 + sync every batch", "TRL 4 iterations + beta 0.04", "better",
      "1. refreshing the reference every iteration (TRL sync_ref_model, alpha 1, every batch)"),
     ("TRL 4 iterations + beta 0.04", "TRL 4 iterations", "better", "(not in the plan) a KL term, beta 0.04, no sync"),
-    ("TRL epsilon_high 0.28", BASE, "better", "(not in the plan) DAPO's clip-higher, epsilon_high 0.28"),
+    ("TRL 4 iterations + epsilon_high 0.28", "TRL 4 iterations", "better",
+     "(not in the plan) DAPO's clip-higher, epsilon_high 0.28, 4 iterations"),
 ]
 """(variant, baseline, expected direction, claim): the verdicts the report gives."""
 

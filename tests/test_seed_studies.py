@@ -55,5 +55,5 @@ def test_trl_report_verdicts_follow_the_paired_test():
     assert "| 0 / 6 / 0 | +35 | 0.0312 |" in synced and synced.endswith("**opposite** |")
     kl_line = lines["TRL 4 iterations + beta 0.04 vs TRL 4 iterations"]
     assert "| 3 / 3 / 0 |" in kl_line and kl_line.endswith("**not shown** |")
-    assert "TRL epsilon_high 0.28 vs" not in text  # no runs: no row
+    assert "TRL 4 iterations + epsilon_high 0.28 vs" not in text  # no runs: no row
     assert json.dumps(trl_ablation.VARIANTS)  # the overrides are plain values (recorded in the results)
