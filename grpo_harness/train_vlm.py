@@ -73,11 +73,12 @@ VLM_DEFAULTS: dict[str, dict[str, Any]] = {
         # Groups whose samples all scored the same are dropped (DAPO), and the prompts of the
         # unsolved ones (below the best outcome seen) sampled again, up to 2 more times. On the
         # tuning seeds 100-109 the old defaults stalled on one colour on 101 and 107; DAPO's fresh
-        # redraws and these retries (2 or 4 rounds) learned all 10. Run side by side with the
-        # old defaults there, per seed to a rolling 0.8: 2 retries 0.95x the wall seconds, 1.01x
-        # the completions, 0.81x the iterations; 4 retries 1.00x, 0.99x, 0.77x; fresh redraws
-        # 1.27x the completions. Report seeds 1000-1019 with TRL: benchmarks/RESULTS.md, "VLM
-        # reliability". Off under torchrun (not supported there yet).
+        # redraws and these retries (2 or 4 rounds) learned all 10. Per seed to a rolling 0.8
+        # against the old defaults: 2 retries 0.95x the wall seconds (side by side), 1.01x the
+        # completions, 0.81x the iterations; 4 retries 1.00x, 0.99x, 0.77x (2 vs 4: within the
+        # noise of the wall times); fresh redraws 1.27x the completions. Report seeds 1000-1019
+        # with TRL: benchmarks/RESULTS.md, "VLM reliability". Off under torchrun (not supported
+        # there yet).
         "dynamic_sampling": True,
         "dynamic_sampling_redraw": "retry",
         "dynamic_sampling_rounds": 2,
