@@ -196,8 +196,7 @@ class GRPOTrainer:
         signal)."""
         cfg = self.config
         b, g = cfg.groups_per_iteration, cfg.group_size
-        outcome, valid = _sample_outcomes(rollout)
-        self._see_outcomes(outcome, valid)
+        outcome, valid = self._see_outcomes(rollout)
         signal = _signal_groups(adv, rollout.mask, g)
         group_outcome = _group_outcomes(outcome, valid, g)
         todo = [k for k in range(b) if k not in signal and _below(group_outcome[k], self.best_outcome)]
@@ -205,8 +204,7 @@ class GRPOTrainer:
         retried, dropped, found, extra, rounds = len(todo), b - len(signal), [], 0, 1
         while todo and rounds <= cfg.dynamic_sampling_rounds:
             more = self._collect(draw=rounds, again=(rollout, todo))
-            more_outcome, more_valid = _sample_outcomes(more)
-            self._see_outcomes(more_outcome, more_valid)
+            self._see_outcomes(more)
             hits = _signal_groups(self._advantages(more), more.mask, g)
             found.append((more, hits))
             extra += len(todo) * g
@@ -223,9 +221,12 @@ class GRPOTrainer:
         joined.validate(g, trained)
         return joined, self._advantages(joined), stats
 
-    def _see_outcomes(self, outcome: torch.Tensor, valid: torch.Tensor) -> None:
+    def _see_outcomes(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_sample_outcomes(rollout)``, after raising ``best_outcome`` to their best."""
+        outcome, valid = _sample_outcomes(rollout)
         if valid.any():
             self.best_outcome = max(self.best_outcome, float(outcome[valid].max()))
+        return outcome, valid
 
     @torch.no_grad()
     def _batch_logp(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
