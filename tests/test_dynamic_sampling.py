@@ -175,10 +175,15 @@ def test_no_signal_in_any_draw_is_a_no_signal_iteration():
     assert torch.equal(ad.policy.logits, before)
 
 
-def test_rounds_zero_only_drops():
-    ad = ScriptedAdapter({0: [SIG, ZERO, SIG, ONES]})
+@pytest.mark.parametrize("script, kept", [([SIG, ZERO, SIG, ONES], [0, 2]), ([SIG, SIG, ZERO, SIG], [0, 1, 3])])
+def test_rounds_zero_only_drops(monkeypatch, script, kept):
+    ad = ScriptedAdapter({0: script})
+    seen = spy_loss(monkeypatch)
     st = GRPOTrainer(ad, config(dynamic_sampling_rounds=0)).step()
-    assert ad.draws == [0] and st["groups_trained"] == 2 and st["extra_generations"] == 0
+    assert ad.draws == [0] and st["groups_trained"] == len(kept) and st["extra_generations"] == 0
+    rollout, rows = ad.forwards[-1]  # the loss saw the kept groups only, not the whole draw
+    assert sorted(int(rollout.inputs["row"][r]) for r in rows) == [b * G + i for b in kept for i in range(G)]
+    assert seen[0][1].shape[0] == len(kept) * G
 
 
 def test_off_by_default_and_refused_without_the_adapter_methods():
