@@ -235,6 +235,23 @@ def test_invalid_config_names_field_and_value(field, value):
     assert repr(value) in str(err.value) or str(value) in str(err.value)
 
 
+def test_dr_grpo_without_a_max_len_is_refused_naming_it():
+    cfg = GRPOConfig(group_size=2, groups_per_iteration=2, loss_agg="seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match=r"loss_agg='seq-mean-token-sum-norm' divides by a constant length: "
+                                         r"set max_len \(the maximum completion length\) in the config; "
+                                         r"this adapter has none"):
+        GRPOTrainer(ToyAdapter(), cfg)
+    assert GRPOTrainer(ToyAdapter(), cfg.replace(max_len=5)).max_len == 5
+    adapter = ToyAdapter()
+    adapter.max_len = 7  # the adapter's own, when the config has none
+    assert GRPOTrainer(adapter, cfg).max_len == 7
+
+
+def test_metrics_name_their_iteration():
+    tr = GRPOTrainer(ToyAdapter(), GRPOConfig(group_size=2, groups_per_iteration=2))
+    assert [tr.step()["iteration"] for _ in range(3)] == [0, 1, 2]
+
+
 def test_from_dict_suggests_the_closest_key():
     with pytest.raises(ValueError, match="did you mean 'grpo_epochs'"):
         GRPOConfig.from_dict({"grpo_epoch": 3})
@@ -255,7 +272,7 @@ class _NoOldLogp(ToyAdapter):
         return r
 
 
-@pytest.mark.parametrize("epochs,minibatches", [(1, 1), (3, 2)])
+@pytest.mark.parametrize("epochs,minibatches", [(1, 1), (2, 1), (1, 2), (3, 2)])
 def test_old_logp_left_to_the_loop_gives_the_same_training(epochs, minibatches):
     """One epoch and one minibatch: the update's forward, detached; otherwise a forward before
     any update. Either way the same weights as when the adapter fills old_logp itself."""
