@@ -383,6 +383,42 @@ def test_reference_equality_is_tracked_through_steps_and_refreshes():
     assert other.ref_is_policy
 
 
+def test_a_restored_trainer_continues_as_the_uninterrupted_one():
+    """state_dict -> load_state_dict into a fresh trainer (other weights): the policy,
+    the reference (refreshed every 3 iterations, so it lags the policy at the save), Adam's
+    moments and the iteration carry over; the next steps match the uninterrupted run exactly."""
+    cfg = GRPOConfig(group_size=4, groups_per_iteration=3, grpo_epochs=2, minibatches=2, beta=0.1,
+                     update_ref_model_freq=3, lr=0.05)
+    a = GRPOTrainer(ToyAdapter(seed=4), cfg)
+    for _ in range(2):
+        a.step()
+    b = GRPOTrainer(ToyAdapter(seed=4), cfg)  # the same sampling stream (the adapter's), ...
+    with torch.no_grad():
+        b.policy.logits.add_(1.0)  # ... other weights
+        b.reference.logits.sub_(1.0)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert b.iteration == 2 and not b.ref_is_policy
+    assert same(params(b.reference), params(a.reference)) and not same(params(b.reference), params(b.policy))
+    for _ in range(3):  # iteration 3 refreshes
+        ma, mb = a.step(), b.step()
+        assert ma == mb
+    assert same(params(a.policy), params(b.policy)) and same(params(a.reference), params(b.reference))
+
+
+def test_restoring_ref_is_policy_never_claims_a_reference_that_is_not_there():
+    cfg = GRPOConfig(group_size=2, groups_per_iteration=2, beta=0.1)
+    state = GRPOTrainer(ToyAdapter(), cfg).state_dict()
+    assert state["ref_is_policy"] is True
+    old = {k: v for k, v in state.items() if k != "ref_is_policy"}  # a checkpoint from before the flag
+    tr = GRPOTrainer(ToyAdapter(), cfg)
+    tr.load_state_dict(old)
+    assert tr.ref_is_policy is False  # unknown: assume the reference differs
+    no_ref = GRPOTrainer(ToyAdapter(), cfg.replace(beta=0.0, update_ref_model_freq=0))
+    assert no_ref.reference is None
+    no_ref.load_state_dict(state)  # a checkpoint with a reference, into a trainer without one
+    assert no_ref.ref_is_policy is False
+
+
 # ---------------------------------------------------------------------------------------------
 # the old-log-prob shortcut refuses a random forward (correctness pass, item 4)
 # ---------------------------------------------------------------------------------------------
