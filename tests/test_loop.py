@@ -557,3 +557,34 @@ def test_dual_clip_is_a_config_option():
     for bad in (1.0, 0.5, float("nan")):
         with pytest.raises(ValueError, match="clip_ratio_c"):
             GRPOConfig(clip_ratio_c=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient clipping: the global L2 norm, scaled to max_grad_norm only when above it
+# ---------------------------------------------------------------------------------------------
+
+
+def _sgd_step_delta(max_grad_norm: float) -> tuple[torch.Tensor, float]:
+    """The weight change of one SGD step (lr 1, one epoch, one minibatch) and its grad_norm."""
+    ad = ToyAdapter(seed=3)
+    cfg = GRPOConfig(group_size=4, groups_per_iteration=2, grpo_epochs=1, minibatches=1, beta=0.0, ent_coef=0.01,
+                     max_grad_norm=max_grad_norm, lr=1.0)
+    tr = GRPOTrainer(ad, cfg, optimizer=torch.optim.SGD(ad.policy.parameters(), lr=1.0))
+    before = ad.policy.logits.detach().clone()
+    m = tr.step()
+    return ad.policy.logits.detach() - before, m["grad_norm"]
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.999, 1.5, 4.0])
+def test_clipping_scales_the_gradient_to_max_grad_norm_only_above_it(factor):
+    """SGD at lr 1 moves the weights by minus the (clipped) gradient: with no clipping the change
+    is g; with max_grad_norm c the change is g * c / (|g| + 1e-6) when that factor is below 1, g
+    otherwise (1e-6: the documented guard); the metric is |g| before clipping either way."""
+    g, norm = _sgd_step_delta(0.0)
+    assert norm == pytest.approx(float(torch.linalg.vector_norm(g)), rel=1e-12)  # the L2 norm of -delta
+    c = factor * norm
+    clipped, norm_c = _sgd_step_delta(c)
+    assert norm_c == norm
+    scale = c / (norm + 1e-6)
+    want = g * scale if scale < 1 else g
+    torch.testing.assert_close(clipped, want, rtol=1e-12, atol=0)
