@@ -588,3 +588,60 @@ def test_clipping_scales_the_gradient_to_max_grad_norm_only_above_it(factor):
     scale = c / (norm + 1e-6)
     want = g * scale if scale < 1 else g
     torch.testing.assert_close(clipped, want, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the reference refresh: when, how, and what it says
+# ---------------------------------------------------------------------------------------------
+
+
+class _OwnRefresh(ToyAdapter):
+    """An adapter with its own refresh (as the LoRA adapter has): the loop calls it instead."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls = []
+
+    def refresh_reference(self, reference, config):
+        self.calls.append((reference, config))
+        with torch.no_grad():
+            reference.logits.copy_(self.policy.logits)
+
+
+def test_refresh_runs_on_its_iterations_and_says_so():
+    cfg = GRPOConfig(group_size=2, groups_per_iteration=2, beta=0.1, update_ref_model_freq=3)
+    tr = GRPOTrainer(ToyAdapter(), cfg)
+    assert [tr.refresh_reference(i) for i in range(7)] == [True, False, False, True, False, False, True]
+    off = GRPOTrainer(ToyAdapter(), cfg.replace(update_ref_model_freq=0))
+    assert [off.refresh_reference(i) for i in range(3)] == [False] * 3
+    no_ref = GRPOTrainer(ToyAdapter(), cfg.replace(beta=0.0))
+    assert no_ref.reference is None and no_ref.refresh_reference(0) is False
+
+
+def test_an_adapters_own_refresh_is_called_with_the_reference_and_config():
+    ad = _OwnRefresh()
+    cfg = GRPOConfig(group_size=2, groups_per_iteration=2, beta=0.1, update_ref_model_freq=2, ref_update="soft",
+                     ref_mix_alpha=0.5, lr=0.1)
+    tr = GRPOTrainer(ad, cfg)
+    for _ in range(3):
+        tr.step()
+    assert [c is cfg for _, c in ad.calls] == [True, True]  # iterations 0 and 2
+    assert all(r is tr.reference for r, _ in ad.calls)
+    assert torch.equal(tr.reference.logits, ad.calls[-1][0].logits)
+
+
+@pytest.mark.parametrize("update, alpha, equal", [("hard", 0.5, True), ("soft", 1.0, True), ("soft", 0.5, False)])
+def test_soft_refresh_mixes_and_only_a_full_copy_counts_as_equal(update, alpha, equal):
+    """Soft: ref <- alpha * policy + (1 - alpha) * ref (TRL's sync_ref_model mixup); the
+    reference equals the policy after a hard copy or alpha = 1 only."""
+    cfg = GRPOConfig(group_size=2, groups_per_iteration=2, beta=0.1, update_ref_model_freq=1, ref_update=update,
+                     ref_mix_alpha=alpha)
+    tr = GRPOTrainer(ToyAdapter(), cfg)
+    with torch.no_grad():
+        tr.policy.logits.add_(1.0)
+    tr.ref_is_policy = False
+    ref0, pol = tr.reference.logits.detach().clone(), tr.policy.logits.detach().clone()
+    assert tr.refresh_reference(5)
+    a = 1.0 if update == "hard" else alpha
+    torch.testing.assert_close(tr.reference.logits, a * pol + (1 - a) * ref0, rtol=1e-15, atol=1e-15)
+    assert tr.ref_is_policy is equal
