@@ -493,6 +493,26 @@ def test_old_logp_shortcut_refuses_dropout():
     assert GRPOTrainer(adapter, cfg).step()["ratio_max"] == 1.0
 
 
+class _DropoutWithOldLogp(_DropoutAdapter):
+    """The same dropout policy, but the adapter fills old_logp with the sampling log-probs."""
+
+    def collect(self, **kw):
+        r = super().collect(**kw)
+        r.old_logp = r.inputs["sampling_logp"]
+        return r
+
+
+def test_dropout_is_allowed_when_the_adapter_supplies_old_logp():
+    """The check guards only the shortcut (old log-probs from the update's own forward): with
+    the sampling log-probs supplied, a random training forward is the user's choice."""
+    cfg = GRPOConfig(group_size=4, groups_per_iteration=2, grpo_epochs=1, minibatches=1, beta=0.0, lr=1e-2)
+    adapter = _DropoutWithOldLogp(seed=1)
+    adapter.policy.train()
+    torch.manual_seed(0)
+    m = GRPOTrainer(adapter, cfg).step()
+    assert m["ratio_max"] > m["ratio_min"]  # the dropout noise shows in the ratio, as it should
+
+
 # ---------------------------------------------------------------------------------------------
 # an inert KL term is announced (correctness pass, item 5)
 # ---------------------------------------------------------------------------------------------

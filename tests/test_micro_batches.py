@@ -86,3 +86,48 @@ def test_micro_batch_size_is_validated():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="micro_batch_size"):
             GRPOConfig(micro_batch_size=bad)
+
+
+def test_merged_micro_stats_by_hand():
+    """merge_micro_stats on made-up values: loss terms add, token shares are token-weighted,
+    the ratio range spans only micro-batches with tokens; one without tokens anywhere gives
+    shares of 0 and the first micro-batch's range."""
+    from grpo_core.loop import merge_micro_stats
+
+    def st(loss, clip, lo, hi):
+        return {"loss": loss, "policy_loss": loss / 2, "kl": 0.1, "entropy": 0.2, "clip_frac_low": clip,
+                "clip_frac_high": 0.0, "clip_frac_dual": 0.0, "approx_kl": clip / 10, "ratio_min": lo, "ratio_max": hi}
+
+    got = merge_micro_stats([(st(1.0, 0.5, 0.9, 1.1), 2), (st(3.0, 0.0, 0.1, 9.0), 0), (st(2.0, 0.25, 0.8, 1.3), 6)])
+    assert got["loss"] == 6.0 and got["policy_loss"] == 3.0 and got["kl"] == pytest.approx(0.3)
+    assert got["clip_frac_low"] == pytest.approx((0.5 * 2 + 0.25 * 6) / 8)
+    assert got["approx_kl"] == pytest.approx((0.05 * 2 + 0.025 * 6) / 8)
+    assert (got["ratio_min"], got["ratio_max"]) == (0.8, 1.3)  # the empty micro-batch's 0.1 and 9 are ignored
+    empty = merge_micro_stats([(st(0.0, 0.0, 0.7, 1.2), 0), (st(0.0, 0.0, 0.5, 1.5), 0)])
+    assert empty["clip_frac_low"] == 0.0 and empty["approx_kl"] == 0.0
+    assert (empty["ratio_min"], empty["ratio_max"]) == (0.7, 1.2)
+    one = st(1.0, 0.5, 0.9, 1.1)
+    assert merge_micro_stats([(one, 3)]) == one
+
+
+def test_each_forward_holds_at_most_micro_batch_size_rows():
+    """micro_batch_size bounds the rows of each gradient forward (one graph alive at a time);
+    without it the minibatch goes in one forward."""
+    from tests.toy_adapter import ToyAdapter
+
+    class Counting(ToyAdapter):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def logp_and_entropy(self, model, rollout, rows):
+            if torch.is_grad_enabled():
+                self.sizes.append(len(rows))
+            return super().logp_and_entropy(model, rollout, rows)
+
+    for size, want in ((3, [3, 3, 2, 3, 3, 2]), (None, [8, 8])):
+        ad = Counting()
+        cfg = GRPOConfig(group_size=4, groups_per_iteration=2, grpo_epochs=2, minibatches=1, beta=0.0,
+                         micro_batch_size=size)
+        GRPOTrainer(ad, cfg).step()
+        assert ad.sizes == want
