@@ -181,6 +181,7 @@ def test_rounds_zero_only_drops(monkeypatch, script, kept):
     seen = spy_loss(monkeypatch)
     st = GRPOTrainer(ad, config(dynamic_sampling_rounds=0)).step()
     assert ad.draws == [0] and st["groups_trained"] == len(kept) and st["extra_generations"] == 0
+    assert st["zero_signal_groups"] == B - len(kept)
     rollout, rows = ad.forwards[-1]  # the loss saw the kept groups only, not the whole draw
     assert sorted(int(rollout.inputs["row"][r]) for r in rows) == [b * G + i for b in kept for i in range(G)]
     assert seen[0][1].shape[0] == len(kept) * G

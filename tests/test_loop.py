@@ -665,3 +665,47 @@ def test_soft_refresh_mixes_and_only_a_full_copy_counts_as_equal(update, alpha, 
     a = 1.0 if update == "hard" else alpha
     torch.testing.assert_close(tr.reference.logits, a * pol + (1 - a) * ref0, rtol=1e-15, atol=1e-15)
     assert tr.ref_is_policy is equal
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop's advantages: the config's eps and the adapter's scored steps reach them
+# ---------------------------------------------------------------------------------------------
+
+
+class _PerStepRewards(ToyAdapter):
+    """Process supervision: a reward at every valid step (1 for token 0), every step scored."""
+
+    def collect(self, **kw):
+        r = super().collect(**kw)
+        r.rewards = ((r.inputs["tokens"] == 0) & r.mask).to(r.rewards.dtype)
+        r.scored = r.mask.clone()
+        return r
+
+
+def test_loop_advantages_follow_the_config_eps_and_scored_steps(monkeypatch):
+    """Per group: pool every scored reward, r~ = (r - mean) / (std + adv_eps) (Bessel), and a
+    token's advantage is the sum of r~ from it to the end (gamma 1): DeepSeekMath's process
+    supervision (sec. 4.1.3), by loops in float64."""
+    seen = []
+    real = GRPOTrainer._advantages
+
+    def spy(self, rollout):
+        seen.append(real(self, rollout).detach().clone())
+        return seen[-1]
+    monkeypatch.setattr(GRPOTrainer, "_advantages", spy)
+    G, eps = 4, 0.5
+    cfg = GRPOConfig(group_size=G, groups_per_iteration=2, grpo_epochs=1, minibatches=1, beta=0.0,
+                     stats_over="sequences", gamma=1.0, adv_eps=eps)
+    ad = _PerStepRewards(seed=6)
+    ro = ad.collect(num_groups=2, group_size=G, iteration=0)
+    GRPOTrainer(ad, cfg).step()
+    rewards, mask = ro.rewards.tolist(), ro.mask.tolist()
+    for b in range(2):
+        pool = [rewards[i][t] for i in range(b * G, b * G + G) for t in range(len(mask[i])) if mask[i][t]]
+        mean = sum(pool) / len(pool)
+        std = (sum((x - mean) ** 2 for x in pool) / (len(pool) - 1)) ** 0.5
+        for i in range(b * G, b * G + G):
+            for t in range(len(mask[i])):
+                want = sum((rewards[i][k] - mean) / (std + eps) for k in range(t, len(mask[i])) if mask[i][k]) \
+                    if mask[i][t] else 0.0
+                assert float(seen[0][i, t]) == pytest.approx(want, abs=1e-12), (i, t)
