@@ -371,9 +371,9 @@ def test_reference_equality_is_tracked_through_steps_and_refreshes():
     tr = cartpole_trainer(beta=0.1, update_ref_model_freq=2, grpo_epochs=1, minibatches=1)
     assert tr.ref_is_policy
     tr.step()  # iteration 0 refreshes, then steps
-    assert not tr.ref_is_policy
+    assert tr.ref_is_policy is False
     tr.step()  # iteration 1: no refresh
-    assert not tr.ref_is_policy
+    assert tr.ref_is_policy is False
     tr.refresh_reference(2)
     assert tr.ref_is_policy
     state = tr.state_dict()
@@ -709,3 +709,35 @@ def test_loop_advantages_follow_the_config_eps_and_scored_steps(monkeypatch):
                 want = sum((rewards[i][k] - mean) / (std + eps) for k in range(t, len(mask[i])) if mask[i][k]) \
                     if mask[i][t] else 0.0
                 assert float(seen[0][i, t]) == pytest.approx(want, abs=1e-12), (i, t)
+
+
+class _SometimesUsed(ToyAdapter):
+    """A policy with a second parameter that only iteration 0's forward uses (as an expert
+    that no token is routed to later)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.policy.extra = torch.nn.Parameter(torch.zeros(self.vocab, dtype=torch.float64))
+
+    def collect(self, *, iteration, **kw):
+        self.use_extra = iteration == 0  # for this iteration's forwards
+        return super().collect(iteration=iteration, **kw)
+
+    def logp_and_entropy(self, model, rollout, rows):
+        logits = model.logits + model.extra if self.use_extra else model.logits
+        logp_all = torch.log_softmax(logits, -1)
+        logp = logp_all.gather(1, rollout.inputs["tokens"][rows].T).T
+        return logp, -(logp_all.exp() * logp_all).sum(-1).expand(len(rows), -1)
+
+
+def test_a_parameter_without_gradient_in_a_step_is_not_stepped():
+    """Gradients are set to None before each step (torch's default), so Adam leaves a parameter
+    that is not in the step's graph where it is, instead of moving it on stale momentum."""
+    ad = _SometimesUsed(seed=2)
+    cfg = GRPOConfig(group_size=4, groups_per_iteration=2, grpo_epochs=1, minibatches=1, beta=0.0, lr=0.1)
+    tr = GRPOTrainer(ad, cfg)
+    tr.step()
+    after_first = ad.policy.extra.detach().clone()
+    assert after_first.abs().sum() > 0  # iteration 0 trained it
+    tr.step()
+    assert torch.equal(ad.policy.extra, after_first)
