@@ -513,6 +513,30 @@ def test_dropout_is_allowed_when_the_adapter_supplies_old_logp():
     assert m["ratio_max"] > m["ratio_min"]  # the dropout noise shows in the ratio, as it should
 
 
+class _DropoutNoSignalFirst(_DropoutAdapter):
+    """The dropout policy whose first iteration has no signal (every reward 0)."""
+
+    def collect(self, *, iteration, **kw):
+        r = super().collect(iteration=iteration, **kw)
+        if iteration == 0:
+            r.rewards.zero_()
+        return r
+
+
+def test_the_dropout_check_waits_for_a_forward_that_trains():
+    """A skipped step (no signal) trains nothing and its forward's log-probs serve nothing: the
+    check runs on the first forward that is trained on."""
+    from grpo_core.determinism import StochasticForwardError
+
+    cfg = GRPOConfig(group_size=4, groups_per_iteration=2, grpo_epochs=1, minibatches=1, beta=0.0, lr=1e-2)
+    adapter = _DropoutNoSignalFirst(seed=1)
+    adapter.policy.train()
+    tr = GRPOTrainer(adapter, cfg)
+    assert tr.step()["skipped_steps"] == 1
+    with pytest.raises(StochasticForwardError):
+        tr.step()
+
+
 # ---------------------------------------------------------------------------------------------
 # an inert KL term is announced (correctness pass, item 5)
 # ---------------------------------------------------------------------------------------------
