@@ -598,6 +598,15 @@ def test_dual_clip_is_a_config_option():
     """clip_ratio_c reaches the loss (its statistic is reported) and is validated."""
     m = cartpole_trainer(clip_ratio_c=3.0, beta=0.0).step()
     assert "clip_frac_dual" in m and 0.0 <= m["clip_frac_dual"] <= 1.0
+    # 8 epochs at a large lr push ratios past 1.5: the bound acts and changes the update
+    runs = {}
+    for c in (None, 1.5):
+        ad = ToyAdapter(seed=3)
+        cfg = GRPOConfig(group_size=8, groups_per_iteration=2, grpo_epochs=8, minibatches=1, beta=0.0, lr=0.5,
+                         clip_ratio_c=c)
+        runs[c] = GRPOTrainer(ad, cfg).step(), ad.policy.logits.detach().clone()
+    assert runs[None][0]["clip_frac_dual"] == 0.0 and runs[1.5][0]["clip_frac_dual"] > 0.0
+    assert not torch.equal(runs[None][1], runs[1.5][1])
     for bad in (1.0, 0.5, float("nan")):
         with pytest.raises(ValueError, match="clip_ratio_c"):
             GRPOConfig(clip_ratio_c=bad)
