@@ -202,6 +202,8 @@ class _BadAdapter(ToyAdapter):
         logp, ent = super().logp_and_entropy(model, rollout, rows)
         if self.fault == "nan_logp" and torch.is_grad_enabled():  # the update forward only
             logp = logp * float("nan")
+        if self.fault == "inf_grad" and torch.is_grad_enabled():  # a finite loss, an infinite gradient
+            logp.register_hook(lambda g: torch.full_like(g, float("inf")))
         return logp, ent
 
 
@@ -218,6 +220,15 @@ def test_nan_loss_stops_before_the_optimizer_steps():
     tr = GRPOTrainer(adapter, GRPOConfig(group_size=2, groups_per_iteration=2, grpo_epochs=2))
     before = params(adapter.policy)
     with pytest.raises(NonFiniteLossError, match="loss is nan"):
+        tr.step()
+    assert same(params(adapter.policy), before)
+
+
+def test_a_non_finite_gradient_of_a_finite_loss_stops_before_the_optimizer_steps():
+    adapter = _BadAdapter("inf_grad")
+    tr = GRPOTrainer(adapter, GRPOConfig(group_size=2, groups_per_iteration=2, grpo_epochs=2))
+    before = params(adapter.policy)
+    with pytest.raises(NonFiniteLossError, match=r"^iteration 0: gradient norm is nan$"):
         tr.step()
     assert same(params(adapter.policy), before)
 
@@ -396,7 +407,9 @@ def test_a_restored_trainer_continues_as_the_uninterrupted_one():
     with torch.no_grad():
         b.policy.logits.add_(1.0)  # ... other weights
         b.reference.logits.sub_(1.0)
-    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    state = copy.deepcopy(a.state_dict())
+    assert GRPOConfig.from_dict(state["config"]) == cfg  # the checkpoint names its config
+    b.load_state_dict(state)
     assert b.iteration == 2 and not b.ref_is_policy
     assert same(params(b.reference), params(a.reference)) and not same(params(b.reference), params(b.policy))
     for _ in range(3):  # iteration 3 refreshes
