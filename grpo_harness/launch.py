@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from typing import NoReturn
 
 DEFAULT_TIMEOUT_S = 1800.0
 """Default bound on one collective (``--dist-timeout``): longer than any rank's work between two
@@ -94,11 +95,13 @@ def vlm_fsdp_units(model) -> list:
     return [*inner.visual.blocks, inner.visual, *inner.language_model.layers]
 
 
-def run_on_world(cls, args) -> int:
-    """Run the train command ``cls`` (a ``TrainingRun``) as this rank; its exit status. A rank
-    that loses a peer (its collective fails) says so in one line and exits 1: the peer prints
-    its own error."""
+def run_on_world(cls, args) -> NoReturn:
+    """Run the train command ``cls`` (a ``TrainingRun``) as this rank and end the process with
+    its exit status (``leave``). A rank that loses a peer (its collective fails) says so in one
+    line and exits 1: the peer prints its own error. Any other error is printed with its
+    traceback, as the interpreter would, and exits 1."""
     import sys
+    import traceback
 
     import torch.distributed as dist
 
@@ -106,18 +109,48 @@ def run_on_world(cls, args) -> int:
 
     world = World(getattr(args, "dist_timeout", None) or DEFAULT_TIMEOUT_S)
     RunFolder.writes = world.writer
-    run = cls(args)
-    run.world = world
+    code, prog = EXIT_FAILED, "grpo-harness"
     try:
-        return run.main()
-    except Exception as e:  # noqa: BLE001 - only a failed collective is answered here
-        if not (isinstance(e, dist.DistError) or raised_in_collective(e)):
-            raise
-        print(f"{run.prog}: rank {world.rank}: lost another rank ({type(e).__name__}: {one_line(e)}); "
-              "that rank prints its own error", file=sys.stderr, flush=True)
-        return EXIT_FAILED
+        run = cls(args)
+        run.world, prog = world, run.prog
+        code = run.main()
+    except SystemExit as e:  # argparse's and sys.exit's status, kept
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAILED)
+    except KeyboardInterrupt:
+        code = 128 + 2
+    except Exception as e:  # noqa: BLE001 - every error ends the rank through leave()
+        if isinstance(e, dist.DistError) or raised_in_collective(e):
+            print(f"{prog}: rank {world.rank}: lost another rank ({type(e).__name__}: {one_line(e)}); "
+                  "that rank prints its own error", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
     finally:
-        world.close()
+        try:
+            world.close()
+        except Exception as e:  # noqa: BLE001 - the rank's status stands; say why the close failed
+            print(f"{prog}: rank {world.rank}: closing the process group failed ({one_line(e)})",
+                  file=sys.stderr, flush=True)
+        leave(code)
+
+
+def leave(code: int) -> NoReturn:
+    """End this process now with ``code``, skipping the interpreter's finalization.
+
+    After the last collective, gloo's worker threads can still hold that collective's work and
+    release its tensors a moment later; a thread that takes the GIL while the interpreter
+    finalizes makes it abort (SIGABRT, "terminate called without an active exception", a rank
+    exit code of -6), even after ``destroy_process_group`` (gloo's threads outlive it). Seen here
+    in 3 of 44 two-rank CartPole runs on a busy machine; torch pull request 179291 describes the
+    same crash. Everything a run keeps is written and closed before this (metrics, TensorBoard,
+    wandb, checkpoints, the curve); the standard streams are flushed here."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said
+            pass
+    os._exit(code)
 
 
 def raised_in_collective(exc: BaseException) -> bool:

@@ -1119,8 +1119,8 @@ class TrainingRun:
 
 
 def run_command(cls, args) -> int:
-    """``args.run`` of a train command: its exit status; under torchrun, this rank's
-    (``grpo_harness.launch``)."""
+    """``args.run`` of a train command: its exit status; under torchrun the rank's process ends
+    in ``grpo_harness.launch.run_on_world`` with it."""
     from .launch import launched_by_torchrun, run_on_world
 
     if launched_by_torchrun():
