@@ -98,12 +98,9 @@ def vlm_fsdp_units(model) -> list:
 def run_on_world(cls, args) -> NoReturn:
     """Run the train command ``cls`` (a ``TrainingRun``) as this rank and end the process with
     its exit status (``leave``). A rank that loses a peer (its collective fails) says so in one
-    line and exits 1: the peer prints its own error. Any other error is printed with its
-    traceback, as the interpreter would, and exits 1."""
+    line and exits 1: the peer prints its own error. Anything else that leaves the command is
+    printed as the interpreter would print it (``_said``)."""
     import sys
-    import traceback
-
-    import torch.distributed as dist
 
     from .run import EXIT_FAILED, RunFolder, one_line
 
@@ -114,16 +111,8 @@ def run_on_world(cls, args) -> NoReturn:
         run = cls(args)
         run.world, prog = world, run.prog
         code = run.main()
-    except SystemExit as e:  # argparse's and sys.exit's status, kept
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_FAILED)
-    except KeyboardInterrupt:
-        code = 128 + 2
-    except Exception as e:  # noqa: BLE001 - every error ends the rank through leave()
-        if isinstance(e, dist.DistError) or raised_in_collective(e):
-            print(f"{prog}: rank {world.rank}: lost another rank ({type(e).__name__}: {one_line(e)}); "
-                  "that rank prints its own error", file=sys.stderr, flush=True)
-        else:
-            traceback.print_exc()
+    except BaseException as e:  # noqa: BLE001 - every way out ends the rank through leave()
+        code = _said(e, prog, world.rank)
     finally:
         try:
             world.close()
@@ -131,6 +120,29 @@ def run_on_world(cls, args) -> NoReturn:
             print(f"{prog}: rank {world.rank}: closing the process group failed ({one_line(e)})",
                   file=sys.stderr, flush=True)
         leave(code)
+
+
+def _said(exc: BaseException, prog: str, rank: int) -> int:
+    """Print what the interpreter would have printed for ``exc`` leaving the rank (the traceback
+    through ``sys.excepthook``, which torch prefixes with the rank; ``sys.exit``'s message), or
+    one line for a lost peer; the rank's exit status."""
+    import sys
+
+    import torch.distributed as dist
+
+    from .run import EXIT_FAILED, one_line
+
+    if isinstance(exc, SystemExit):
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    if isinstance(exc, Exception) and (isinstance(exc, dist.DistError) or raised_in_collective(exc)):
+        print(f"{prog}: rank {rank}: lost another rank ({type(exc).__name__}: {one_line(exc)}); "
+              "that rank prints its own error", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    sys.excepthook(type(exc), exc, exc.__traceback__)
+    return 128 + 2 if isinstance(exc, KeyboardInterrupt) else EXIT_FAILED
 
 
 def leave(code: int) -> NoReturn:
