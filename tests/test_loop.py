@@ -787,3 +787,73 @@ def test_a_parameter_without_gradient_in_a_step_is_not_stepped():
     assert after_first.abs().sum() > 0  # iteration 0 trained it
     tr.step()
     assert torch.equal(ad.policy.extra, after_first)
+
+
+# ---------------------------------------------------------------------------------------------
+# edges the loop suite's mutants found untested
+
+
+def test_a_checkpoint_from_before_best_outcome_restores_none_seen():
+    """Without ``best_outcome`` (an older checkpoint) no outcome has been seen: -inf, so that no
+    group counts as below it and none is retried on that account; a saved value comes back."""
+    cfg = GRPOConfig(group_size=2, groups_per_iteration=2)
+    tr = GRPOTrainer(ToyAdapter(), cfg)
+    state = tr.state_dict()
+    state["best_outcome"] = 0.75
+    tr.load_state_dict(state)
+    assert tr.best_outcome == 0.75
+    tr.load_state_dict({k: v for k, v in state.items() if k != "best_outcome"})
+    assert tr.best_outcome == float("-inf")
+
+
+@pytest.mark.parametrize(("value", "best", "below"), [
+    (0.5 - 1.5e-6, 0.5, True),     # beyond 1e-6 at |best| < 1
+    (0.5 - 0.5e-6, 0.5, False),    # within rounding
+    (-1e-6, 0.0, False),           # exactly at the tolerance: not below
+    (10.0 - 2e-6, 10.0, False),    # relative: 1e-6 * 10 = 1e-5 at best 10
+    (10.0 - 2e-5, 10.0, True),
+    (-10.0 - 2e-6, -10.0, False),  # |best|, for a negative best too
+    (float("nan"), 0.5, False),    # a group without a valid sample is never below
+    (0.0, float("-inf"), False),   # nothing is below "none seen"
+])
+def test_below_the_best_means_by_more_than_a_relative_1e_6(value, best, below):
+    from grpo_core.loop import _below
+
+    assert _below(value, best) is below
+
+
+def test_a_groups_outcome_averages_its_valid_samples_only():
+    """Hand values: group 0 has a sample without a valid step (its outcome 0 must not count),
+    group 1 has none valid (NaN)."""
+    from grpo_core.loop import _group_outcomes
+
+    outcome = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.0, 0.0, 0.0])
+    valid = torch.tensor([True, False, True, True, False, False, False, False])
+    got = _group_outcomes(outcome, valid, 4)
+    assert got[0] == pytest.approx((1.0 + 0.5 + 1.0) / 3, abs=1e-15)
+    assert len(got) == 2 and got[1] != got[1]  # NaN
+
+
+class _NothingValid(ToyAdapter):
+    """Every sample ends before its first step (an empty completion): no valid token at all."""
+
+    def collect(self, **kw) -> Rollout:
+        r = super().collect(**kw)
+        r.mask = torch.zeros_like(r.mask)
+        return r
+
+
+def test_a_batch_without_a_valid_token_reports_zero_advantage_and_no_gradient():
+    tr = GRPOTrainer(_NothingValid(), GRPOConfig(group_size=2, groups_per_iteration=2, grpo_epochs=1,
+                                                 minibatches=1, beta=0.0, lr=0.1))
+    before = params(tr.policy)
+    stats = tr.step()
+    assert stats["adv_abs_mean"] == 0.0 and stats["zero_signal_groups"] == 2.0
+    assert same(before, params(tr.policy))
+
+
+def test_the_gradient_norm_of_no_gradient_is_zero():
+    """A step where no parameter received a gradient reports a norm of 0 (the empty sum)."""
+    tr = GRPOTrainer(ToyAdapter(), GRPOConfig(group_size=2, groups_per_iteration=2))
+    tr.optimizer.zero_grad(set_to_none=True)
+    assert tr._clip_gradients() == 0.0
