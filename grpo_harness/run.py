@@ -1047,7 +1047,12 @@ class TrainingRun:
                                     report_to=getattr(self.args, "report_to", None), config=self.config_doc(),
                                     resumed=self.resumed, say=self.say)
         self.bar = self.make_display() if self.world is None or self.world.writer else _Silent()
-        self._size_snapshots()
+        try:
+            self._size_snapshots()  # a collective under torchrun: a lost peer or a signal can stop it
+        except BaseException:
+            self.bar.close()
+            self.log.close()  # the trackers end (a wandb run is finished, not left open)
+            raise
         verb = f"resuming at iteration {self.start_iteration}" if self.resumed else "training"
         self.say(f"{verb} {self.describe()}")
         exit_code, error, crash = 0, None, None

@@ -461,3 +461,27 @@ def test_global_random_streams_are_seeded_per_run(tmp_path):
     ra, rb = load_ckpt(a)["rng"], load_ckpt(b)["rng"]
     assert torch.equal(ra["torch"], rb["torch"]) and torch.equal(ra["numpy"]["key"], rb["numpy"]["key"])
     assert ra["python"] == rb["python"]
+
+
+def test_an_error_before_the_first_iteration_still_closes_the_metrics_log(tmp_path, monkeypatch):
+    """The step that sizes the snapshots runs a collective under torchrun (a lost peer raises
+    there); the metrics log and its trackers are closed before the error goes on."""
+    from grpo_harness import trackers
+
+    logs, real_open = [], trackers.open_metrics_log
+
+    def open_and_watch(*args, **kwargs):
+        log = real_open(*args, **kwargs)
+        real_close = log.close
+        log.close = lambda: logs.append("closed") or real_close()
+        logs.append("opened")
+        return log
+
+    def lost_peer(self):
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(trackers, "open_metrics_log", open_and_watch)
+    monkeypatch.setattr(run_module.TrainingRun, "_size_snapshots", lost_peer)
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        train(tmp_path / "run", "--max-iterations", "2", *TINY)
+    assert logs == ["opened", "closed"]
