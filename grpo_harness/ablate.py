@@ -22,8 +22,9 @@ Seeds
 Measures
     A run reaches the target when the train command's own criterion first holds (CartPole: a
     greedy evaluation mean >= 475; VLM: the rolling mean reward >= ``--target-reward``). Its
-    cost is what it consumed until then: env steps (CartPole) or iterations (VLM: a fixed
-    number of samples each); a run that never reaches it is *censored*: it counts as "not
+    cost is what it consumed until then: env steps (CartPole) or iterations (VLM), or with
+    ``--cost`` iterations (CartPole) or completions (VLM: every sampled completion, dynamic
+    sampling's extra draws included); a run that never reaches it is *censored*: it counts as "not
     reached" and as the cost, iterations and seconds it had used when its budget ran out (a
     lower bound on its true cost, so it favours that run). Final reward: the last greedy
     evaluation (CartPole: eval mean over 100 episodes; VLM: greedy held-out reward).
@@ -74,8 +75,21 @@ ENVS = ("cartpole", "vlm")
 BASE = "base"
 EXPECT = ("better", "worse")
 MEASURES = ("cost", "final")
-COST_KEY = {"cartpole": "env_steps", "vlm": "iterations"}
-"""The cost a variant's verdict compares: the samples consumed until the target."""
+COSTS = {"cartpole": {"env-steps": ("env_steps", "env steps"), "iterations": ("iterations", "iterations")},
+         "vlm": {"iterations": ("iterations", "iterations"), "completions": ("generations", "completions")}}
+"""env -> ``--cost`` name -> (the run result's key, its name in the report): what a variant's
+verdict compares, the samples consumed until the target. The first of each env is its default."""
+
+
+def cost_of(env: str, cost: str = "") -> tuple[str, str]:
+    """(result key, report name) of ``cost`` for ``env`` (its default when empty); UsageError
+    naming the choices otherwise."""
+    choices = COSTS[env]
+    if not cost:
+        return next(iter(choices.values()))
+    if cost not in choices:
+        raise UsageError(f"cost {cost!r} is not a cost of {env}: choose one of {', '.join(choices)}")
+    return choices[cost]
 REPORT_MD, REPORT_PNG, REPORT_JSON = "ablation.md", "ablation.png", "ablation.json"
 
 
@@ -115,6 +129,8 @@ class Spec:
     tune_seeds: list[int] = field(default_factory=list)
     train: list[str] = field(default_factory=list)
     alpha: float = 0.05
+    cost: str = ""
+    """What a verdict on cost compares (a key of ``COSTS[env]``; empty: the env's default)."""
 
 
 def parse_seeds(text: str | list, what: str = "--seeds") -> list[int]:
@@ -167,6 +183,9 @@ def load_spec(path: Path) -> Spec:
         seeds = "0-19"                       # verdict seeds (--seeds overrides)
         tune_seeds = "100-103"               # tuning seeds (--tune-seeds overrides)
         alpha = 0.05                         # significance level of the verdicts
+        cost = "completions"                 # the cost verdicts compare (--cost overrides):
+                                             # cartpole env-steps (default) or iterations,
+                                             # vlm iterations (default) or completions
 
         [variants.base]                      # the baseline (optional: defaults)
         set = {}
@@ -185,7 +204,7 @@ def load_spec(path: Path) -> Spec:
     doc = _parse_file(Path(path))
     if not isinstance(doc, dict):
         raise UsageError(f"{path}: the top level must be a table")
-    unknown = sorted(set(doc) - {"env", "train", "seeds", "tune_seeds", "alpha", "variants"})
+    unknown = sorted(set(doc) - {"env", "train", "seeds", "tune_seeds", "alpha", "cost", "variants"})
     if unknown:
         raise UsageError(f"{path}: unknown key(s) {', '.join(unknown)}")
     tables = doc.get("variants", {})
@@ -195,7 +214,8 @@ def load_spec(path: Path) -> Spec:
             variants[name] = _variant(name, table, f"{path} [variants.{name!r}]")
     return Spec(env=doc.get("env", ""), variants=variants, seeds=parse_seeds(doc.get("seeds", "")),
                 tune_seeds=parse_seeds(doc.get("tune_seeds", ""), "tune_seeds"),
-                train=[str(a) for a in doc.get("train", [])], alpha=float(doc.get("alpha", 0.05)))
+                train=[str(a) for a in doc.get("train", [])], alpha=float(doc.get("alpha", 0.05)),
+                cost=str(doc.get("cost", "")))
 
 
 def _values(item: str, flag: str) -> tuple[str, list]:
@@ -233,6 +253,8 @@ def spec_from_args(args) -> Spec:
         spec.tune_seeds = parse_seeds(args.tune_seeds, "--tune-seeds")
     if args.alpha is not None:
         spec.alpha = args.alpha
+    if getattr(args, "cost", None):
+        spec.cost = args.cost
     check_spec(spec)
     return spec
 
@@ -270,6 +292,7 @@ def check_spec(spec: Spec) -> None:
         raise UsageError("a variant has tune values but there are no --tune-seeds")
     if not 0 < spec.alpha < 1:
         raise UsageError(f"--alpha {spec.alpha}: expected in (0, 1)")
+    cost_of(spec.env, spec.cost)
     slugs: dict[str, str] = {}
     defaults = _command_defaults(spec.env)
     for v in spec.variants.values():
@@ -570,7 +593,7 @@ def choose(spec: Spec, v: Variant, out: Path) -> tuple[dict[str, Any], list[dict
         results = [read_result(j) for j in jobs]
         if any(r is None for r in results):
             return None
-        rows.append({"values": cand, **variant_summary(spec.env, results)})
+        rows.append({"values": cand, **variant_summary(spec.env, results, cost_of(spec.env, spec.cost)[0])})
     best = min(rows, key=lambda r: (-r["reached"], r["cost_q"][1], -r["final_q"][1]))
     return best["values"], rows
 
@@ -655,15 +678,17 @@ def _forward_signals(runner: Runner):
 
 # --- the report -------------------------------------------------------------------------------
 
-def variant_summary(env: str, results: list[dict]) -> dict[str, Any]:
-    """Counts and quartiles over a variant's finished runs (censored runs at their budget)."""
-    key = COST_KEY[env]
+def variant_summary(env: str, results: list[dict], key: str) -> dict[str, Any]:
+    """Counts and quartiles over a variant's finished runs (censored runs at their budget);
+    ``cost_q``: of the result ``key`` the verdicts compare."""
     q = lambda k: quartiles([r[k] for r in results]) if results else (math.nan,) * 3  # noqa: E731
     finals = [r["final"] for r in results if not math.isnan(r["final"])]
     out = {"runs": len(results), "reached": sum(r["reached"] for r in results), "cost_q": q(key),
            "iterations_q": q("iterations"), "seconds_q": q("seconds"),
            "final_q": quartiles(finals) if finals else (math.nan,) * 3}
-    if env == "vlm":
+    if env == "cartpole":
+        out["env_steps_q"] = q("env_steps")
+    else:
         out["final_rolling_q"] = q("final_rolling")
         known = [r["generations"] for r in results if "generations" in r]
         out["generations_q"] = quartiles(known) if results and len(known) == len(results) else (math.nan,) * 3
@@ -672,7 +697,7 @@ def variant_summary(env: str, results: list[dict]) -> dict[str, Any]:
 
 def compare(spec: Spec, v: Variant, mine: dict[int, dict], theirs: dict[int, dict]) -> dict[str, Any]:
     """The paired comparison of ``v`` with its baseline on the seeds both finished."""
-    key = COST_KEY[spec.env]
+    key = cost_of(spec.env, spec.cost)[0]
     seeds = sorted(set(mine) & set(theirs))
     cost = [mine[s][key] - theirs[s][key] for s in seeds]
     final = [mine[s]["final"] - theirs[s]["final"] for s in seeds]
@@ -707,8 +732,10 @@ def run_file(path: Path, out: Path, *, seeds: str | None = None, jobs: int = 2) 
 
 def collect(spec: Spec, out: Path) -> dict[str, Any]:
     """Everything the report shows, from the result files on disk."""
+    key, name = cost_of(spec.env, spec.cost)
     doc: dict[str, Any] = {"env": spec.env, "train": spec.train, "seeds": spec.seeds,
-                           "tune_seeds": spec.tune_seeds, "alpha": spec.alpha, "variants": {}}
+                           "tune_seeds": spec.tune_seeds, "alpha": spec.alpha, "cost": name, "cost_key": key,
+                           "variants": {}}
     per: dict[str, dict[int, dict]] = {}
     for v in spec.variants.values():
         picked = tuned(spec, v, out)
@@ -724,7 +751,7 @@ def collect(spec: Spec, out: Path) -> dict[str, Any]:
                 if r is not None:
                     runs[job.seed] = r
         per[v.name] = runs
-        entry.update(results=runs, summary=variant_summary(spec.env, list(runs.values())))
+        entry.update(results=runs, summary=variant_summary(spec.env, list(runs.values()), key))
         doc["variants"][v.name] = entry
     for v in spec.variants.values():
         if v.baseline is not None:
@@ -753,7 +780,6 @@ def _settings_text(entry: dict) -> str:
 
 def variants_table(doc: dict) -> list[str]:
     env = doc["env"]
-    cost = "env steps" if env == "cartpole" else "iterations"
     head = ["variant", "settings (over the base)", "runs", "reached", f"iterations to target", "seconds to target",
             "final reward"]
     if env == "cartpole":
@@ -768,21 +794,27 @@ def variants_table(doc: dict) -> list[str]:
             f", {_settings_text(e)}" if e["set"] or e["tune"] else ""), str(s["runs"]),
             f"{s['reached']}/{s['runs']}", _q(s["iterations_q"]), _q(s["seconds_q"], 1), _q(s["final_q"], 3)]
         if env == "cartpole":
-            row.insert(5, _q(s["cost_q"]))
+            row.insert(5, _q(s["env_steps_q"]))
         else:
             row.insert(5, _q(s["generations_q"]))
             row.append(_q(s["final_rolling_q"], 3))
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
-    lines.append(f"Median [IQR] over the runs; a run that did not reach the target counts as the {cost}, "
-                 "iterations and seconds it had used when its budget ran out."
+    used = "env steps, iterations" if env == "cartpole" else "iterations, completions"
+    lines.append(f"Median [IQR] over the runs; a run that did not reach the target counts as the {used} "
+                 "and seconds it had used when its budget ran out."
                  + (" Completions: every sampled completion, dynamic sampling's extra draws included."
                     if env == "vlm" else ""))
     return lines
 
 
+def _cost_name(doc: dict) -> str:
+    """The report's name of the cost the verdicts compare (older reports: the env's default)."""
+    return doc.get("cost") or cost_of(doc["env"])[1]
+
+
 def pairs_table(doc: dict) -> list[str]:
-    cost = "env steps" if doc["env"] == "cartpole" else "iterations"
+    cost = _cost_name(doc)
     lines = [f"| claim | variant vs baseline | seeds | sooner / later / same | median paired difference in {cost} "
              "| p (cost) | median paired difference in final reward | p (final) | verdict |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -824,7 +856,7 @@ def _seeds_text(seeds: list[int]) -> str:
 
 
 def markdown(doc: dict) -> str:
-    cost = "env steps" if doc["env"] == "cartpole" else "iterations"
+    cost = _cost_name(doc)
     train = " ".join(["grpo-harness train", doc["env"], *doc["train"]])
     done = set(doc["seeds"])
     for v in doc["variants"].values():
@@ -866,8 +898,8 @@ def plot(doc: dict, path: Path) -> None:
     names = list(doc["variants"])
     fig = Figure(figsize=(max(7.0, 1.1 * len(names) + 3), 4.8), layout="constrained")
     axes = fig.subplots(1, 2)
-    key = COST_KEY[doc["env"]]
-    for ax, field_, label in ((axes[0], key, f"{key.replace('_', ' ')} to target"), (axes[1], "final", "final reward")):
+    key = doc.get("cost_key") or cost_of(doc["env"])[0]
+    for ax, field_, label in ((axes[0], key, f"{_cost_name(doc)} to target"), (axes[1], "final", "final reward")):
         for i, name in enumerate(names):
             runs = list(doc["variants"][name]["results"].values())
             ys = [r[field_] for r in runs]
@@ -907,6 +939,10 @@ def add_parser(sub, name: str) -> None:
                    '--train "--task attributes --max-iterations 300"')
     p.add_argument("--jobs", type=int, default=2, metavar="N", help="runs at once, one thread each (default 2)")
     p.add_argument("--alpha", type=float, metavar="A", help="significance level of the verdicts (default 0.05)")
+    p.add_argument("--cost", metavar="NAME",
+                   help="the cost verdicts compare, samples to the target: cartpole env-steps (default) or "
+                        "iterations; vlm iterations (default) or completions (dynamic sampling's extra draws "
+                        "included: for variants that change how many groups are redrawn)")
     p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; run nothing")
     p.set_defaults(run=run)
 

@@ -192,6 +192,47 @@ def test_verdict_rule(tmp_path, expect, variant_costs, verdict, p):
     assert f"**{verdict}**" in md and "verdict seeds 0-5" in md
 
 
+def test_a_verdict_on_completions_counts_the_extra_draws(tmp_path):
+    """The same iterations to the target, but fewer completions sampled on every seed (fewer
+    groups redrawn): on iterations there is nothing to judge (every difference 0, p 1), on
+    completions the variant is better on all 6 seeds (exact p = 2/64)."""
+    gens = {"base": [2000] * 6, "v": [1500, 1400, 1300, 1200, 1100, 1000]}
+    for cost, name, verdict, p in (("", "iterations", "not shown", 1.0),
+                                   ("completions", "completions", "held", 2 / 64)):
+        out = tmp_path / (cost or "default")
+        spec = ablate.Spec("vlm", {"base": ablate.Variant("base", baseline=None),
+                                   "v": ablate.Variant("v", {"dynamic_sampling_rounds": 1})},
+                           seeds=list(range(6)), cost=cost)
+        ablate.check_spec(spec)
+        for variant, values in gens.items():
+            for seed, g in zip(spec.seeds, values):
+                job = ablate.Job(variant, seed, {}, out / "runs" / ablate.slug(variant) / f"seed-{seed}")
+                job.folder.parent.mkdir(parents=True, exist_ok=True)
+                job.result_path.write_text(json.dumps({
+                    "args": ablate.train_args(spec, job), "exit": 0, "reached": True, "iterations": 50,
+                    "generations": g, "seconds": 5.0, "final": 1.0, "final_rolling": 0.9,
+                    "iterations_run": 300, "wall_time": 30.0}))
+        doc = ablate.collect(spec, out)
+        pair = doc["variants"]["v"]["pair"]
+        assert (pair["verdict"], pair["p_cost"]) == (verdict, pytest.approx(p))
+        assert doc["variants"]["v"]["summary"]["cost_q"][1] == (50 if not cost else 1250)
+        md = ablate.markdown(doc)
+        assert f"median paired difference in {name} |" in md and f"of the {name} to the target" in md
+
+
+@pytest.mark.parametrize("env, cost", [("cartpole", "completions"), ("vlm", "env-steps"), ("vlm", "tokens")])
+def test_a_cost_the_env_does_not_have_is_refused_naming_the_choices(tmp_path, env, cost):
+    choices = ", ".join(ablate.COSTS[env])
+    with pytest.raises(UsageError, match=f"cost {cost!r} is not a cost of {env}: choose one of {choices}$"):
+        ablate.spec_from_args(args_for(env=env, cost=cost))
+    path = tmp_path / "v.toml"
+    path.write_text(f'env = "{env}"\nseeds = "0-1"\ncost = "{cost}"\n')
+    with pytest.raises(UsageError, match="is not a cost of"):
+        ablate.spec_from_args(args_for(env=env, variants=path))
+    path.write_text(f'env = "{env}"\nseeds = "0-1"\ncost = "iterations"\n')
+    assert ablate.spec_from_args(args_for(env=env, variants=path)).cost == "iterations"
+
+
 def test_the_report_names_the_seeds_every_variant_finished(tmp_path):
     spec = ablate.Spec("vlm", {"base": ablate.Variant("base", baseline=None),
                                "v": ablate.Variant("v", {"gamma": 0.9})}, seeds=list(range(6)))
