@@ -412,6 +412,19 @@ def read_result(job: Job) -> dict[str, Any] | None:
     return doc if doc.get("exit") == 0 else None
 
 
+def read_measured(spec: Spec, job: Job) -> dict[str, Any] | None:
+    """``read_result`` holding the cost ``spec`` compares: a VLM result written before
+    completions were recorded gets them from its run folder; without the folder, UsageError."""
+    r = read_result(job)
+    key = cost_of(spec.env, spec.cost)[0]
+    if r is not None and spec.env == "vlm" and "generations" not in r and job.folder.is_dir():
+        r = {**r, "generations": summarise_run(spec.env, job.folder)["generations"]}  # an older result
+    if r is not None and key not in r:
+        raise UsageError(f"{job.result_path} has no {key} (written before they were recorded) and its run "
+                         f"folder is gone: compare another cost, or delete the result to run it again")
+    return r
+
+
 def summarise_run(env: str, folder: Path) -> dict[str, Any]:
     """Reached / cost / seconds / final reward of a finished run, from its metrics and config
     (see "Measures" in the module docstring)."""
@@ -590,7 +603,7 @@ def choose(spec: Spec, v: Variant, out: Path) -> tuple[dict[str, Any], list[dict
     for cand in candidates(v):
         jobs = [Job(v.name, s, settings(spec, v, cand), out / "tune" / slug(v.name) / slug(_cand_name(cand))
                     / f"seed-{s}") for s in spec.tune_seeds]
-        results = [read_result(j) for j in jobs]
+        results = [read_measured(spec, j) for j in jobs]
         if any(r is None for r in results):
             return None
         rows.append({"values": cand, **variant_summary(spec.env, results, cost_of(spec.env, spec.cost)[0])})
@@ -619,6 +632,7 @@ def run_ablation(spec: Spec, out: Path, *, jobs: int = 2, report_only: bool = Fa
     run failed, 130: stopped by a signal). ``again``: the command that continues, for the
     message printed when not everything is done."""
     out.mkdir(parents=True, exist_ok=True)
+    _check_same_cost(spec, out)
     runner = Runner(spec, jobs, say)
     failed: list = []
     with _forward_signals(runner):
@@ -646,6 +660,20 @@ def run_ablation(spec: Spec, out: Path, *, jobs: int = 2, report_only: bool = Fa
         say(f"continue with: {again}" if again else "run the same command again to continue")
         return 1 if failed else 130
     return 0
+
+
+def _check_same_cost(spec: Spec, out: Path) -> None:
+    """UsageError when ``out`` holds a tuned ablation reported on another cost: the tuning
+    choice ranks by the cost, so another cost could pick values its verdict runs were not run
+    with. Without tuning another cost is only another reading of the same runs."""
+    try:
+        before = json.loads((out / REPORT_JSON).read_text()).get("cost") or cost_of(spec.env)[1]
+    except (OSError, json.JSONDecodeError):
+        return
+    now = cost_of(spec.env, spec.cost)[1]
+    if before != now and any(v.tune for v in spec.variants.values()):
+        raise UsageError(f"{out} was tuned and reported on {before}, not {now}: its tuned values were chosen "
+                         f"on {before}; use another --out to tune on {now}")
 
 
 def _progress(say, kind: str):
@@ -745,9 +773,7 @@ def collect(spec: Spec, out: Path) -> dict[str, Any]:
         runs = {}
         if picked is not None:
             for job in verdict_jobs(spec, out, {v.name: picked[0]}):
-                r = read_result(job)
-                if r is not None and spec.env == "vlm" and "generations" not in r and job.folder.is_dir():
-                    r = {**r, "generations": summarise_run(spec.env, job.folder)["generations"]}  # older result
+                r = read_measured(spec, job)
                 if r is not None:
                     runs[job.seed] = r
         per[v.name] = runs
@@ -836,7 +862,8 @@ def tuning_lines(doc: dict) -> list[str]:
         if not e["tuning"]:
             continue
         lines += ["", f"Tuning of {name!r} on seeds {_seeds_text(doc['tune_seeds'])}:", "",
-                  "| values | reached | cost median [IQR] | final reward median |", "|---|---:|---:|---:|"]
+                  f"| values | reached | {_cost_name(doc)} median [IQR] | final reward median |",
+                  "|---|---:|---:|---:|"]
         for row in e["tuning"]:
             mark = " (chosen)" if row["values"] == e["chosen"] else ""
             lines.append(f"| {_cand_name(row['values'])}{mark} | {row['reached']}/{row['runs']} | "

@@ -222,7 +222,7 @@ def test_a_verdict_on_completions_counts_the_extra_draws(tmp_path):
 
 @pytest.mark.parametrize("env, cost", [("cartpole", "completions"), ("vlm", "env-steps"), ("vlm", "tokens")])
 def test_a_cost_the_env_does_not_have_is_refused_naming_the_choices(tmp_path, env, cost):
-    choices = ", ".join(ablate.COSTS[env])
+    choices = {"cartpole": "env-steps, iterations", "vlm": "iterations, completions"}[env]
     with pytest.raises(UsageError, match=f"cost {cost!r} is not a cost of {env}: choose one of {choices}$"):
         ablate.spec_from_args(args_for(env=env, cost=cost))
     path = tmp_path / "v.toml"
@@ -230,7 +230,78 @@ def test_a_cost_the_env_does_not_have_is_refused_naming_the_choices(tmp_path, en
     with pytest.raises(UsageError, match="is not a cost of"):
         ablate.spec_from_args(args_for(env=env, variants=path))
     path.write_text(f'env = "{env}"\nseeds = "0-1"\ncost = "iterations"\n')
-    assert ablate.spec_from_args(args_for(env=env, variants=path)).cost == "iterations"
+    spec = ablate.spec_from_args(args_for(env=env, variants=path))
+    assert ablate.cost_of(spec.env, spec.cost) == ("iterations", "iterations")
+
+
+def _write(spec, out, variant, seed, folder_kind="runs", **result):
+    job = ablate.Job(variant, seed, {}, out / folder_kind / ablate.slug(variant) / f"seed-{seed}")
+    job.folder.parent.mkdir(parents=True, exist_ok=True)
+    job.result_path.write_text(json.dumps({"args": ablate.train_args(spec, job), "exit": 0, "reached": True,
+                                           "seconds": 1.0, "final": 500.0, "iterations_run": 40,
+                                           "wall_time": 9.0, **result}))
+    return job
+
+
+def test_cartpole_on_iterations_judges_iterations_and_still_shows_env_steps(tmp_path):
+    """Fewer iterations but more env steps on every seed (longer episodes per iteration): the
+    verdict, its sooner/later counts and median difference follow the cost asked for; the
+    variants table's env-steps column stays env steps."""
+    for cost, verdict, sooner, median in (("", "opposite", 0, 300), ("iterations", "held", 6, -5)):
+        out = tmp_path / (cost or "default")
+        spec = ablate.Spec("cartpole", {"base": ablate.Variant("base", baseline=None),
+                                        "v": ablate.Variant("v", {"gamma": 0.9})}, seeds=list(range(6)), cost=cost)
+        for seed in spec.seeds:
+            _write(spec, out, "base", seed, iterations=20, env_steps=1000)
+            _write(spec, out, "v", seed, iterations=15, env_steps=1300)
+        doc = ablate.collect(spec, out)
+        pair = doc["variants"]["v"]["pair"]
+        assert (pair["verdict"], pair["sooner"], pair["cost_median_diff"]) == (verdict, sooner, median)
+        assert pair["p_cost"] == pytest.approx(2 / 64)
+        assert "| v | gamma=0.9 | 6 | 6/6 | 15 [15, 15] | 1,300 [1,300, 1,300] |" in ablate.markdown(doc)
+
+
+def test_the_tuning_choice_ranks_by_the_cost_asked_for(tmp_path):
+    """lr 0.1 needs fewer iterations, lr 0.01 fewer completions (fewer redraws): each cost
+    chooses its own; every candidate reached the target on every tuning seed."""
+    for cost, chosen in (("", 0.1), ("completions", 0.01)):
+        out = tmp_path / (cost or "default")
+        v = ablate.Variant("v", tune={"lr": [0.1, 0.01]})
+        spec = ablate.Spec("vlm", {"base": ablate.Variant("base", baseline=None), "v": v}, seeds=[0],
+                           tune_seeds=[100, 101], cost=cost)
+        for cand, its, gens in (({"lr": 0.1}, 40, 3000), ({"lr": 0.01}, 60, 2000)):
+            for seed in spec.tune_seeds:
+                job = ablate.Job("v", seed, ablate.settings(spec, v, cand),
+                                 out / "tune" / "v" / ablate.slug(ablate._cand_name(cand)) / f"seed-{seed}")
+                job.folder.parent.mkdir(parents=True, exist_ok=True)
+                job.result_path.write_text(json.dumps({"args": ablate.train_args(spec, job), "exit": 0,
+                                                       "reached": True, "iterations": its, "generations": gens,
+                                                       "seconds": 1.0, "final": 1.0, "final_rolling": 1.0}))
+        assert ablate.choose(spec, v, out)[0] == {"lr": chosen}
+
+
+def test_a_result_without_completions_and_without_its_folder_is_named(tmp_path):
+    spec = ablate.Spec("vlm", {"base": ablate.Variant("base", baseline=None)}, seeds=[0], cost="completions")
+    job = _write(spec, tmp_path, "base", 0, iterations=50, final_rolling=0.9)  # no generations, no folder
+    with pytest.raises(UsageError, match=f"{job.result_path} has no generations .* its run folder is gone"):
+        ablate.collect(spec, tmp_path)
+    spec.cost = ""
+    assert ablate.collect(spec, tmp_path)["variants"]["base"]["summary"]["cost_q"][1] == 50
+
+
+def test_another_cost_on_a_tuned_ablation_folder_is_refused(tmp_path):
+    """Tuned values were ranked by the folder's cost; without tuning another cost is only
+    another reading of the same runs."""
+    tuned = ablate.Spec("vlm", {"base": ablate.Variant("base", baseline=None),
+                                "v": ablate.Variant("v", tune={"lr": [0.1, 0.01]})}, seeds=[0], tune_seeds=[100])
+    (tmp_path / ablate.REPORT_JSON).write_text(json.dumps({"cost": "iterations"}))
+    tuned.cost = "completions"
+    with pytest.raises(UsageError, match="was tuned and reported on iterations, not completions"):
+        ablate.run_ablation(tuned, tmp_path, report_only=True, say=lambda line: None)
+    plain = ablate.Spec("vlm", {"base": ablate.Variant("base", baseline=None)}, seeds=[0], cost="completions")
+    ablate._check_same_cost(plain, tmp_path)  # no tuning: allowed
+    tuned.cost = "iterations"
+    ablate._check_same_cost(tuned, tmp_path)  # the same cost: allowed
 
 
 def test_the_report_names_the_seeds_every_variant_finished(tmp_path):
