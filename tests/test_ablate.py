@@ -71,7 +71,7 @@ def test_bad_ablations_are_refused_in_one_line(kw, words):
         assert w in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["cartpole", "sequence", "colours"])
+@pytest.mark.parametrize("name", ["cartpole", "sequence", "sequence-kl", "colours"])
 def test_the_benchmark_variants_files_are_valid(name):
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "ablations" / f"{name}.toml"
     spec = ablate.load_spec(path)
