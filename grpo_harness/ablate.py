@@ -834,13 +834,8 @@ def variants_table(doc: dict) -> list[str]:
     return lines
 
 
-def _cost_name(doc: dict) -> str:
-    """The report's name of the cost the verdicts compare (older reports: the env's default)."""
-    return doc.get("cost") or cost_of(doc["env"])[1]
-
-
 def pairs_table(doc: dict) -> list[str]:
-    cost = _cost_name(doc)
+    cost = doc["cost"]
     lines = [f"| claim | variant vs baseline | seeds | sooner / later / same | median paired difference in {cost} "
              "| p (cost) | median paired difference in final reward | p (final) | verdict |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -862,7 +857,7 @@ def tuning_lines(doc: dict) -> list[str]:
         if not e["tuning"]:
             continue
         lines += ["", f"Tuning of {name!r} on seeds {_seeds_text(doc['tune_seeds'])}:", "",
-                  f"| values | reached | {_cost_name(doc)} median [IQR] | final reward median |",
+                  f"| values | reached | {doc['cost']} median [IQR] | final reward median |",
                   "|---|---:|---:|---:|"]
         for row in e["tuning"]:
             mark = " (chosen)" if row["values"] == e["chosen"] else ""
@@ -883,7 +878,7 @@ def _seeds_text(seeds: list[int]) -> str:
 
 
 def markdown(doc: dict) -> str:
-    cost = _cost_name(doc)
+    cost = doc["cost"]
     train = " ".join(["grpo-harness train", doc["env"], *doc["train"]])
     done = set(doc["seeds"])
     for v in doc["variants"].values():
@@ -925,8 +920,8 @@ def plot(doc: dict, path: Path) -> None:
     names = list(doc["variants"])
     fig = Figure(figsize=(max(7.0, 1.1 * len(names) + 3), 4.8), layout="constrained")
     axes = fig.subplots(1, 2)
-    key = doc.get("cost_key") or cost_of(doc["env"])[0]
-    for ax, field_, label in ((axes[0], key, f"{_cost_name(doc)} to target"), (axes[1], "final", "final reward")):
+    for ax, field_, label in ((axes[0], doc["cost_key"], f"{doc['cost']} to target"),
+                              (axes[1], "final", "final reward")):
         for i, name in enumerate(names):
             runs = list(doc["variants"][name]["results"].values())
             ys = [r[field_] for r in runs]
