@@ -33,7 +33,9 @@ class GRPOConfig:
     outcome-only reward is standard GRPO; the plan suggests 0.995..0.999 for the VLM."""
     grpo_epochs: int = 10
     """Passes over each rollout batch with the old log-probs frozen at rollout time (plan
-    item 4). >= 1; 1 makes the PPO ratio exactly 1 (no clipping)."""
+    item 4). >= 1. With 1 epoch and 1 minibatch the PPO ratio is exactly 1 (no clipping); with
+    more minibatches it is not: every minibatch after the first is taken by a policy that the
+    earlier ones' steps already moved."""
     minibatches: int = 1
     """Minibatches per epoch; the batch's sequences are shuffled and split (1..N)."""
     micro_batch_size: int | None = None
@@ -109,11 +111,22 @@ class GRPOConfig:
     ``collect_more(..., again=(rollout, groups))``), G new samples each, until a draw gives the
     group a signal or the rounds run out. A group is unsolved when it has no signal and its
     outcome (the mean over its samples of each sample's summed rewards) is below the best
-    sample outcome the run has seen (``GRPOTrainer.best_outcome``, kept in checkpoints); a
-    group without signal at that best is solved and is dropped without a retry, so a task
-    that is mostly solved costs no extra draws. The update trains the first draw's groups with
-    signal and the retried groups that found one (fewer than groups_per_iteration when some
-    never do). Also counted: ``groups_retried``."""
+    sample outcome the run has seen (``GRPOTrainer.best_outcome``, kept in checkpoints), or when
+    none of its samples has a valid step (every reward None, every completion truncated and
+    masked: nothing says it is solved); a group without signal at that best is solved and is
+    dropped without a retry, so a task that is mostly solved costs no extra draws. The update
+    trains the first draw's groups with signal and the retried groups that found one (fewer
+    than groups_per_iteration when some never do). Also counted: ``groups_retried``.
+
+    Retry changes the objective; fresh does not. Plain GRPO trains prompt q's group when it has
+    signal, with probability ``s_q``; a fresh draw multiplies every prompt's chance by the same
+    factor (the draws stop on other groups' signal, not on q's). Retry also trains q when its
+    first group failed every sample (probability ``z_q``) and a retry found signal, so q's
+    weight relative to plain GRPO is ``1 + (z_q / s_q) (1 - (1 - s_q)**R)`` (R the rounds),
+    while a group that succeeded everywhere is not retried: a curriculum towards hard prompts.
+    With G = 4, R = 2 and success rates 0.1 and 0.6 it is 2.09 and 1.03, twice the weight for
+    the hard prompt (``tests/test_dynamic_sampling.py`` measures it against this formula).
+    ``objective_notes()`` says so at the start of a run."""
     seed: int = 0
     """Seeds rollouts, start states and minibatch shuffles. >= 0."""
 
@@ -171,6 +184,15 @@ class GRPOConfig:
         return (self.beta != 0 and self.update_ref_model_freq == 1 and hard
                 and self.grpo_epochs == 1 and self.minibatches == 1
                 and self.kl_estimator in FLAT_AT_REFERENCE)
+
+    def objective_notes(self) -> list[str]:
+        """One line for each setting that trains another objective than GRPO's (the run prints
+        them at its start): today the retry form of dynamic sampling, a curriculum."""
+        if not (self.dynamic_sampling and self.dynamic_sampling_redraw == "retry" and self.dynamic_sampling_rounds):
+            return []
+        return [f"note: dynamic_sampling_redraw='retry' ({self.dynamic_sampling_rounds} rounds) weights a prompt "
+                "whose group often fails every sample up to (1 + rounds) times more than GRPO does (a "
+                "curriculum towards hard prompts); 'fresh' keeps GRPO's weighting"]
 
     @classmethod
     def field_names(cls) -> list[str]:

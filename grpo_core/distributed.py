@@ -8,8 +8,12 @@ compares W processes with one (``tests/test_distributed*.py``):
 Groups
     The B groups of an iteration are split into W contiguous blocks of B/W: rank r collects
     groups ``r*B/W .. (r+1)*B/W - 1`` (``adapter.collect(..., first_group=, total_groups=)``),
-    each started and sampled from its global index, so the ranks' rollouts together are the
-    one-process rollout and a group never spans two ranks. B not divisible by W is refused.
+    each started from its global index, so a group never spans two ranks and no two ranks
+    sample the same one. B not divisible by W is refused. On CartPole (each group's start
+    state and action noise seeded by its index) the ranks' rollouts together are the
+    one-process rollout; the VLM adapter samples each rank's share from one random stream per
+    share, so its ranks draw other completions than one process would (its updates from a
+    given rollout are equal).
 Advantages
     A group's statistics are computed where the group is. ``scale="batch"`` needs the std of the
     whole batch: the ranks' rewards and masks (a few numbers per sequence) are all-gathered and
@@ -31,9 +35,10 @@ Loss and gradient
     every collective and adds nothing. The zero-signal skip is taken only when no rank has
     signal, so every rank steps or none does.
 Reference
-    Refreshed on every rank from its own policy, which is the same on every rank (DDP keeps
-    the replicas equal); under FSDP the reference is sharded like the policy and refreshed
-    shard by shard.
+    Built, like the policy, from rank 0's initial weights (broadcast before DDP or FSDP wraps
+    them, so ranks initialised differently still share one reference), then refreshed on every
+    rank from its own policy, which is the same on every rank (DDP keeps the replicas equal);
+    under FSDP the reference is sharded like the policy and refreshed shard by shard.
 Metrics
     ``step()`` returns the same metrics on every rank: the loss terms summed over ranks (each is
     a share of the global mean), token shares (clip fractions, approx KL) weighted by tokens,
@@ -105,6 +110,8 @@ class DistributedGRPOTrainer(GRPOTrainer):
         if self.world > 1:
             _check_share_collect(adapter)
         super().__init__(adapter, config, optimizer, keep_reference=keep_reference)
+        if self.world > 1:
+            self._sync_initial_weights()
         self.shard = shard
         self.local_groups = config.groups_per_iteration // self.world
         self.first_group = self.rank * self.local_groups
@@ -120,6 +127,19 @@ class DistributedGRPOTrainer(GRPOTrainer):
             from torch.nn.parallel import DistributedDataParallel
 
             self.wrapper = DistributedDataParallel(_PolicyForward(adapter, self.policy), device_ids=None)
+
+    @torch.no_grad()
+    def _sync_initial_weights(self) -> None:
+        """Rank 0's policy and reference on every rank, before anything is wrapped or sharded.
+        DDP broadcasts the policy it wraps, but the reference was copied from each rank's own
+        initial policy before that, and FSDP2 broadcasts nothing: a rank initialised
+        differently would pull its KL term towards its own weights (or shard a mix of ranks'
+        weights). A reference that is not a module (an adapter's handle to weights inside the
+        policy, LoRA's) travels with the policy."""
+        for model in (self.policy, self.reference):
+            if isinstance(model, torch.nn.Module):
+                for t in [*model.parameters(), *model.buffers()]:
+                    dist.broadcast(t.data, src=0)
 
     # --- rollouts and advantages ------------------------------------------------------------
     def _collect(self, draw: int = 0) -> Rollout:

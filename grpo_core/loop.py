@@ -199,7 +199,7 @@ class GRPOTrainer:
         outcome, valid = self._see_outcomes(rollout)
         signal = _signal_groups(adv, rollout.mask, g)
         group_outcome = _group_outcomes(outcome, valid, g)
-        todo = [k for k in range(b) if k not in signal and _below(group_outcome[k], self.best_outcome)]
+        todo = [k for k in range(b) if k not in signal and _unsolved(group_outcome[k], self.best_outcome)]
         todo = todo if cfg.dynamic_sampling_rounds else []
         retried, dropped, found, extra, rounds = len(todo), b - len(signal), [], 0, 1
         while todo and rounds <= cfg.dynamic_sampling_rounds:
@@ -358,11 +358,14 @@ class GRPOTrainer:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return 0.0
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        # float64: a float32 (or bf16) norm overflows once the squares pass 3.4e38, at entries
+        # of about 1e19, although the gradient and its clipped form are finite
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64)
+                                                     for g in grads]))
         if not torch.isfinite(norm):
             raise NonFiniteLossError(f"iteration {self.iteration}: gradient norm is {float(norm)}")
         if self.config.max_grad_norm > 0:
-            coef = self.config.max_grad_norm / (norm + 1e-6)
+            coef = self.config.max_grad_norm / (float(norm) + 1e-6)
             if coef < 1:
                 for g in grads:
                     g.mul_(coef)
@@ -410,6 +413,12 @@ def _group_outcomes(outcome: torch.Tensor, valid: torch.Tensor, group_size: int)
 def _below(value: float, best: float) -> bool:
     """``value`` is below ``best`` by more than rounding (a relative 1e-6); NaN never is."""
     return value < best - 1e-6 * max(1.0, abs(best))
+
+
+def _unsolved(outcome: float, best: float) -> bool:
+    """A group without signal is retried when its outcome is below the best, or when it has no
+    outcome at all (NaN: no sample with a valid step, so nothing says it is solved)."""
+    return math.isnan(outcome) or _below(outcome, best)
 
 
 def _zero_signal_groups(adv: torch.Tensor, valid: torch.Tensor, group_size: int) -> int:

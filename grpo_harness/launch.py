@@ -29,6 +29,8 @@ import datetime
 import os
 from typing import NoReturn
 
+from .exits import EXIT_FAILED, one_line
+
 DEFAULT_TIMEOUT_S = 1800.0
 """Default bound on one collective (``--dist-timeout``): longer than any rank's work between two
 collectives (a rollout of a large model), short enough that a hung peer ends the run."""
@@ -95,17 +97,18 @@ def vlm_fsdp_units(model) -> list:
     return [*inner.visual.blocks, inner.visual, *inner.language_model.layers]
 
 
-def run_on_world(cls, args) -> NoReturn:
+def run_on_world(cls, args, start=None) -> NoReturn:
     """Run the train command ``cls`` (a ``TrainingRun``) as this rank and end the process with
-    its exit status (``leave``). A rank that loses a peer (its collective fails) says so in one
-    line and exits 1: the peer prints its own error. Anything else that leaves the command is
-    printed as the interpreter would print it (``_said``)."""
+    its exit status (``leave``); ``start(world)``, if given, runs once the process group is up,
+    before the command is built (the run module tells its folders which rank writes). A rank
+    that loses a peer (its collective fails) says so in one line and exits 1: the peer prints its
+    own error. Anything else that leaves the command is printed as the interpreter would print
+    it (``_said``)."""
     import sys
 
-    from .run import EXIT_FAILED, RunFolder, one_line
-
     world = World(getattr(args, "dist_timeout", None) or DEFAULT_TIMEOUT_S)
-    RunFolder.writes = world.writer
+    if start is not None:
+        start(world)
     code, prog = EXIT_FAILED, "grpo-harness"
     try:
         run = cls(args)
@@ -129,8 +132,6 @@ def _said(exc: BaseException, prog: str, rank: int) -> int:
     import sys
 
     import torch.distributed as dist
-
-    from .run import EXIT_FAILED, one_line
 
     if isinstance(exc, SystemExit):
         if exc.code is None or isinstance(exc.code, int):

@@ -67,11 +67,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from .exits import EXIT_FAILED, EXIT_USAGE, one_line
 from .trackers import parse_report_to
 from .trainlog import atomic_write
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
@@ -676,11 +675,6 @@ def raised_in(exc: BaseException, code_objects) -> bool:
     return False
 
 
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 
 # --- the run ----------------------------------------------------------------------------------
 
@@ -1055,6 +1049,8 @@ class TrainingRun:
             raise
         verb = f"resuming at iteration {self.start_iteration}" if self.resumed else "training"
         self.say(f"{verb} {self.describe()}")
+        for note in self.cfg.objective_notes():
+            self.say(note)
         exit_code, error, crash = 0, None, None
         try:
             stop = self._loop()
@@ -1129,7 +1125,10 @@ def run_command(cls, args) -> int:
     from .launch import launched_by_torchrun, run_on_world
 
     if launched_by_torchrun():
-        return run_on_world(cls, args)
+        def only_rank_zero_writes(world) -> None:
+            RunFolder.writes = world.writer
+
+        return run_on_world(cls, args, start=only_rank_zero_writes)
     return cls(args).main()
 
 

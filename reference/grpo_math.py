@@ -30,6 +30,12 @@ Sources (each convention of this module is taken from these, never from ``grpo_c
 [TRL]   TRL's GRPOTrainer: std with Bessel's correction (torch.std's default),
         eps added to the std outside the square root; scale_rewards="batch" takes the
         std over the whole batch, the mean staying per group.
+[VERL]  verl, verl/trainer/ppo/core_algos.py, agg_loss: the seq-mean modes take the mean
+        over the sequences with at least one valid token ("exclude fully masked
+        sequences"); token-mean divides by the valid tokens only.
+[DAPO]  Yu et al. 2025, "DAPO", sec. 3.3-3.4: the token-level loss divides by the valid
+        tokens of the batch, and overlong filtering masks a truncated sample's loss, so a
+        masked sample carries no weight in the loss.
 
 Conventions fixed here:
 
@@ -58,6 +64,34 @@ Conventions fixed here:
                                                                                 every t)
   Dr. GRPO loss normaliser        constant max_len x every sequence of the      [DR], [TRL]
                                   batch, an empty one included (A4)
+  seq-mean rows (A2, A3)          the sequences with a valid token: a fully     [VERL], [DAPO]
+                                  masked row (reward None, or truncated and
+                                  masked) is not in the mean
+  empty sample, group stats       left out of its group's pool: the mean and    decided here
+                                  std are those of the samples with a valid     (below); TRL
+                                  step; fewer than 2 left is no signal          and verl differ
+
+Where the sources disagree (correctness pass 2). A sample with no valid token is, for every
+convention above but Dr. GRPO's constant normaliser, not part of the batch:
+
+* seq-mean rows. DeepSeekMath's objective averages over all G outputs (1/G); it has no masked
+  output. TRL's "grpo" loss takes the mean of the per-row token means over every row, a fully
+  masked one included; verl's seq-mean modes leave such rows out. With k of N rows masked,
+  counting every row gives each remaining row the weight 1/N, so a batch in which many samples
+  were masked (unscorable, or truncated) takes a step (N - k)/N times smaller, a weight that
+  depends on how often masking happens; leaving them out gives 1/(N - k), the step of a batch
+  of the N - k samples that have a loss, and agrees with the token-mean that DAPO's overlong
+  filtering uses (masked tokens leave its normaliser). Followed here: verl's.
+  Dr. GRPO (A4) keeps every row on purpose: its point is a normaliser that does not depend on
+  the batch's content [DR], and TRL's dr_grpo does the same.
+* group statistics. TRL scores a sample whose every reward function returned None as 0 and
+  keeps it in the group's mean and std (and in the loss); verl's GRPO advantage pools every
+  response's score, a truncated one included. Here the pool holds the samples with a valid
+  step only: an unscorable sample has no reward to pool (a 0 would pull the mean towards 0
+  and shift every other sample's advantage), and a sample masked as truncated is meant to
+  carry no signal, which its reward in the pool would still give (it moves the mean that the
+  others are measured against). The remaining samples' advantages are then those of a group
+  of G - k samples; with fewer than 2 left the group has no signal.
 """
 
 import math
@@ -311,7 +345,8 @@ def aggregate_weights(lengths, agg, max_len=None):
     (A0)  loss = sum_i sum_t w_it * v_it
 
     With S = number of sequences with len_i > 0 (empty sequences are left
-    out of the means A2, A3), B = number of sequences, empty ones included,
+    out of the means A2, A3: [VERL], see "Where the sources disagree" in the
+    module docstring), B = number of sequences, empty ones included,
     and N = total number of tokens:
       (A1) "token-mean"              w = 1 / N
       (A2) "seq-mean-token-mean"     w = 1 / (S * len_i)

@@ -172,6 +172,59 @@ def test_checkpoint_at_two_ranks_continues_in_one_process(runs, name):
         assert gap > 1e-3, f"a per-rank shuffle resumed like the 2-rank run (gap {gap:.2e}); the test cannot catch it"
 
 
+# --- ranks initialised differently (correctness pass 2, item 2) ---------------------------------
+
+SEEDED = dict(group_size=4, groups_per_iteration=2, grpo_epochs=2, minibatches=2, beta=0.5,
+              update_ref_model_freq=0, lr=1e-2, seed=3)
+
+
+class _NoInitialSync(DistributedGRPOTrainer):
+    """Before the fix: only DDP's own broadcast of the policy it wraps; the reference stays each
+    rank's copy of its own initial policy."""
+
+    def _sync_initial_weights(self):
+        pass
+
+
+def _init_seeded_adapter(init_seed: int) -> CartPoleAdapter:
+    """Rollouts seeded alike (seed 3); the policy's initial weights drawn with ``init_seed``."""
+    from adapters.cartpole import CartPolePolicy
+
+    with torch.random.fork_rng():
+        torch.manual_seed(init_seed)
+        policy = CartPolePolicy(16)
+    return CartPoleAdapter(seed=SEEDED["seed"], hidden=16, dtype=F64, policy=policy)
+
+
+def _train_seeded(cls, init_seed: int) -> dict:
+    tr = cls(_init_seeded_adapter(init_seed), GRPOConfig(**SEEDED))
+    ref0 = {k: v.clone() for k, v in tr.reference.state_dict().items()}
+    kl = [tr.step()["kl"] for _ in range(ITERATIONS)]
+    return {"ref0": ref0, "params": {k: v.clone() for k, v in tr.policy.state_dict().items()}, "kl": kl}
+
+
+def _on_rank_seeded(rank, world):
+    return {"fixed": _train_seeded(DistributedGRPOTrainer, 100 + rank),
+            "broken": _train_seeded(_NoInitialSync, 100 + rank)}
+
+
+@pytest.mark.slow
+def test_ranks_initialised_differently_share_rank_zeros_reference():
+    """Rank r's policy starts from seed 100 + r, beta 0.5, never refreshed: every rank's
+    reference is rank 0's initial policy, and 2 ranks train to the parameters of one process
+    started from rank 0's weights. Before the fix each rank kept its own reference (gap ~0.9)."""
+    ranks = on_ranks(_on_rank_seeded, 2)
+    one = _train_seeded(GRPOTrainer, 100)
+    initial = _init_seeded_adapter(100).policy.state_dict()
+    for r in ranks:
+        assert _rel_gap(r["fixed"]["ref0"], initial) == 0.0
+    assert _rel_gap(ranks[0]["fixed"]["params"], one["params"]) < REL
+    assert ranks[0]["fixed"]["kl"] == pytest.approx(one["kl"], rel=REL)
+    broken = _rel_gap(ranks[1]["broken"]["ref0"], ranks[0]["broken"]["ref0"])
+    assert broken > 0.1, f"the broken trainer's ranks share a reference (gap {broken:.2e}): the test cannot catch it"
+    assert _rel_gap(ranks[0]["broken"]["params"], one["params"]) > 1e-3
+
+
 def test_groups_must_divide_among_ranks():
     with pytest.raises(ValueError, match="groups_per_iteration=3 is not divisible by the world size 2"):
         _check_config(GRPOConfig(groups_per_iteration=3), 2, "ddp", object())

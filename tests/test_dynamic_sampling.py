@@ -353,6 +353,130 @@ def test_unsolved_needs_more_than_rounding_below_the_best():
     assert not loop_module._below(0.0, -math.inf)
 
 
+class _NaNIsSolved(GRPOTrainer):
+    """The rule before correctness pass 2: a group without a valid sample (NaN outcome) is
+    compared with the best like any other, so it counts as solved and is dropped unretried."""
+
+    def _retry_unsolved(self, rollout, adv):
+        real = loop_module._unsolved
+        loop_module._unsolved = loop_module._below
+        try:
+            return super()._retry_unsolved(rollout, adv)
+        finally:
+            loop_module._unsolved = real
+
+
+class _EmptyGroupAdapter(RetryAdapter):
+    """Group 1 of the first draw has no valid step in any sample (every reward None, or every
+    completion truncated and masked)."""
+
+    def _scripted(self, num_groups, group_size, iteration, draw):
+        ro = super()._scripted(num_groups, group_size, iteration, draw)
+        if draw == 0:
+            ro.mask[G:2 * G] = 0
+        return ro
+
+
+@pytest.mark.parametrize("cls, retried", [(GRPOTrainer, [[1]]), (_NaNIsSolved, [])])
+def test_a_group_without_a_valid_sample_is_unsolved(cls, retried):
+    """Nothing says such a group is solved: it is retried (the broken rule drops it)."""
+    ad = _EmptyGroupAdapter({0: [SIG, ZERO, SIG, SIG], ("retry", 1): [[0.0, 1.0, 0.0]]})
+    tr = cls(ad, retry_config())
+    tr.best_outcome = 1.0
+    st = tr.step()
+    assert [gs for _, gs, _ in ad.asked] == retried
+    assert st["groups_trained"] == B - 1 + len(retried)
+    assert loop_module._unsolved(math.nan, 1.0) and loop_module._unsolved(math.nan, -math.inf)
+
+
+# --- what retry does to the objective (correctness pass 2, item 1) -------------------------------
+
+class BernoulliPrompts(RetryAdapter):
+    """Slot k of a draw holds prompt k % 2: prompt 0 succeeds with probability P[0], prompt 1
+    with P[1]; every sample's outcome reward is 1 on success, else 0, drawn from one seeded
+    stream. A retry of slot k samples the same prompt again. ``trained`` counts, per prompt, the
+    groups the update saw with signal."""
+
+    P = (0.1, 0.6)
+
+    def __init__(self, seed):
+        super().__init__({})
+        self.gen = torch.Generator().manual_seed(seed)
+        self.trained = [0, 0]
+
+    def _draw(self, prompts):
+        p = torch.tensor([self.P[q] for q in prompts for _ in range(G)], dtype=torch.float64)
+        ok = (torch.rand(p.shape, generator=self.gen, dtype=torch.float64) < p).double()
+        return [ok[i * G:(i + 1) * G].tolist() for i in range(len(prompts))]
+
+    def collect(self, *, num_groups, group_size, iteration):
+        self.script[0] = self._draw([k % 2 for k in range(num_groups)])
+        return self._scripted(num_groups, group_size, iteration, 0)
+
+    def collect_more(self, *, num_groups, group_size, iteration, draw, again=None):
+        rollout, groups = again
+        self.script[draw] = self._draw([int(rollout.inputs["prompt"][k * G]) for k in groups])
+        ro = self._scripted(num_groups, group_size, iteration, draw)
+        ro.inputs["prompt"] = rollout.inputs["prompt"].view(-1, G)[groups].reshape(-1)
+        return ro
+
+    def _scripted(self, num_groups, group_size, iteration, draw):
+        ro = super()._scripted(num_groups, group_size, iteration, draw)
+        if draw == 0:
+            ro.inputs["prompt"] = torch.arange(num_groups).repeat_interleave(G) % 2
+        return ro
+
+    def join_groups(self, parts):
+        joined = super().join_groups(parts)
+        joined.inputs["prompt"] = torch.cat([r.inputs["prompt"].view(-1, G)[gs].reshape(-1) for r, gs in parts])
+        return joined
+
+
+class _CountingTrainer(GRPOTrainer):
+    """Counts the groups with signal that reach the update, by prompt, and skips the update
+    itself (what is measured is which groups are trained, not how)."""
+
+    def _update(self, rollout, adv, ref_logp):
+        has = ((adv != 0) & rollout.mask.bool()).view(-1, G * adv.shape[1]).any(1)
+        for q, h in zip(rollout.inputs["prompt"].view(-1, G)[:, 0].tolist(), has.tolist()):
+            self.adapter.trained[q] += int(h)
+        return {}
+
+
+def _weight(p: float, rounds: int) -> tuple[float, float]:
+    """(chance a slot of this prompt is trained under plain GRPO, under retry): a group has
+    signal with s = 1 - p^G - (1-p)^G; it failed every sample with z = (1-p)^G, and then each
+    of the rounds retries finds signal with chance s."""
+    s, z = 1 - p ** G - (1 - p) ** G, (1 - p) ** G
+    return s, s + z * (1 - (1 - s) ** rounds)
+
+
+@pytest.mark.parametrize("redraw", ["none", "retry"])
+def test_retry_weights_each_prompt_as_the_formula_says(redraw):
+    """Per prompt slot, the share of iterations its group is trained, against the formula of
+    ``GRPOConfig.dynamic_sampling_redraw`` (plain GRPO: s_q; retry: s_q + z_q (1 - (1 - s_q)^R)),
+    within 4 binomial standard deviations; and the hard/easy ratio, about twice plain GRPO's
+    with retry. By hand for G = 3, R = 2: plain 0.27 / 0.72 = 0.375; retry (0.27 + 0.729 x
+    (1 - 0.73^2)) / (0.72 + 0.064 x (1 - 0.28^2)) = 0.61052 / 0.77898 = 0.7837."""
+    iterations, rounds = 1500, 2
+    ad = BernoulliPrompts(seed=11)
+    kw = dict(dynamic_sampling_rounds=rounds, group_size=G, groups_per_iteration=4)
+    cfg = retry_config(**kw) if redraw == "retry" else config(dynamic_sampling=False, **kw)
+    tr = _CountingTrainer(ad, cfg)
+    tr.best_outcome = 1.0  # a success was seen: a group that failed everywhere is unsolved
+    for _ in range(iterations):
+        tr.step()
+    slots = iterations * 2  # two slots per prompt per iteration
+    want = [(_weight(p, rounds)[0] if redraw == "none" else _weight(p, rounds)[1]) for p in BernoulliPrompts.P]
+    for q in (0, 1):
+        sd = math.sqrt(slots * want[q] * (1 - want[q]))
+        assert abs(ad.trained[q] - slots * want[q]) < 4 * sd, (q, ad.trained[q], slots * want[q])
+    ratio = ad.trained[0] / ad.trained[1]
+    closed = {"none": 0.375, "retry": 0.7837}[redraw]
+    assert want[0] / want[1] == pytest.approx(closed, abs=5e-4)
+    assert ratio == pytest.approx(closed, abs=0.05)
+
+
 # --- the VLM adapter ----------------------------------------------------------------------------
 
 pytest.importorskip("transformers")

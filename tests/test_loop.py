@@ -857,3 +857,50 @@ def test_the_gradient_norm_of_no_gradient_is_zero():
     tr = GRPOTrainer(ToyAdapter(), GRPOConfig(group_size=2, groups_per_iteration=2))
     tr.optimizer.zero_grad(set_to_none=True)
     assert tr._clip_gradients() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# correctness pass 2, item 5: the gradient norm does not overflow in the parameters' dtype
+# ---------------------------------------------------------------------------------------------
+
+
+class _NormInParamDtype(GRPOTrainer):
+    """The norm before the fix: taken in the gradients' dtype (float32 squares overflow at 3.4e38)."""
+
+    def _clip_gradients(self):
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if not torch.isfinite(norm):
+            raise NonFiniteLossError(f"gradient norm is {float(norm)}")
+        return float(norm)
+
+
+def _huge_gradient(cls):
+    tr = cls(ToyAdapter(dtype=torch.float32), GRPOConfig(group_size=2, groups_per_iteration=2, max_grad_norm=1.0))
+    for p in tr.params:
+        p.grad = torch.zeros_like(p)
+    first = tr.params[0].grad.view(-1)
+    first[:4] = 1e20  # finite in float32; its square is not
+    return tr
+
+
+def test_a_finite_gradient_of_huge_entries_has_a_finite_norm_and_is_clipped():
+    """Four float32 entries of 1e20: the norm is sqrt(4) * 1e20 = 2e20 exactly in float64 (closed
+    form), and clipping to 1 leaves those entries at 0.5 each (float32 rounding, relative 1e-6)."""
+    tr = _huge_gradient(GRPOTrainer)
+    assert tr.params[0].grad.dtype == torch.float32
+    norm = tr._clip_gradients()
+    assert norm == pytest.approx(2e20, rel=1e-7)
+    first = tr.params[0].grad.view(-1)[:4].double()
+    assert torch.allclose(first, torch.full((4,), 0.5, dtype=torch.float64), rtol=1e-6, atol=0)
+    with pytest.raises(NonFiniteLossError, match="gradient norm is inf"):
+        _huge_gradient(_NormInParamDtype)._clip_gradients()
+
+
+def test_objective_notes_name_the_settings_that_change_the_objective():
+    """Only retry (with rounds) trains another objective than GRPO's; fresh redraws rescale it."""
+    retry = GRPOConfig(dynamic_sampling=True, dynamic_sampling_redraw="retry", dynamic_sampling_rounds=3)
+    assert len(retry.objective_notes()) == 1 and "(3 rounds)" in retry.objective_notes()[0]
+    assert retry.replace(dynamic_sampling_rounds=0).objective_notes() == []
+    assert retry.replace(dynamic_sampling_redraw="fresh").objective_notes() == []
+    assert retry.replace(dynamic_sampling=False).objective_notes() == []

@@ -253,3 +253,18 @@ def test_default_dynamic_sampling_under_torchrun(world, given, expected, capsys)
     assert run._defaults_for_world(given)["dynamic_sampling"] is expected
     said = "dynamic sampling (a default) is off" in capsys.readouterr().err
     assert said is (world is not None and not given)
+
+
+# --- a default that changes the objective says so (correctness pass 2, item 1) ------------------
+
+def test_the_default_retry_says_it_is_a_curriculum(tiny_dirs, tmp_path, capsys):
+    """The VLM default (dynamic sampling that retries unsolved prompts) reweights prompts; the
+    run's first lines say so. Turned off, nothing is said."""
+    base = ["--task", "colours", "--model", str(tiny_dirs["qwen2_vl"]), "--threads", "1", "--num-prompts", "8",
+            "--eval-size", "4", "--set", "group_size=4", "--set", "groups_per_iteration=2", "--skip-preflight",
+            "--max-iterations", "1"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "dynamic_sampling_redraw='retry' (2 rounds) weights a prompt" in err and "curriculum" in err
+    assert main([*base, "--out", str(tmp_path / "b"), "--set", "dynamic_sampling=false"]) == 0
+    assert "curriculum" not in capsys.readouterr().err
