@@ -5,11 +5,15 @@ exact enumeration of categorical distributions, k2's bias by sampling. The delib
 estimators of ``tests/wrong_estimators.py`` must each fail the row that names their bug.
 """
 
+import ast
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+
+import grpo_core.testing
 
 from tests import wrong_estimators as wrong
 from grpo_core import kl_k1, kl_k2, kl_k3, kl_k3_is
@@ -306,3 +310,50 @@ def test_kl_plot_writes_a_png(tmp_path):
     assert data["k2"]["bias"][-1] > 0.1  # k2 is biased away from the reference
     assert all(math.isfinite(s) for n in ("k1", "k2", "k3") for s in data[n]["std"])
     json.dumps(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kit's modules import one way (no import circle, not even inside functions)
+# ---------------------------------------------------------------------------------------------
+
+
+def _kit_imports() -> dict[str, set[str]]:
+    """For each module of grpo_core/testing, the kit modules it imports anywhere in its code."""
+    folder = Path(grpo_core.testing.__file__).parent
+    names = {p.stem for p in folder.glob("*.py")}
+    graph = {}
+    for path in folder.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                if node.level == 1 and mod in names:  # from .x import ...
+                    found.add(mod)
+                elif node.level == 1 and not mod:  # from . import x
+                    found |= {a.name for a in node.names if a.name in names}
+                elif mod.startswith("grpo_core.testing."):
+                    found.add(mod.split(".")[2])
+            elif isinstance(node, ast.Import):
+                found |= {a.name.split(".")[2] for a in node.names
+                          if a.name.startswith("grpo_core.testing.")}
+        graph[path.stem] = found - {path.stem}
+    return graph
+
+
+def test_kit_modules_import_one_way():
+    graph = _kit_imports()
+    assert graph["base"] == set()
+    assert "checks" not in graph["adv_checks"] | graph["loss_checks"]
+    state: dict[str, str] = {}
+
+    def visit(name, path):
+        state[name] = "open"
+        for dep in sorted(graph.get(name, ())):
+            assert state.get(dep) != "open", f"import circle: {' -> '.join(path + [dep])}"
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])

@@ -43,6 +43,38 @@ def verl_grpo_advantage(scores):
     return (scores - mean) / (std + 1e-6)
 
 
+def _count_bessel_std(scores):
+    """The group std the way TRL's ``nanstd`` builds it: the population variance (a NaN-aware
+    mean of squared deviations) times ``count / (count - 1)``, where ``count`` is an integer
+    tensor. Dividing two integer tensors gives torch's default float dtype, so the Bessel
+    factor is rounded to float32 even when the scores are float64 (8/7 and 16/15 are off by a
+    few 1e-8 relative; 2 and 3/2 are exact)."""
+    count = (~torch.isnan(scores)).sum(-1, keepdim=True)  # int64
+    centre = torch.nanmean(scores, -1, keepdim=True)
+    variance = torch.nanmean((scores - centre) ** 2, -1, keepdim=True)
+    factor = count / (count - 1)  # float32, whatever the scores' dtype
+    return (variance * factor).sqrt()
+
+
+@declares(std_scaled=True, bessel=True, eps=1e-4, singleton="unsupported")
+def trl_nanstd_advantage(scores):
+    """TRL's group advantage with the std from its ``nanstd``: (r - mean) / (std + 1e-4), the
+    Bessel factor computed in float32 from integer counts (see :func:`_count_bessel_std`)."""
+    return (scores - scores.mean(-1, keepdim=True)) / (_count_bessel_std(scores) + 1e-4)
+
+
+@declares(std_scaled=True, bessel=True, eps=1e-6, singleton="raw")
+def verl_float32_singleton_advantage(scores):
+    """verl's GRPO outcome advantage with its singleton constants as verl writes them: a group
+    of one gets ``mean = torch.tensor(0.0)`` and ``std = torch.tensor(1.0)``, float32 scalars,
+    so a float64 score is divided by the float32 number nearest 1 + 1e-6 (1 + 9.5367e-7)."""
+    if scores.shape[-1] == 1:
+        mean, std = torch.tensor(0.0), torch.tensor(1.0)  # default dtype: float32
+    else:
+        mean, std = scores.mean(-1, keepdim=True), scores.std(-1, keepdim=True)
+    return (scores - mean) / (std + 1e-6)
+
+
 @declares(std_scaled=True, bessel=True, eps=1e-8, singleton="unsupported")
 def textbook_advantage(scores):
     """The textbook one-liner (s - mean) / (std + 1e-8); run in float32 it turns the rounding
@@ -145,6 +177,17 @@ REGRESSION = [
      {"singleton": "zero"}, 1, {"group_size_one", "ties_float32"}),
     ("verl advantage, false bessel=false", "verl_grpo_advantage", "advantage",
      {"bessel": False}, 1, {"bessel", "ties_float32"}),
+    ("TRL advantage, Bessel factor in float32 (nanstd), true claims", "trl_nanstd_advantage",
+     "advantage", {}, 0, set()),
+    ("TRL advantage, float32 Bessel factor, false bessel=false", "trl_nanstd_advantage",
+     "advantage", {"bessel": False}, 1, {"bessel"}),
+    ("TRL advantage, float32 Bessel factor, false eps=1e-5", "trl_nanstd_advantage",
+     "advantage", {"eps": 1e-5}, 1, {"eps"}),
+    ("verl advantage, float32 singleton constants, true claims",
+     "verl_float32_singleton_advantage", "advantage", {}, 1, {"ties_float32"}),
+    ("verl advantage, float32 singleton constants, false singleton=zero",
+     "verl_float32_singleton_advantage", "advantage", {"singleton": "zero"}, 1,
+     {"group_size_one", "ties_float32"}),
     ("textbook advantage (float32 ties), true claims", "textbook_advantage", "advantage", {}, 1,
      {"ties_float32"}),
     ("Dr. GRPO advantage, true claims", "dr_grpo_advantage", "advantage", {}, 0, set()),

@@ -36,8 +36,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# Estimator kit (checks.py, kit.py): torch and the standard library only, no hypothesis.
-from .checks import CheckResult  # noqa: E402
+# Estimator kit (base.py, checks.py, adv_checks.py, loss_checks.py, kit.py): torch and the
+# standard library only, no hypothesis.
+from .base import CheckResult  # noqa: E402
 from .kit import BUILTINS, check_estimator, declares, get_claims  # noqa: E402
 
 __all__ += ["BUILTINS", "CheckResult", "check_estimator", "declares", "get_claims"]

@@ -2,12 +2,27 @@
 
 Groups run along the last dim. The form ``A = (x - mean) / (std + eps)`` is *fitted*, not
 assumed: on groups whose spreads run from 1e-3 to 1e2, every group's advantages must be its
-centred scores divided by one number ``d``, and ``d - std`` must be the same constant ``eps``
-for every group, with ``std`` the Bessel (n - 1) or the population (n) std. The fit tells the
-std convention and the eps; the rows ``unit_scale``, ``bessel`` and ``affine_invariance`` are
-then exact up to that eps (to 1e-10), whatever its size, instead of leaving a fixed room for
-it. When no constant eps fits (an eps under the square root, say), those rows fall back to a
-loose check (``|std(A) - 1| <= 1e-4`` on groups of std about 3) and say so.
+centred scores divided by one number ``d``, and ``d`` must be ``c_G std + eps`` with one
+constant ``eps`` for every group, ``std`` the Bessel (n - 1) or the population (n) std, and
+``c_G`` one factor per group size ``G`` within :data:`F32_REL` (2^-23, about 1.2e-7) of 1. The
+fit tells the std convention and the eps; the rows ``unit_scale``, ``bessel`` and
+``affine_invariance`` are then exact up to that eps (to 1e-10), whatever its size, instead of
+leaving a fixed room for it. When no constant eps fits (an eps under the square root, say),
+those rows fall back to a loose check (``|std(A) - 1| <= 1e-4`` on groups of std about 3) and
+say so.
+
+How close "of the form" must be: to float64 rounding (64 ulps), except for a constant or a
+factor that was rounded to float32, which is the same convention written with a float32
+number. TRL's ``nanstd`` multiplies the variance by ``count / (count - 1)`` with integer
+counts, a float32 division, so its std is off by a few 1e-8 relative (``c_8 - 1 = 2.2e-8``);
+verl divides a singleton by ``torch.tensor(1.0) + 1e-6``, the float32 number nearest
+``1 + 1e-6``, off by -4.6e-8 relative. Such a number is off by at most half a float32 ulp,
+2^-24 relative (its square root by half that), so :data:`F32_REL` = 2^-23 holds them all with a
+factor of two to spare; the ``float32_rounding`` info row names each one and its size. Real
+differences are far outside it: Bessel against population std is a factor sqrt(G / (G - 1)),
+1.008 at G = 64; an eps of 1e-4 against 1e-5 is no factor at all (it changes ``d`` by 9e-5,
+9% at the spread 1e-3); a singleton divided by 1 + 1e-5 where the groups use 1e-6 is 9e-6
+relative off.
 
 Claims: ``std_scaled`` and ``bessel`` (bools), ``eps`` (the number added to the std; checked
 against the fit), ``singleton`` (what a group of one sample gets: ``zero``; ``raw``, the score
@@ -30,7 +45,7 @@ from typing import Any
 
 import torch
 
-from .checks import (
+from .base import (
     F64,
     CheckResult,
     Context,
@@ -42,6 +57,9 @@ from .checks import (
     fmt,
 )
 
+F32_REL = 2.0**-23  # a constant or factor rounded to float32: within this relative size of exact
+EXACT_FACTOR = 1e-12  # |c_G - 1| up to this is float64 noise, not a rounded factor
+EPS_EXACT = 1e-9  # a declared eps matches the fitted one to this relative size (else rounded)
 SCALE_TOL = 1e-4  # fallback unit scale: |std(A) - 1| within this when no constant eps fits
 EXACT_TOL = 1e-10  # unit_scale / affine rows once the form fits: exact up to the eps
 FIT_SPREADS = tuple(10.0 ** (k / 2) for k in range(-6, 5))  # group stds 1e-3 .. 1e2
@@ -86,17 +104,23 @@ def _spread_groups(ctx: Context, salt: int, spreads, g: int) -> torch.Tensor:
 
 
 def fit_std_eps(ctx: Context) -> dict:
-    """Fit the form ``(x - mean) / (std + eps)`` (cached on ``ctx``).
+    """Fit the form ``(x - mean) / (c_G std + eps)`` (cached on ``ctx``).
+
+    Per group size ``G`` the factor ``c_G`` and the eps come from the groups of the largest
+    and the smallest spread; every other group must then agree to :data:`FIT_ULPS` float64
+    ulps, and the eps must be the same for every size. A convention fits when every
+    ``|c_G - 1|`` is within :data:`F32_REL` (a factor rounded to float32).
 
     Returns a dict: ``conv`` ("n-1", "n" or None when no constant eps fits), ``eps`` (the
-    fitted eps, from the group with the smallest spread, where it is most precise), ``spread``
-    (per convention, the largest disagreement of two groups' eps in units of the tolerance),
-    ``proportional`` (each group's advantages are its centred scores times one number).
+    fitted eps, from the group with the smallest spread, where it is most precise),
+    ``factor`` (``{G: c_G}`` of the fitted convention, empty without a fit), ``spread`` (per
+    convention, the largest disagreement of two groups' eps in units of the tolerance),
+    ``factor_off`` (per convention, the largest ``|c_G - 1|``), ``proportional`` (each group's
+    advantages are its centred scores times one number).
     """
     if "fit" in ctx.cache:
         return ctx.cache["fit"]
-    per = {"n-1": [], "n": []}
-    tol, proportional = [], True
+    groups, proportional = [], True
     for k, g in enumerate(FIT_SIZES):
         x = _spread_groups(ctx, 60 + k, FIT_SPREADS, g)
         a = _adv(ctx, x).detach().to(F64)
@@ -105,18 +129,33 @@ def fit_std_eps(ctx: Context) -> dict:
         resid = (a - r / d[:, None]).abs().amax(-1) / a.abs().amax(-1).clamp(min=1e-300)
         ok = bool((resid <= 1e-9).all()) and bool(torch.isfinite(d).all())
         proportional = proportional and ok
-        for conv in per:
-            per[conv] += (d - _std(x, conv)[:, 0]).tolist()
-        tol += (FIT_ULPS * 2.0**-52 * (d.abs() + x.abs().amax(-1))).tolist()
-    out = {"conv": None, "eps": None, "spread": {}, "proportional": proportional}
-    for conv, eps in per.items():
+        groups.append((g, x, d, FIT_ULPS * 2.0**-52 * (d.abs() + x.abs().amax(-1))))
+    out = {"conv": None, "eps": None, "factor": {}, "spread": {}, "factor_off": {},
+           "proportional": proportional}
+    for conv in ("n-1", "n"):
+        eps, tol, factor = [], [], {}
+        for g, x, d, t in groups:
+            sd = _std(x, conv)[:, 0]
+            lo, hi = int(sd.argmin()), int(sd.argmax())
+            c = float((d[hi] - d[lo]) / (sd[hi] - sd[lo]))
+            factor[g] = c
+            eps += (d - c * sd).tolist()
+            tol += t.tolist()
         ref = eps[min(range(len(eps)), key=lambda i: tol[i])]
         worst = max(abs(e - ref) / t for e, t in zip(eps, tol))
-        out["spread"][conv] = worst
-        if proportional and worst <= 1.0 and ref >= -max(tol) and out["conv"] is None:
-            out["conv"], out["eps"] = conv, max(ref, 0.0)
+        off = max(abs(c - 1.0) for c in factor.values())
+        worst, off = (math.inf if math.isnan(v) else v for v in (worst, off))
+        out["spread"][conv], out["factor_off"][conv] = worst, off
+        if (proportional and worst <= 1.0 and off <= F32_REL and ref >= -max(tol)
+                and out["conv"] is None):
+            out["conv"], out["eps"], out["factor"] = conv, max(ref, 0.0), factor
     ctx.cache["fit"] = out
     return out
+
+
+def std_factor(fit: dict, g: int) -> float:
+    """The fitted factor ``c_G`` on the std for groups of size ``g`` (1 when not fitted)."""
+    return fit["factor"].get(g, 1.0)
 
 
 def _eps_used(ctx: Context, fit: dict) -> tuple[float, str]:
@@ -134,7 +173,11 @@ def _fit_text(fit: dict) -> str:
         why = "not proportional to the centred scores" if not fit["proportional"] else \
             "d - std is not constant over spreads 1e-3..1e2"
         return f"not of the form (x - mean)/(std + eps): {why}"
-    return f"of the form (x - mean)/(std_({fit['conv']}) + eps), fitted eps={fit['eps']:.3g}"
+    text = f"of the form (x - mean)/(std_({fit['conv']}) + eps), fitted eps={fit['eps']:.3g}"
+    off = fit["factor_off"][fit["conv"]]
+    if off > EXACT_FACTOR:
+        text += f", std factor rounded to float32 (off 1 by up to {off:.2g})"
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,15 +221,17 @@ def adv_zero_mean(ctx: Context) -> CheckResult:
                        f"a group's mean advantage is {worst:.3g} (relative to its largest)")
 
 
-def _scale_devs(ctx: Context, eps: float) -> dict[str, float]:
-    """Per convention: max |std_c(A) - s_c / (s_c + eps)| on groups of std about 3."""
+def _scale_devs(ctx: Context, eps: float, fit: dict | None = None) -> dict[str, float]:
+    """Per convention: max |std_c(A) - s_c / (c_G s_c + eps)| on groups of std about 3, with
+    ``c_G`` the fitted factor of that convention (1 without a fit)."""
     devs = {"n-1": 0.0, "n": 0.0}
     for g in (2, 3, 8, 16):
         x = _scores(ctx, 24, 4, g)
         a = _adv(ctx, x).detach().to(F64)
         for conv in devs:
             s = _std(x, conv)
-            devs[conv] = max(devs[conv], float((_std(a, conv) - s / (s + eps)).abs().max()))
+            c = std_factor(fit, g) if fit is not None and fit["conv"] == conv else 1.0
+            devs[conv] = max(devs[conv], float((_std(a, conv) - s / (c * s + eps)).abs().max()))
     return devs
 
 
@@ -202,10 +247,11 @@ def _scale_verdict(ctx: Context) -> tuple[bool, str, float, str]:
             f"{_fit_text(fit)}; loose check |std_({conv})(A) - 1| = {loose[conv]:.3g} "
             f"(bound {SCALE_TOL:g})")
     conv = fit["conv"]
-    devs = _scale_devs(ctx, eps)
+    devs = _scale_devs(ctx, eps, fit)
     large = "eps" not in ctx.claims and eps > EPS_UNDECLARED_MAX
     holds = devs[conv] <= EXACT_TOL and not large
-    text = (f"{_fit_text(fit)}; |std_({conv})(A) - s/(s + eps)| = {devs[conv]:.3g} "
+    cs = "c s" if fit["factor_off"][conv] > EXACT_FACTOR else "s"
+    text = (f"{_fit_text(fit)}; |std_({conv})(A) - s/({cs} + eps)| = {devs[conv]:.3g} "
             f"(bound {EXACT_TOL:g})")
     if large:
         text += f"; a fitted eps above {EPS_UNDECLARED_MAX:g} counts only when declared (eps=...)"
@@ -233,13 +279,29 @@ def adv_eps(ctx: Context) -> CheckResult:
     fit = fit_std_eps(ctx)
     declared = ctx.claims.get("eps")
     passed = None
+    rel = _eps_rounding(ctx, fit)
+    note = ""
     if declared is not None:
-        tol = 1e-9 * float(declared) + 1e-13
-        passed = fit["conv"] is not None and abs(fit["eps"] - float(declared)) <= tol
+        passed = rel is not None and abs(rel) <= F32_REL
+        if passed and abs(rel) > EPS_EXACT:
+            note = f" (the declared eps rounded to float32: relative {rel:.2g})"
     value = fit["eps"] if fit["conv"] is not None else "no fit"
     return CheckResult("eps", passed, value, declared if declared is not None else "measured",
-                       f"{_fit_text(fit)}; {_claim_text(ctx, 'eps')}", ctx.row_kind("eps"),
-                       {"spread_in_tolerances": fit["spread"]})
+                       f"{_fit_text(fit)}; {_claim_text(ctx, 'eps')}{note}",
+                       ctx.row_kind("eps"),
+                       {"spread_in_tolerances": fit["spread"], "factor_off": fit["factor_off"]})
+
+
+def _eps_rounding(ctx: Context, fit: dict) -> float | None:
+    """(fitted eps - declared eps) relative to the declared one (absolute when it is 0, with
+    1e-13 of room); None without a fit or a declaration."""
+    declared = ctx.claims.get("eps")
+    if declared is None or fit["conv"] is None:
+        return None
+    diff = fit["eps"] - float(declared)
+    if abs(diff) <= 1e-13:
+        return 0.0
+    return diff / float(declared) if declared else math.inf
 
 
 def adv_eps_small_spread(ctx: Context) -> CheckResult:
@@ -266,14 +328,15 @@ def adv_shift_invariance(ctx: Context) -> CheckResult:
 
 
 def adv_affine_invariance(ctx: Context) -> CheckResult:
-    """A(a s + b) (s_c + eps / a) = A(s) (s_c + eps): invariance up to the eps, exactly."""
+    """A(a s + b) (c s_c + eps / a) = A(s) (c s_c + eps): invariance up to the eps, exactly
+    (``c`` the fitted std factor, 1 unless rounded to float32)."""
     fit = fit_std_eps(ctx)
     eps, source = _eps_used(ctx, fit)
     conv = fit["conv"] or "n-1"
     tol = EXACT_TOL if fit["conv"] is not None else 1e-6
     s = _scores(ctx, 26)
     base = _adv(ctx, s).detach().to(F64)
-    sd = _std(s, conv)
+    sd = _std(s, conv) * std_factor(fit, s.shape[-1])
     scale = max(1.0, float(base.abs().max()))
     inv, equi = 0.0, 0.0
     for a, b in ((0.5, -7.0), (4.0, 1e3), (1e3, 3.0)):
@@ -326,7 +389,29 @@ def adv_groups_independent(ctx: Context) -> CheckResult:
 
 
 def _singleton_kind(ctx: Context, eps: float) -> tuple[str, Any]:
-    """What groups of one get: zero, raw (s / (1 + eps)), non-finite, raised, or other."""
+    """What groups of one get: zero, raw (s / (1 + eps)), non-finite, raised, or other.
+
+    Raw allows the divisor ``1 + eps`` rounded to float32 (verl's ``torch.tensor(1.0) +
+    1e-6``): within :data:`F32_REL` relative (:func:`_singleton_rel` gives its size).
+    """
+    return _singleton(ctx, eps)[:2]
+
+
+def _singleton_rel(ctx: Context, eps: float) -> float | None:
+    """For a raw singleton, ``(s / A) / (1 + eps) - 1`` in float64: the relative size by which
+    the estimator's divisor differs from ``1 + eps`` (largest over the sample); else None."""
+    return _singleton(ctx, eps)[2]
+
+
+def _singleton(ctx: Context, eps: float) -> tuple[str, Any, float | None]:
+    key = ("singleton", eps)
+    if key not in ctx.cache:
+        ctx.cache[key] = _measure_singleton(ctx, eps)
+    return ctx.cache[key]
+
+
+def _measure_singleton(ctx: Context, eps: float) -> tuple[str, Any, float | None]:
+    rel = None
     for dtype in (F64, torch.float32):
         s = _scores(ctx, 31, 6, 1, dtype)
         try:
@@ -334,23 +419,28 @@ def _singleton_kind(ctx: Context, eps: float) -> tuple[str, Any]:
                 warnings.simplefilter("ignore")
                 out = _adv(ctx, s).detach()
         except Exception as e:  # the estimator refuses groups of one
-            return "raised", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return ("raised", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                    None)
         if out.shape != s.shape:
-            return "wrong shape", tuple(out.shape)
+            return "wrong shape", tuple(out.shape), None
         if not bool(torch.isfinite(out).all()):
-            return "non-finite", out.reshape(-1)[0].item()
+            return "non-finite", out.reshape(-1)[0].item(), None
         if bool((out == 0).all()):
             kind = "zero"
         else:
             want = s.to(F64) / (1.0 + eps)
             ulp = 4 * torch.finfo(dtype).eps
-            ok = bool(((out.to(F64) - want).abs() <= ulp * want.abs()).all())
+            room = ulp + (F32_REL if dtype == F64 else 0.0)
+            ok = bool(((out.to(F64) - want).abs() <= room * want.abs()).all())
             kind = "raw" if ok else "other"
+            if ok and dtype == F64:
+                sizes = (s / out) / (1.0 + eps) - 1.0
+                rel = float(sizes.reshape(-1)[sizes.abs().argmax()])
         if dtype == F64:
             first = kind
         elif kind != first:
-            return "other", f"{first} in float64, {kind} in float32"
-    return first, out.reshape(-1)[0].item()
+            return "other", f"{first} in float64, {kind} in float32", None
+    return first, out.reshape(-1)[0].item(), rel if first == "raw" else None
 
 
 def adv_group_size_one(ctx: Context) -> CheckResult:
@@ -372,6 +462,36 @@ def adv_group_size_one(ctx: Context) -> CheckResult:
     return CheckResult("group_size_one", ok, got, "zero or raw",
                        f"a group of one gives {what}" + ("" if ok else
                        "; declare singleton=unsupported if groups of one never occur"))
+
+
+def adv_float32_rounding(ctx: Context) -> CheckResult:
+    """Info: the constants and factors that fit the declared convention only as float32
+    numbers (a std factor ``c_G``, the eps, the singleton divisor), each with its size."""
+    fit = fit_std_eps(ctx)
+    eps, _ = _eps_used(ctx, fit)
+    std = {g: c - 1.0 for g, c in fit["factor"].items()}
+    eps_rel = _eps_rounding(ctx, fit)
+    single = _singleton_rel(ctx, eps)
+    parts, sizes = [], [0.0]
+    big = {g: v for g, v in std.items() if abs(v) > EXACT_FACTOR}
+    if big:
+        sizes += [abs(v) for v in big.values()]
+        per = ", ".join(f"{v:.2g} at G={g}" for g, v in big.items())
+        parts.append(f"the std's factor (c_G - 1: {per}; a Bessel factor G/(G - 1) computed "
+                     "in float32)")
+    if eps_rel is not None and EPS_EXACT < abs(eps_rel) <= F32_REL:
+        sizes.append(abs(eps_rel))
+        parts.append(f"the eps (relative {eps_rel:.2g} to the declared one)")
+    if single is not None and abs(single) > 4 * torch.finfo(F64).eps:
+        sizes.append(abs(single))
+        parts.append(f"the singleton divisor 1 + eps (relative {single:.2g}; a float32 "
+                     "1 + eps)")
+    value = max(sizes)
+    text = ("rounded to float32, counted as the declared convention (each within 2^-23 = "
+            f"{F32_REL:.3g} relative): " + "; ".join(parts)) if parts else \
+        "no constant or factor rounded to float32: the form holds to float64 rounding"
+    return CheckResult("float32_rounding", None, value, F32_REL, text, "info",
+                       {"std_factor": std, "eps": eps_rel, "singleton": single})
 
 
 def tie_noise(ctx: Context, dtype) -> dict:
@@ -450,6 +570,7 @@ ADV_ROWS = (
     ("permutation_equivariance", "required", adv_permutation),
     ("groups_independent", "required", adv_groups_independent),
     ("group_size_one", "singleton", adv_group_size_one),
+    ("float32_rounding", "info", adv_float32_rounding),
     ("ties_float64", "required", adv_ties_float64),
     ("ties_float32", "required", adv_ties_float32),
     ("extreme_magnitudes", "required", adv_extreme),

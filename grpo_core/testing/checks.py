@@ -1,24 +1,20 @@
-"""Property checks of the estimator kit: the shared machinery, the KL rows, the returns rows.
+"""Property checks of the estimator kit: the KL rows, the returns rows, the registry of rows.
 
-Every check takes a :class:`Context` (the estimator, its kind, its claims, a seed) and returns
-one :class:`CheckResult` row. :func:`grpo_core.testing.kit.check_estimator` runs all rows of a
-kind; the functions here are public so that a test can call one row, or the measurements
-behind it (:func:`measure_bias`, :func:`classify_gradient`), directly. The advantage rows live
-in :mod:`.adv_checks`, the whole-loss rows in :mod:`.loss_checks`.
+Every check takes a :class:`~.base.Context` (the estimator, its kind, its claims, a seed) and
+returns one :class:`~.base.CheckResult` row; both live in :mod:`.base`, with the claim specs
+and the helpers that rows of several kinds share (re-exported here).
+:func:`grpo_core.testing.kit.check_estimator` runs all rows of a kind (:func:`run_rows`); the
+functions here are public so that a test can call one row, or the measurements behind it
+(:func:`measure_bias`, :func:`classify_gradient`), directly. The advantage rows live in
+:mod:`.adv_checks`, the whole-loss rows in :mod:`.loss_checks`; both import :mod:`.base` only,
+and this module imports them for the registry, so no import runs back.
 
 KL claim ``clamp=C``: the estimator's values are clamped to ``[-C, C]`` (verl's
 ``low_var_kl`` clamps k3 at 10). The ``clamp`` row verifies that the values saturate exactly at
 ``C``, says at which log-prob gaps, and reports the exact bias (by enumeration) on the pairs
 that reach it; ``unbiased`` is then judged on the pairs that stay below the clamp.
 
-Row kinds:
-
-- ``"required"``: every estimator of the kind must pass (shape, finiteness, no in-place
-  writes, elementwise / group independence, the returns recursion, ...).
-- ``"claim"``: a property the estimator declares (``@declares(unbiased=True)``, or ``--expect``
-  on the command line). A claim of ``True`` passes when the property is measured to hold, a
-  claim of ``False`` when it is measured not to hold (``k2`` declares ``unbiased=False``).
-- ``"info"``: a property nobody claimed; it is measured and shown, ``passed`` is ``None``.
+Row kinds (``required``, ``claim``, ``info``) are described in :mod:`.base`.
 
 The statistical rows run in float64 on CPU in well under a second each. Nothing here reads
 a table of known answers: unbiasedness is measured by sampling, the gradient direction by
@@ -27,241 +23,40 @@ enumerating small categorical distributions exactly.
 
 from __future__ import annotations
 
-import inspect
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-F64 = torch.float64
-KINDS = ("kl", "advantage", "returns", "loss")
-ROW_KINDS = ("required", "claim", "info")
-GRAD_CLASSES = ("kl_policy_ref", "kl_ref_policy", "zero", "neither")
-SINGLETONS = ("zero", "raw", "unsupported")
-# aggregations a loss may declare (``agg=``); loss_checks.AGG_MODELS defines each one
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-             "seq-mean-token-sum-norm", "grpo")
-
-
-@dataclass(frozen=True)
-class Number:
-    """A numeric claim's range: ``low`` (inclusive or not) up to ``high`` (exclusive)."""
-
-    low: float
-    inclusive: bool = True
-    high: float = math.inf
-    integer: bool = False
-    none_ok: bool = False  # the claim may be None ("none" on the command line)
-
-    def accepts(self, value: Any) -> bool:
-        if value is None:
-            return self.none_ok
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        if self.integer and not float(value).is_integer():
-            return False
-        above = value >= self.low if self.inclusive else value > self.low
-        return bool(above and value < self.high)
-
-    def describe(self) -> str:
-        kind = "an integer" if self.integer else "a number"
-        low = f"{'>=' if self.inclusive else '>'} {self.low:g}"
-        high = f" and < {self.high:g}" if math.isfinite(self.high) else ""
-        return f"{kind} {low}{high}" + (" or none" if self.none_ok else "")
-
-
-# Claims each kind accepts: bool, a tuple of choices, or a Number range. Meanings: kl in
-# kit.py's docstring; advantage in adv_checks.py's; loss in loss_checks.py's.
-CLAIM_KEYS: dict[str, dict[str, Any]] = {
-    "kl": {"unbiased": bool, "nonnegative": bool, "grad": GRAD_CLASSES,
-           "clamp": Number(0.0, inclusive=False)},
-    "advantage": {"std_scaled": bool, "bessel": bool, "eps": Number(0.0),
-                  "singleton": SINGLETONS},
-    "returns": {},
-    "loss": {"eps_low": Number(0.0, high=1.0), "eps_high": Number(0.0), "agg": LOSS_AGGS,
-             "max_len": Number(1, integer=True), "clip_ratio_c": Number(1.0, False, none_ok=True)},
-}
+from .adv_checks import ADV_ROWS
+from .base import (  # noqa: F401  (re-exported: the kit's public names stay importable here)
+    CLAIM_KEYS,
+    DEFAULT_SAMPLES,
+    F64,
+    GRAD_CLASSES,
+    KINDS,
+    LOSS_AGGS,
+    ROW_KINDS,
+    SINGLETONS,
+    CheckResult,
+    Context,
+    Number,
+    _claim_text,
+    _inplace_check,
+    _judge,
+    _same_except,
+    _tensor_out,
+    call_arity,
+    fmt,
+    positional_arity,
+)
+from .loss_checks import LOSS_ROWS
 
 Z_BOUND = 5.0  # unbiasedness: |mean - KL| <= Z_BOUND standard errors (+ ABS_SLACK)
 ABS_SLACK = 1e-9
 GRAD_REL_TOL = 1e-6  # gradient direction: relative error to a target gradient
 GRAD_ZERO_TOL = 1e-9  # "zero": |g| below this fraction of the KL gradient norms
-DEFAULT_SAMPLES = 20_000
-
-
-# ---------------------------------------------------------------------------------------------
-# Report rows
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CheckResult:
-    """One row of an estimator report.
-
-    ``passed`` is ``None`` exactly for ``kind="info"`` rows (measured, not judged).
-    ``value`` is what was measured, ``bound`` what it was compared against (either may be a
-    number, a string or ``None``), ``explanation`` one line saying what the row found.
-    ``details`` holds optional per-case numbers (JSON-ready), not shown in the table.
-    """
-
-    name: str
-    passed: bool | None
-    value: Any
-    bound: Any
-    explanation: str
-    kind: str = "required"
-    details: dict | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.kind not in ROW_KINDS:
-            raise ValueError(f"kind={self.kind!r} is not valid; choose one of {ROW_KINDS}")
-        if (self.passed is None) != (self.kind == "info"):
-            raise ValueError(f"row {self.name!r}: passed is None exactly for info rows")
-        self.explanation = _one_line(self.explanation)
-
-    @property
-    def failed(self) -> bool:
-        return self.passed is False
-
-    @property
-    def status(self) -> str:
-        return "info" if self.passed is None else ("PASS" if self.passed else "FAIL")
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "status": self.status,
-            "passed": self.passed,
-            "kind": self.kind,
-            "value": _jsonable(self.value),
-            "bound": _jsonable(self.bound),
-            "explanation": self.explanation,
-            "details": _jsonable(self.details),
-        }
-
-
-def _one_line(text: str, limit: int = 400) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.tolist())
-    return x
-
-
-def fmt(x: Any) -> str:
-    """Compact text for a value or bound."""
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return str(x).lower()
-    if isinstance(x, float):
-        return f"{x:.3g}"
-    return str(x)
-
-
-@dataclass
-class Context:
-    """What every check needs: the estimator and how to call it."""
-
-    fn: Callable
-    kind: str
-    claims: dict = field(default_factory=dict)
-    seed: int = 0
-    samples: int = DEFAULT_SAMPLES
-    arity: int = 2  # kl: 2 -> fn(logp, ref_logp); 3 -> fn(logp, ref_logp, old_logp)
-    cache: dict = field(default_factory=dict, repr=False)  # measurements shared by rows
-
-    def gen(self, salt: int) -> torch.Generator:
-        """A generator seeded from the run's seed and a per-check salt."""
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + salt) % (2**63))
-
-    def row_kind(self, claim: str) -> str:
-        return "claim" if claim in self.claims else "info"
-
-
-def _judge(ctx: Context, claim: str, holds: bool) -> bool | None:
-    """``passed`` of a claimable row: None when unclaimed, else claim == measurement."""
-    if claim not in ctx.claims:
-        return None
-    return bool(ctx.claims[claim]) == bool(holds)
-
-
-def _claim_text(ctx: Context, claim: str) -> str:
-    if claim not in ctx.claims:
-        return "not claimed"
-    return f"claimed {claim}={fmt(ctx.claims[claim])}"
-
-
-def _tensor_out(out: Any, what: str) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{what} returned {type(out).__name__}, expected a torch.Tensor")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Signatures
-# ---------------------------------------------------------------------------------------------
-
-
-def positional_arity(fn: Callable) -> tuple[int, float]:
-    """(required positional parameters, most positional arguments accepted; inf for *args).
-
-    Raises ``TypeError`` when the signature cannot be read.
-    """
-    sig = inspect.signature(fn)
-    required, accepted = 0, 0.0
-    for p in sig.parameters.values():
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            accepted += 1
-            if p.default is p.empty:
-                required += 1
-        elif p.kind == p.VAR_POSITIONAL:
-            accepted = math.inf
-        elif p.kind == p.KEYWORD_ONLY and p.default is p.empty:
-            raise TypeError(f"keyword-only parameter {p.name!r} has no default")
-    return required, accepted
-
-
-def call_arity(fn: Callable, kind: str) -> int:
-    """How many positional arguments the kit passes ``fn`` for ``kind``.
-
-    kl: 3 when ``fn`` requires exactly three positional parameters (``logp, ref_logp,
-    old_logp``), else 2. advantage: 1 (``scores``). returns: 3 (``rewards, mask, gamma``).
-    loss: 4 (``logp, old_logp, adv, mask``).
-    Raises ``TypeError`` naming the expected signature when ``fn`` cannot take them.
-    """
-    expected = {
-        "kl": "fn(logp, ref_logp) or fn(logp, ref_logp, old_logp)",
-        "advantage": "fn(scores)",
-        "returns": "fn(rewards, mask, gamma)",
-        "loss": "fn(logp, old_logp, adv, mask)",
-    }[kind]
-    fixed = {"kl": 2, "advantage": 1, "returns": 3, "loss": 4}[kind]
-    try:
-        required, accepted = positional_arity(fn)
-    except ValueError:  # no signature available (some builtins): trust the caller
-        return fixed
-    except TypeError as e:
-        raise TypeError(f"wrong signature for a {kind} estimator ({e}); expected {expected}")
-    if kind == "kl":
-        if required == 3:
-            return 3
-        if required <= 2 <= accepted:
-            return 2
-    elif required <= fixed <= accepted:
-        return fixed
-    params = str(inspect.signature(fn))
-    raise TypeError(f"wrong signature for a {kind} estimator: {params}; expected {expected}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,29 +334,12 @@ def kl_shape_dtype(ctx: Context) -> CheckResult:
                        "output keeps the input's shape and dtype (1-3 dims, float32/float64)")
 
 
-def _inplace_check(name: str, call: Callable[[list], Any], inputs: list) -> CheckResult:
-    before = [t.clone() for t in inputs]
-    versions = [t._version for t in inputs]
-    call(inputs)
-    for i, (t, b, v) in enumerate(zip(inputs, before, versions)):
-        if t._version != v or not torch.equal(torch.nan_to_num(t), torch.nan_to_num(b)):
-            return CheckResult(name, False, f"argument {i}", "untouched",
-                               f"argument {i} was modified in place")
-    return CheckResult(name, True, "untouched", "untouched", "inputs are not modified in place")
-
-
 def kl_no_inplace(ctx: Context) -> CheckResult:
     g = ctx.gen(4)
     args = [_rand_logp(g, (3, 6), -8.0), _rand_logp(g, (3, 6), -8.0)]
     if ctx.arity == 3:
         args.append(_rand_logp(g, (3, 6), -8.0))
     return _inplace_check("no_inplace", lambda a: ctx.fn(*a), args)
-
-
-def _same_except(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> bool:
-    """a and b agree (to 1e-12 relative, NaN == NaN) wherever ``keep`` is true."""
-    a, b = a.detach().to(F64)[keep], b.detach().to(F64)[keep]
-    return bool(torch.allclose(a, b, rtol=1e-12, atol=1e-300, equal_nan=True))
 
 
 def kl_elementwise(ctx: Context) -> CheckResult:
@@ -1002,12 +780,8 @@ def rows_for(kind: str, arity: int = 2):
     if kind == "kl":
         return KL_ROWS + (KL3_ROWS if arity == 3 else ())
     if kind == "advantage":
-        from .adv_checks import ADV_ROWS
-
         return ADV_ROWS
     if kind == "loss":
-        from .loss_checks import LOSS_ROWS
-
         return LOSS_ROWS
     return RET_ROWS
 

@@ -58,7 +58,7 @@ from .. import (
     kl_k3,
     kl_k3_is,
 )
-from .checks import (
+from .base import (
     CLAIM_KEYS,
     DEFAULT_SAMPLES,
     KINDS,
@@ -67,8 +67,8 @@ from .checks import (
     Number,
     call_arity,
     fmt,
-    run_rows,
 )
+from .checks import run_rows
 
 __all__ = [
     "BUILTINS",

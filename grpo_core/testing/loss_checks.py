@@ -11,7 +11,7 @@ Claims (each one is measured, none is taken on trust):
   vanishes above ``1 + eps_high``, with ``A < 0`` below ``1 - eps_low``.
 - ``clip_ratio_c``: the dual-clip cap (verl; Ye et al. 2020): with ``A < 0`` the gradient
   vanishes again above the ratio ``c``. ``None`` claims no dual clip (searched up to 1000).
-- ``agg``: the aggregation, one of :data:`~.checks.LOSS_AGGS`; ``max_len``: Dr. GRPO's
+- ``agg``: the aggregation, one of :data:`~.base.LOSS_AGGS`; ``max_len``: Dr. GRPO's
   constant. Identified by the loss at ratio 1 (where every token's loss is exactly ``-A``) on
   four batches of very different lengths, one with a fully masked row, compared with every
   model of :data:`AGG_MODELS`, known bugs included (verl issue 3741: the token sum divided by
@@ -33,14 +33,13 @@ from typing import Callable
 
 import torch
 
-from .checks import (
+from .base import (
     F64,
     LOSS_AGGS,
     CheckResult,
     Context,
     _inplace_check,
     _tensor_out,
-    fmt,
 )
 
 LOSS_RTOL = 1e-6  # value and gradient against the kit's float64 expectation
