@@ -51,6 +51,7 @@ The checks, on one rollout of ``samples`` completions of the iteration the train
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -158,11 +159,21 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> float:
 
 # --- (a) ---------------------------------------------------------------------------------------
 
-def check_logprob_consistency(adapter, rollout: Rollout, bound: float | None = None) -> CheckResult:
-    """Row (a); ``rollout`` collected with ``record_generation_logp=True``."""
+def _compute_dtype(trainer, policy: torch.nn.Module) -> torch.dtype:
+    """The dtype the forwards compute in: bf16 under ``precision="bf16-mixed"`` (float32
+    weights, bf16 autocast), else the weights' own."""
+    if trainer is not None and getattr(trainer, "precision", "32") == "bf16-mixed":
+        return torch.bfloat16
+    return _model_dtype(policy)
+
+
+def check_logprob_consistency(adapter, rollout: Rollout, bound: float | None = None,
+                              dtype: torch.dtype | None = None) -> CheckResult:
+    """Row (a); ``rollout`` collected with ``record_generation_logp=True``. ``dtype``: the
+    compute dtype whose bound applies (default: the policy's weights')."""
     from .vlm import logprob_consistency
 
-    dtype = _model_dtype(adapter.policy)
+    dtype = _model_dtype(adapter.policy) if dtype is None else dtype
     stat, default = LOGPROB_BOUNDS.get(dtype, ("max", 1e-4))
     bound = default if bound is None else float(bound)
     worst = logprob_consistency(adapter, rollout)
@@ -185,14 +196,14 @@ def check_logprob_consistency(adapter, rollout: Rollout, bound: float | None = N
 
 # --- (a') --------------------------------------------------------------------------------------
 
-def check_deterministic_forward(adapter, policy, rollout: Rollout) -> CheckResult:
+def check_deterministic_forward(adapter, policy, rollout: Rollout, dtype: torch.dtype | None = None) -> CheckResult:
     """Row (a'): two grad-mode forwards of the rollout's rows agree, and no dropout is active."""
     rows = torch.arange(rollout.mask.shape[0])
     with torch.enable_grad(), watch_stochastic_modules(policy) as active:
         first, _ = adapter.logp_and_entropy(policy, rollout, rows)
         second, _ = adapter.logp_and_entropy(policy, rollout, rows)
     gap = _max_abs(first, second, _valid(rollout))
-    dtype = _model_dtype(policy)
+    dtype = _model_dtype(policy) if dtype is None else dtype
     bound = REFRESH_LOGP_BOUND if dtype not in (torch.bfloat16, torch.float16) else LOGPROB_BOUNDS[dtype][1]
     ok = not active and math.isfinite(gap) and gap <= bound
     expl = f"two forwards with gradient: max |log-prob gap| {gap:.3g}"
@@ -261,7 +272,8 @@ def _hard_refresh(trainer, adapter, policy, reference, config) -> None:
         hard_refresh(reference, policy)
 
 
-def check_reference_refresh(trainer, adapter, policy, reference, config, rollout: Rollout) -> CheckResult:
+def check_reference_refresh(trainer, adapter, policy, reference, config, rollout: Rollout,
+                            dtype: torch.dtype | None = None) -> CheckResult:
     """Row (b). Leaves ``reference`` as it found it (restored from a CPU copy if it differed
     from the policy before the refresh, as on a resumed run)."""
     saved = None
@@ -279,7 +291,7 @@ def check_reference_refresh(trainer, adapter, policy, reference, config, rollout
         if saved is not None:
             reference.load_state_dict(saved)
     lbound = REFRESH_LOGP_BOUND
-    dtype = next(policy.parameters()).dtype
+    dtype = next(policy.parameters()).dtype if dtype is None else dtype
     if dtype in (torch.bfloat16, torch.float16):
         lbound = LOGPROB_BOUNDS.get(dtype, ("max", lbound))[1]
     ok = diff <= REFRESH_BOUND and ldiff <= lbound
@@ -436,6 +448,15 @@ def run_preflight(trainer_or_adapter, config=None, *, samples: int = DEFAULT_SAM
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples!r}")
     policy = adapter.policy
+    with (trainer.compute() if trainer is not None else contextlib.nullcontext()):
+        return _run_checks(trainer, adapter, policy, reference, params, config, it, wanted, samples,
+                           max_new_tokens, logprob_bound, kit_samples)
+
+
+def _run_checks(trainer, adapter, policy, reference, params, config, it, wanted, samples, max_new_tokens,
+                logprob_bound, kit_samples) -> list[CheckResult]:
+    """``run_preflight``'s checks, under the trainer's precision."""
+    dtype = _compute_dtype(trainer, policy)
     g = max(1, min(config.group_size, samples))
     b = max(1, samples // g)
 
@@ -452,7 +473,7 @@ def run_preflight(trainer_or_adapter, config=None, *, samples: int = DEFAULT_SAM
     if rollout is not None:
         if DETERMINISM in wanted:
             try:
-                rows[DETERMINISM] = check_deterministic_forward(adapter, policy, rollout)
+                rows[DETERMINISM] = check_deterministic_forward(adapter, policy, rollout, dtype)
             except Exception as e:  # noqa: BLE001
                 rows[DETERMINISM] = _error(DETERMINISM, e)
         if LOGPROB in wanted:
@@ -460,7 +481,7 @@ def run_preflight(trainer_or_adapter, config=None, *, samples: int = DEFAULT_SAM
                 rows[LOGPROB] = _skip(LOGPROB, "the adapter does not record generation-time log-probs")
             else:
                 try:
-                    rows[LOGPROB] = check_logprob_consistency(adapter, rollout, logprob_bound)
+                    rows[LOGPROB] = check_logprob_consistency(adapter, rollout, logprob_bound, dtype)
                 except Exception as e:  # noqa: BLE001
                     rows[LOGPROB] = _error(LOGPROB, e)
         if REFRESH in wanted:
@@ -468,7 +489,8 @@ def run_preflight(trainer_or_adapter, config=None, *, samples: int = DEFAULT_SAM
                 rows[REFRESH] = _skip(REFRESH, "no reference is kept (beta = 0)")
             else:
                 try:
-                    rows[REFRESH] = check_reference_refresh(trainer, adapter, policy, reference, config, rollout)
+                    rows[REFRESH] = check_reference_refresh(trainer, adapter, policy, reference, config, rollout,
+                                                            dtype)
                 except Exception as e:  # noqa: BLE001
                     rows[REFRESH] = _error(REFRESH, e)
         want_kl = KL_GRAD in wanted and config.beta != 0 and reference is not None

@@ -95,11 +95,14 @@ class DistributedGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` on every rank of the default process group (conventions: module doc)."""
 
     def __init__(self, adapter: Adapter, config: GRPOConfig, optimizer: torch.optim.Optimizer | None = None,
-                 *, keep_reference: bool | None = None, shard: str = "ddp", fsdp_units=None):
+                 *, keep_reference: bool | None = None, shard: str = "ddp", fsdp_units=None,
+                 precision: str = "32"):
         """``shard``: "ddp" (replicas, gradients all-reduced) or "fsdp" (FSDP2 shards; the
         optimizer, Adam at ``config.lr`` by default, is built over the shards: one given is
         rebuilt with its class and defaults). ``fsdp_units(model) -> list of modules``: what
-        FSDP shards besides the root."""
+        FSDP shards besides the root. ``precision``: as ``GRPOTrainer``'s; under FSDP
+        ``"bf16-mixed"`` also gathers the float32 shards as bf16 and reduces gradients in float32
+        (``MixedPrecisionPolicy``), under DDP the autocast alone (gradients are float32)."""
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DistributedGRPOTrainer needs an initialised torch.distributed process group "
                                "(launch with torchrun, which sets the environment for init_process_group)")
@@ -109,7 +112,7 @@ class DistributedGRPOTrainer(GRPOTrainer):
         _check_config(config, self.world, shard, adapter)
         if self.world > 1:
             _check_share_collect(adapter)
-        super().__init__(adapter, config, optimizer, keep_reference=keep_reference)
+        super().__init__(adapter, config, optimizer, keep_reference=keep_reference, precision=precision)
         if self.world > 1:
             self._sync_initial_weights()
         self.shard = shard
@@ -147,7 +150,7 @@ class DistributedGRPOTrainer(GRPOTrainer):
         kw = {"num_groups": self.local_groups, "group_size": cfg.group_size, "iteration": self.iteration}
         if self.world > 1:
             kw.update(first_group=self.first_group, total_groups=cfg.groups_per_iteration)
-        with torch.no_grad(), self.gathered_parameters():
+        with torch.no_grad(), self.gathered_parameters(), self.compute():
             rollout = self.adapter.collect(**kw)
         rollout.validate(cfg.group_size, self.local_groups)
         self._local_valid = int(rollout.mask.bool().sum())
@@ -171,7 +174,11 @@ class DistributedGRPOTrainer(GRPOTrainer):
         smaller than ``minibatches``; every rank holds the same number of rows)."""
         n = rollout.rewards.shape[0]
         chunks = torch.arange(n).tensor_split(min(self.config.minibatches, n))
-        return torch.cat([self.adapter.logp_and_entropy(model, rollout, rows)[0] for rows in chunks])
+        parts = []
+        for rows in chunks:
+            with self.compute():
+                parts.append(self.adapter.logp_and_entropy(model, rollout, rows)[0])
+        return torch.cat(parts)
 
     # --- the update -------------------------------------------------------------------------
     def _minibatch_rows(self, epoch: int, n: int) -> list[torch.Tensor]:
@@ -249,14 +256,17 @@ class DistributedGRPOTrainer(GRPOTrainer):
 
     # --- FSDP -------------------------------------------------------------------------------
     def _fully_shard(self, fsdp_units, optimizer) -> None:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        kw = {"reshard_after_forward": True}
+        if self.precision == "bf16-mixed":
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for model in (self.policy, self.reference):
             if model is None:
                 continue
             for unit in (fsdp_units(model) if fsdp_units is not None else []):
-                fully_shard(unit, reshard_after_forward=True)
-            fully_shard(model, reshard_after_forward=True)
+                fully_shard(unit, **kw)
+            fully_shard(model, **kw)
             # FSDP takes the first module to run forward as the root; the adapter may call a unit
             # (a vision tower) before the model's own forward, so name the root now
             model._get_fsdp_state()._lazy_init()

@@ -50,6 +50,7 @@ from .config import GRPOConfig
 from .determinism import StochasticForwardError, watch_stochastic_modules
 from .kl import FLAT_AT_REFERENCE
 from .losses import DR_GRPO, agg_count, grpo_loss
+from .precision import check_precision, compute_context
 from .refmodel import hard_refresh, soft_refresh
 
 _MEAN_STATS = ("loss", "policy_loss", "kl", "entropy", "clip_frac_low", "clip_frac_high", "clip_frac_dual",
@@ -64,11 +65,16 @@ class GRPOTrainer:
     """Holds the policy's optimizer, the reference model and the iteration counter."""
 
     def __init__(self, adapter: Adapter, config: GRPOConfig, optimizer: torch.optim.Optimizer | None = None,
-                 *, keep_reference: bool | None = None):
+                 *, keep_reference: bool | None = None, precision: str = "32"):
         """``keep_reference``: hold a reference model; default only when ``beta != 0`` (with
-        ``beta = 0`` it is never read, and for a large model it would double the memory)."""
+        ``beta = 0`` it is never read, and for a large model it would double the memory).
+        ``precision``: ``grpo_core.precision.PRECISIONS``; ``"bf16-mixed"`` runs every forward
+        (rollouts, old and reference log-probs, the update's) under bf16 autocast over the
+        policy's float32 weights. The weights' own dtype is the adapter's (``"bf16-true"``:
+        load them in bf16)."""
         self.adapter = adapter
         self.config = config
+        self.precision = check_precision(precision)
         self.policy = adapter.policy
         if keep_reference is None:
             keep_reference = config.beta != 0
@@ -98,6 +104,16 @@ class GRPOTrainer:
             if "again" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
                 raise ValueError(f"dynamic_sampling_redraw='retry' needs an adapter whose collect_more "
                                  f"takes again=(rollout, groups); {type(adapter).__name__}'s does not")
+
+    def compute(self):
+        """The context of one forward call (``grpo_core.precision.compute_context``): bf16
+        autocast for ``precision="bf16-mixed"``, nothing otherwise. Entered around each call
+        that runs the model (a rollout, a block of log-probs, one micro-batch's forward) and
+        left before the backward and the optimizer step: autocast caches the bf16 copy of every
+        weight for as long as its context is open, so a context held across an optimizer step
+        would keep computing with the weights from before the step."""
+        device = next(self.policy.parameters()).device
+        return compute_context(self.precision, device)
 
     def step(self) -> dict[str, float]:
         """Run one full iteration and return its metrics."""
@@ -147,7 +163,7 @@ class GRPOTrainer:
         cfg = self.config
         groups = cfg.groups_per_iteration if again is None else len(again[1])
         kw = {"num_groups": groups, "group_size": cfg.group_size, "iteration": self.iteration}
-        with torch.no_grad():
+        with torch.no_grad(), self.compute():
             if draw == 0:
                 rollout = self.adapter.collect(**kw)
             elif again is None:
@@ -235,7 +251,8 @@ class GRPOTrainer:
         n = rollout.rewards.shape[0]
         parts = []
         for rows in torch.arange(n).tensor_split(max(1, min(self.config.minibatches, n))):
-            logp, _ = self.adapter.logp_and_entropy(model, rollout, rows)
+            with self.compute():
+                logp, _ = self.adapter.logp_and_entropy(model, rollout, rows)
             parts.append(logp)
         return torch.cat(parts)
 
@@ -312,7 +329,7 @@ class GRPOTrainer:
     def _micro_loss(self, rollout, adv, ref_logp, rows, total, skip):
         cfg = self.config
         shortcut = rollout.old_logp is None
-        with self._checked_forward(shortcut and not skip):
+        with self._checked_forward(shortcut and not skip), self.compute():
             logp, entropy = self._policy_forward(rollout, rows)
         # old_logp is None only with one epoch and one minibatch: this forward is the first
         # and only one since sampling, so it is the sampling policy's (ratio exactly 1); the

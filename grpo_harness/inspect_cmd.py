@@ -4,7 +4,8 @@ Read from ``config.json``, ``metrics.jsonl`` and ``completions.jsonl`` (nothing 
 torch), it prints:
 
 - the settings that differ from the command's defaults (``train vlm`` / ``train cartpole`` with
-  no flags), section by section;
+  no flags), section by section, and the notes the run printed at its start (an objective other
+  than GRPO's, a precision whose updates round away);
 - the last value and the best value (with its iteration) of the main metrics;
 - where the reward curve plateaued (``plateau``);
 - the share of groups without signal over time (``zero_signal_groups`` over the iteration's
@@ -90,6 +91,9 @@ def summary(doc: dict[str, Any], records: list[dict], samples: list[dict], path:
     what = task.get("name") or task.get("env_id") or ""
     lines = [f"run {path}: {doc.get('env', '?')} {what}".rstrip() + f", {len(records)} iteration(s) logged"]
     lines += ["", "settings that differ from the defaults:", *(f"  {d}" for d in config_diff(doc) or ["(none)"])]
+    notes = [n for n in doc.get("notes") or [] if isinstance(n, str)]
+    if notes:  # what the run said at its start: an objective other than GRPO's, a precision that stalls
+        lines += ["", "said at the start of the run:", *(f"  {n}" for n in notes)]
     if records:
         lines += ["", *metric_lines(records), "", plateau_line(records, doc), *zero_signal_lines(records, doc),
                   skipped_line(records, doc)]

@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from .exits import EXIT_FAILED, EXIT_USAGE, one_line
+from .folder_lock import LOCK_FILE, FolderBusy, FolderLock
 from .trackers import parse_report_to
 from .trainlog import atomic_write
 
@@ -296,6 +297,22 @@ class RunFolder:
         self.path = Path(path)
         self._made: Path | None = None  # topmost folder this invocation created
         self._before: set[str] | None = None  # entries of a folder that existed already
+        self._lock = FolderLock(self.path)
+
+    def hold(self) -> None:
+        """Take the folder's lock (``grpo_harness.folder_lock``): one writer per run folder. A
+        live holder -> UsageError naming it, and nothing of the folder is removed on the way out
+        (it is the holder's)."""
+        if not self.writes:
+            return
+        try:
+            self._lock.acquire("run folder")
+        except FolderBusy as e:
+            self._made = self._before = None
+            raise UsageError(str(e)) from None
+
+    def release(self) -> None:
+        self._lock.release()
 
     def check_path(self) -> None:
         """Refuse an ``--out`` that is a file or lies under a file."""
@@ -309,6 +326,11 @@ class RunFolder:
 
     def check_new(self) -> None:
         self.check_path()
+        if (self.path / LOCK_FILE).exists():  # a live run here is named, not only its files
+            self.hold()
+        self._check_markers()
+
+    def _check_markers(self) -> None:
         for name in RUN_MARKERS:
             if (self.path / name).exists():
                 raise UsageError(f"{self.path} already holds a run ({name}); pass --resume to continue it, "
@@ -348,6 +370,11 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UsageError(f"cannot create --out {self.path}: {e.strerror or e}") from None
+        self.hold()
+        others = {p.name for p in self.path.iterdir()} - {LOCK_FILE}
+        if self._made is not None and others:  # another process made the folder first: it is not ours
+            self._made, self._before = None, others
+        self._check_markers()  # under the lock: a run that raced us here and finished first
 
     def discard(self) -> None:
         """Remove what this invocation created (nothing when it resumed a run)."""
@@ -416,22 +443,59 @@ def trainer_state(trainer, *, copy_to_cpu: bool = True) -> dict[str, Any]:
 
 
 def load_trainer_state(trainer, state: dict[str, Any]) -> None:
-    """Inverse of ``trainer_state``: trainable tensors go onto the model's own frozen ones."""
+    """Inverse of ``trainer_state``: trainable tensors go onto the model's own frozen ones.
+    CheckpointError, in one line, when the state does not fit the trainer: a part missing, a
+    tensor missing, unknown or of another shape, a NaN or an infinity in any tensor (policy,
+    reference, optimizer), checked before anything is loaded."""
+    import torch
+
+    if not isinstance(state, dict):
+        raise CheckpointError("its trainer state is not a table")
     state = dict(state)
+    missing = [k for k in ("policy", "optimizer", "iteration") if k not in state]
+    if missing:
+        raise CheckpointError(f"its trainer state has no {' and no '.join(missing)}")
+    it = state["iteration"]
+    if isinstance(it, bool) or not isinstance(it, int) or it < 0:
+        raise CheckpointError(f"its iteration counter is {it!r}, not a count")
     if state.pop("policy_trainable_only", False):
         trainable = {n for n, p in trainer.policy.named_parameters() if p.requires_grad}
         if set(state["policy"]) != trainable:
             odd = sorted(set(state["policy"]) ^ trainable)
-            raise UsageError(f"the checkpoint's {len(state['policy'])} trainable tensors do not fit the "
-                             f"model's {len(trainable)} (e.g. {odd[0]}); was it written with other "
-                             "LoRA settings?")
+            raise CheckpointError(f"its {len(state['policy'])} trainable tensors do not fit the model's "
+                                  f"{len(trainable)} (e.g. {odd[0]}); was it written with other LoRA settings?")
         full = trainer.policy.state_dict()
         full.update(state["policy"])
         state["policy"] = full
+    _check_fits("policy", state["policy"], trainer.policy)
+    reference = getattr(trainer, "reference", None)
+    if isinstance(reference, torch.nn.Module) and state.get("reference") is not None:
+        _check_fits("reference", state["reference"], reference)
+    for part in ("policy", "reference", "optimizer"):
+        for name, value in _flatten(state.get(part) or {}).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                what = "NaN" if bool(torch.isnan(value).any()) else "an infinite value"
+                raise CheckpointError(f"its {part} tensor {name!r} holds {what}")
     try:
         trainer.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise UsageError(f"the checkpoint does not fit the model: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise CheckpointError(f"does not fit the trainer: {type(e).__name__}: {one_line(e)[:200]}") from None
+
+
+def _check_fits(part: str, saved: Any, module) -> None:
+    """CheckpointError unless ``saved`` has exactly ``module``'s tensors, shape for shape."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"its {part} is not a table of tensors")
+    own = module.state_dict()
+    missing, unknown = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing or unknown:
+        parts = ([f"{len(missing)} tensor(s) missing (e.g. {missing[0]!r})"] if missing else []) + \
+                ([f"{len(unknown)} unknown (e.g. {unknown[0]!r})"] if unknown else [])
+        raise CheckpointError(f"its {part} does not fit the model: {', '.join(parts)}")
+    for name, value in saved.items():
+        shape, expected = tuple(getattr(value, "shape", ())), tuple(getattr(own[name], "shape", ()))
+        if shape != expected:
+            raise CheckpointError(f"its {part} tensor {name!r} has shape {shape}, the model's is {expected}")
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -797,16 +861,22 @@ class TrainingRun:
     def wall(self) -> float:
         return self.wall_base + (time.perf_counter() - self.session_start)
 
-    def make_trainer(self, adapter, **distributed):
-        """The trainer of ``adapter`` with ``self.cfg``: a ``GRPOTrainer``, or under torchrun a
-        ``DistributedGRPOTrainer`` (``distributed``: its ``shard`` and ``fsdp_units``)."""
+    def upgrade_saved_train(self, saved_train: dict[str, Any]) -> dict[str, Any]:
+        """The run settings of a run folder written by an older version, in today's names (a
+        command renames what it renamed)."""
+        return saved_train
+
+    def make_trainer(self, adapter, precision: str = "32", **distributed):
+        """The trainer of ``adapter`` with ``self.cfg`` and ``precision``: a ``GRPOTrainer``, or
+        under torchrun a ``DistributedGRPOTrainer`` (``distributed``: its ``shard`` and
+        ``fsdp_units``)."""
         if self.world is None:
             from grpo_core.loop import GRPOTrainer
 
-            return GRPOTrainer(adapter, self.cfg)
+            return GRPOTrainer(adapter, self.cfg, precision=precision)
         from grpo_core.distributed import DistributedGRPOTrainer
 
-        return DistributedGRPOTrainer(adapter, self.cfg, **distributed)
+        return DistributedGRPOTrainer(adapter, self.cfg, precision=precision, **distributed)
 
     def agree(self, value):
         """``value`` as rank 0 has it (one process: ``value``), for decisions every rank must
@@ -826,6 +896,13 @@ class TrainingRun:
     # --- set-up -------------------------------------------------------------------------------
     def main(self) -> int:
         """Run the command; the exit status (0 done, 1 failed, 2 usage error, 130/143 signal)."""
+        try:
+            return self._main()
+        finally:
+            if getattr(self, "folder", None) is not None:
+                self.folder.release()
+
+    def _main(self) -> int:
         with StopSignals(self.say) as self.signals:
             self.folder = None
             try:
@@ -861,6 +938,7 @@ class TrainingRun:
         checkpoint = None
         if self.resumed:
             self._resolve(self.folder.read_config(self.env))
+            self.folder.hold()
             self.folder.remove_stale_temporaries()
             checkpoint = self.store.load(self.say)
             if checkpoint is None:
@@ -876,9 +954,10 @@ class TrainingRun:
             self.folder.create()
         seed_everything(self.cfg.seed)  # a resumed run then restores the checkpoint's streams
         self.trainer = self.build()
+        self.notes = self.start_notes()
         self.progress = {**self.initial_progress(), "wall_time": 0.0, "last_x": None}
         if checkpoint is not None:
-            self._restore(checkpoint)
+            self._restore_newest(checkpoint)
         elif self.resumed:
             self._drop_metrics_from(0)
         if not self.preflight():
@@ -901,7 +980,7 @@ class TrainingRun:
                 raise UsageError("cannot resume: --config/--set/--seed disagree with the run's config: "
                                  + "; ".join(diffs) + ". Drop them (the saved config is used) or start "
                                  "a new run in another --out")
-            saved_train = saved.get("train", {})
+            saved_train = self.upgrade_saved_train(dict(saved.get("train", {})))
             self.train = {**self.DEFAULTS["train"], **saved_train, **train_given}
             for key in self.FIXED_TRAIN:
                 if key in train_given and train_given[key] != saved_train.get(key):
@@ -937,7 +1016,13 @@ class TrainingRun:
 
     def config_doc(self) -> dict[str, Any]:
         return {"env": self.env, "grpo": self.cfg.to_dict(), "train": self.train, "task": self.task,
-                "model": self.model}
+                "model": self.model, "notes": list(getattr(self, "notes", []))}
+
+    def start_notes(self) -> list[str]:
+        """Lines said at the start of training and kept in config.json (``inspect`` shows them):
+        settings that train another objective than GRPO's, and (a command adds its own) a
+        precision that cannot move the weights."""
+        return self.cfg.objective_notes()
 
     def _check_checkpoint(self, ckpt: dict[str, Any]) -> None:
         if ckpt.get("env") != self.env:
@@ -949,14 +1034,77 @@ class TrainingRun:
             raise UsageError(f"cannot resume: the checkpoint in {self.out} belongs to another run; it "
                              f"differs from {self.out / CONFIG_FILE} in " + "; ".join(diffs[:4]) + more)
 
+    def _restore_newest(self, ckpt: dict[str, Any]) -> None:
+        """Restore ``ckpt``, the newest checkpoint that loads; one that loads but does not
+        restore (``_restore``) is named in one line and the previous one is used, as for a file
+        that does not load. UsageError when none restores (nothing dropped, nothing moved)."""
+        store = self.store
+        path = store.previous if store.used_previous else store.latest
+        try:
+            self._restore(ckpt)
+            return
+        except CheckpointError as e:
+            reason = f"{path}: {e}"
+        if path == store.previous or not store.previous.is_file():
+            gone = "" if path == store.previous else f"; {store.previous} is missing"
+            raise UsageError(f"cannot resume: no checkpoint restores ({reason}{gone})")
+        try:
+            previous = read_checkpoint(store.previous)
+            self._check_checkpoint(previous)
+            store.used_previous = True
+            self._restore(previous)
+        except CheckpointError as e:
+            store.used_previous = False
+            raise UsageError(f"cannot resume: no checkpoint restores ({reason}; {store.previous}: {e})") from None
+        if self.folder.writes:
+            aside = store.latest.with_name(store.latest.name + ".corrupt")
+            os.replace(store.latest, aside)
+            reason += f"; moved it to {aside.name}"
+        self.say(f"{reason}; resuming from {store.previous.name}")
+
     def _restore(self, ckpt: dict[str, Any]) -> None:
+        """Load a checkpoint into the run; CheckpointError (nothing dropped yet) when it does not
+        fit: the trainer state (``load_trainer_state``), its RNG streams, or counters that
+        disagree with the metrics already written (``_check_counters``)."""
+        missing = [k for k in ("trainer", "rng", "progress") if not isinstance(ckpt.get(k), dict)]
+        if missing:
+            raise CheckpointError(f"it has no {' and no '.join(missing)}")
+        self._check_counters(ckpt)
         load_trainer_state(self.trainer, ckpt["trainer"])
-        set_rng_state(ckpt["rng"])
+        try:
+            set_rng_state(ckpt["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"its random states do not load: {type(e).__name__}: {one_line(e)[:160]}") from None
         self.progress = dict(ckpt["progress"])
         self.load_extra_state(ckpt.get("extra") or {})
         self.completed = self.trainer.iteration
         self.saved_iteration = None if self.store.used_previous else self.completed
         self._drop_metrics_from(self.trainer.iteration)
+
+    def _check_counters(self, ckpt: dict[str, Any]) -> None:
+        """CheckpointError when the checkpoint's iteration counter disagrees with its own
+        progress and metrics.jsonl: the metrics line of its last iteration must exist (when the
+        file holds lines) and carry the checkpoint's ``x_key`` value and wall time, which were
+        copied from that very line when it was written."""
+        from .trainlog import METRICS_FILE, read_metrics
+
+        it, progress = ckpt["trainer"].get("iteration"), ckpt["progress"]
+        if not isinstance(it, int) or it <= 0:
+            return  # load_trainer_state names a counter that is not a count
+        records = read_metrics(self.out / METRICS_FILE)
+        if not records:
+            return
+        line = next((r for r in records if r.get("iteration") == it - 1), None)
+        if line is None:
+            last = max((r.get("iteration", -1) for r in records if isinstance(r.get("iteration"), int)), default=-1)
+            raise CheckpointError(f"its iteration counter ({it}) disagrees with {METRICS_FILE}, which ends at "
+                                  f"iteration {last}")
+        mine = (progress.get("last_x"), progress.get("wall_time"))
+        theirs = (line.get(self.x_key), line.get("wall_time"))
+        if mine != theirs:
+            raise CheckpointError(f"its iteration counter ({it}) disagrees with {METRICS_FILE}: the line of "
+                                  f"iteration {it - 1} has {self.x_key} {theirs[0]!r} at {theirs[1]!r} s, the "
+                                  f"checkpoint {mine[0]!r} at {mine[1]!r} s")
 
     def _drop_metrics_from(self, iteration: int) -> None:
         from .completions import COMPLETIONS_FILE
@@ -1049,7 +1197,7 @@ class TrainingRun:
             raise
         verb = f"resuming at iteration {self.start_iteration}" if self.resumed else "training"
         self.say(f"{verb} {self.describe()}")
-        for note in self.cfg.objective_notes():
+        for note in self.notes:
             self.say(note)
         exit_code, error, crash = 0, None, None
         try:

@@ -94,7 +94,7 @@ VLM_DEFAULTS: dict[str, dict[str, Any]] = {
         "checkpoint_minutes": 10.0,
         "target_reward": 0.8,
         "window": 25,
-        "dtype": "float32",
+        "precision": None,  # "32" on CPU, "bf16-mixed" on CUDA (grpo_core.precision)
         "completions_every": 10,
         "completions_per_group": 4,
     },
@@ -108,7 +108,11 @@ MODEL_DEFAULTS: dict[str, Any] = {"model": None, "family": "qwen2_vl", "lora_ran
 
 LOG_EVERY = 10
 LR_SCHEDULES = ("linear", "constant")
-DTYPES = ("float32", "bfloat16")
+PRECISIONS = ("32", "bf16-mixed", "bf16-true")
+"""``grpo_core.precision.PRECISIONS``, spelled out so that parsing the command line imports no
+torch (a test holds them equal)."""
+DTYPE_TO_PRECISION = {"float32": "32", "bfloat16": "bf16-true"}
+"""What the retired ``--dtype`` meant, in ``--precision`` names (read from older run folders)."""
 HELP = "a Qwen2-VL / Qwen2.5-VL model (needs the vlm extra)"
 DESCRIPTION = "GRPO on an image-text model; see grpo_harness/train_vlm.py for the options' story."
 
@@ -166,7 +170,12 @@ def _add_training_arguments(run) -> None:
     run.add_argument("--target-reward", type=finite_float, metavar="R",
                      help=f"report when the rolling mean reward reaches R (default {d['target_reward']})")
     run.add_argument("--stop-at-target", action="store_true", help="stop once the target is reached")
-    run.add_argument("--dtype", choices=DTYPES, help="training dtype (default float32)")
+    run.add_argument("--precision", choices=PRECISIONS,
+                     help="32: float32 weights and compute; bf16-mixed: float32 master weights and Adam state, "
+                     "forward and backward in bf16 (autocast; FSDP: bf16 gathers, float32 gradient reduction); "
+                     "bf16-true: bf16 weights and Adam (updates smaller than the weights' bf16 resolution are "
+                     "lost; the run says so). Default: 32 on CPU, bf16-mixed on CUDA")
+    run.add_argument("--dtype", help=argparse.SUPPRESS)  # retired: refused with what replaced it
     run.add_argument("--completions-every", type=int, metavar="K",
                      help="log sample completions every K iterations, 0 = only at the end (default "
                      f"{d['completions_every']}): completions.jsonl and a table in the progress output")
@@ -369,7 +378,7 @@ class VLMRun(TrainingRun):
     env = "vlm"
     prog = "grpo-harness train vlm"
     DEFAULTS = VLM_DEFAULTS
-    FIXED_TRAIN = ("temperature", "top_p", "max_new_tokens", "dtype")
+    FIXED_TRAIN = ("temperature", "top_p", "max_new_tokens", "precision")
     x_key = "iteration"
     recorder = None
     """The ``CompletionRecorder`` on the adapter (from the first iteration on)."""
@@ -414,9 +423,17 @@ class VLMRun(TrainingRun):
                          ("completions_per_group", 1)):
             check_int(t, key, low)
         self._check_floats()
-        if t["lr_schedule"] not in LR_SCHEDULES or t["dtype"] not in DTYPES:
-            raise UsageError(f"lr_schedule={t['lr_schedule']!r} / dtype={t['dtype']!r}: expected one of "
-                             f"{LR_SCHEDULES} / {DTYPES}")
+        if getattr(self.args, "dtype", None) is not None:
+            raise UsageError(f"--dtype was replaced by --precision: --dtype float32 is --precision 32, --dtype "
+                             "bfloat16 is --precision bf16-true (bf16 weights and Adam: small updates are lost); "
+                             "--precision bf16-mixed keeps float32 master weights and computes in bf16")
+        if t["lr_schedule"] not in LR_SCHEDULES:
+            raise UsageError(f"lr_schedule={t['lr_schedule']!r}: expected one of {LR_SCHEDULES}")
+        self.device = resolve_device(self.args.device)
+        if t["precision"] is None:
+            t["precision"] = "bf16-mixed" if self.device.startswith("cuda") else "32"
+        if t["precision"] not in PRECISIONS:
+            raise UsageError(f"precision={t['precision']!r}: expected one of {', '.join(PRECISIONS)}")
         if task.get("column"):
             from .datasets_io import parse_column_maps
 
@@ -440,7 +457,6 @@ class VLMRun(TrainingRun):
         if task["reward_weight"] and len(task["reward_weight"]) != len(task["reward"]):
             raise UsageError(f"{len(task['reward_weight'])} --reward-weight for {len(task['reward'])} --reward")
         check_int(m, "lora_rank", 0)
-        self.device = resolve_device(self.args.device)
         self.model_source = None if m["model"] is None else resolve_model_source(m["model"])
 
     def _check_floats(self) -> None:
@@ -489,7 +505,9 @@ class VLMRun(TrainingRun):
                     build_tiny_vlm(source, words=words, family=self.model["family"],
                                    seed=self.cfg.seed)
         try:
-            model, processor = load_vlm(source, dtype=getattr(torch, self.train["dtype"]))
+            from grpo_core.precision import weight_dtype
+
+            model, processor = load_vlm(source, dtype=weight_dtype(self.train["precision"]))
         except (OSError, TypeError, ValueError) as e:
             raise UsageError(f"cannot load model {str(source)!r}: {one_line(e)}") from None
         if self.args.gradient_checkpointing:
@@ -525,7 +543,7 @@ class VLMRun(TrainingRun):
                         model, self.processor, train_ds, funcs, lora_rank=self.model["lora_rank"], **kw)
             else:
                 self.adapter = task_adapter(self.task, VLMAdapter)(model, self.processor, train_ds, funcs, **kw)
-            return self.make_trainer(self.adapter, **self._sharding())
+            return self.make_trainer(self.adapter, precision=self.train["precision"], **self._sharding())
         except (ValueError, ImportError) as e:
             raise UsageError(one_line(e)) from None
 
@@ -667,6 +685,21 @@ class VLMRun(TrainingRun):
         if every and (record["iteration"] + 1) % every == 0:
             self._log_completions(record["iteration"])
 
+    def upgrade_saved_train(self, saved_train: dict[str, Any]) -> dict[str, Any]:
+        """A run folder from before ``--precision``: its ``dtype`` in today's words."""
+        if "precision" not in saved_train and "dtype" in saved_train:
+            saved_train["precision"] = DTYPE_TO_PRECISION.get(saved_train.pop("dtype"), "32")
+        return saved_train
+
+    def start_notes(self) -> list[str]:
+        notes = super().start_notes()
+        if self.train["precision"] == "bf16-true":
+            from grpo_core.precision import bf16_true_note
+
+            note = bf16_true_note(self.trainer.params, self.cfg.lr)
+            notes += [note] if note else []
+        return notes
+
     def describe(self) -> str:
         m = self.model
         model = m["model"] or f"tiny random {m['family']} in {self.out / 'model'}"
@@ -709,9 +742,21 @@ class VLMRun(TrainingRun):
             if self.model["lora_rank"]:
                 self.adapter.save_merged(final)  # the base model with the policy adapter merged in
             else:
-                self.adapter.policy.save_pretrained(final, state_dict=full)
+                self.adapter.policy.save_pretrained(final, state_dict=self._final_state(full))
             self.processor.save_pretrained(final)
         return [f"model:       {final}"]
+
+
+    def _final_state(self, full):
+        """The policy's state as ``final/`` holds it: in bf16 for the bf16 precisions (the dtype
+        the run computed in; under bf16-mixed the float32 master weights stay in the checkpoint),
+        in float32 for precision 32."""
+        import torch
+
+        state = full if full is not None else self.adapter.policy.state_dict()
+        if self.train["precision"] == "32":
+            return state
+        return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Data parallel on the tiny Qwen2-VL: from the same rollout, 2 gloo ranks (DDP, and FSDP2 with
-micro-batches) make the update one process makes, to 1e-5 in float32: two iterations of 2
-epochs x 2 minibatches with beta > 0 and a reference refresh between them. A token mean taken
-per rank is rejected.
+micro-batches) make the update one process makes, to 1e-5 in float32 and to 2**-7 under
+bf16-mixed (``BF16_REL``): two iterations of 2 epochs x 2 minibatches with beta > 0 and a
+reference refresh between them. A token mean taken per rank is rejected.
 
 The rollout is sampled once by one process (ragged completions: an EOS bias); each rank trains
 on its groups of it (``VLMAdapter.join_groups``). Sampling itself is seeded per rank's block of
@@ -98,6 +98,12 @@ def _on_rank(rank, world, model_dir, rollout_file):
     out["fsdp"] = {"params": state["policy"], "metrics": m, "optimizer": state["optimizer"]}
     broken, _ = _train(PerRankMean, model_dir, rollout)
     out["per-rank token mean"] = {"params": broken.state_dict()["policy"]}
+    ddp16, m = _train(DistributedGRPOTrainer, model_dir, rollout, precision="bf16-mixed")
+    out["ddp bf16-mixed"] = {"params": ddp16.state_dict()["policy"], "metrics": m}
+    fsdp16, m = _train(DistributedGRPOTrainer, model_dir, rollout, shard="fsdp", fsdp_units=vlm_fsdp_units,
+                       config={"micro_batch_size": 3}, precision="bf16-mixed")
+    out["fsdp bf16-mixed"] = {"params": fsdp16.state_dict()["policy"], "metrics": m,
+                              "dtypes": sorted({str(p.dtype) for p in fsdp16.params})}
     return out
 
 
@@ -113,7 +119,9 @@ def runs(tmp_path_factory):
     assert all(m["skipped_steps"] == 0 for m in metrics), "no update to compare"
     ranks = on_ranks(_on_rank, 2, str(model_dir), str(folder / "rollout.pt"))
     initial = _adapter(model_dir).policy.state_dict()
-    return ranks, {"params": one.state_dict()["policy"], "metrics": metrics, "initial": initial}
+    one16, metrics16 = _train(GRPOTrainer, model_dir, rollout, precision="bf16-mixed")
+    return ranks, {"params": one.state_dict()["policy"], "metrics": metrics, "initial": initial,
+                   "bf16-mixed": {"params": one16.state_dict()["policy"], "metrics": metrics16}}
 
 
 def _rel_gap(a: dict, b: dict, initial: dict) -> float:
@@ -148,3 +156,30 @@ def test_per_rank_token_mean_is_rejected(runs):
     ranks, one = runs
     gap = _rel_gap(ranks[0]["per-rank token mean"]["params"], one["params"], one["initial"])
     assert gap > 1e-3, f"a per-rank token mean trained like one process (gap {gap:.2e})"
+
+
+BF16_REL = 2 ** -7
+"""How far 2 ranks may be from one process under bf16-mixed, relative to the largest change (8
+SGD steps). Under autocast the weight gradients come out of bf16 matmuls: each is rounded to
+bf16 (relative 2**-9) before it is cast to float32, so 2 ranks round two partial sums where one
+process rounds one, and where the ranks' partials cancel the error relative to their sum grows;
+FSDP2's MixedPrecisionPolicy also gathers every weight as bf16 where autocast keeps embeddings,
+norms and biases in float32: one more rounding of 2**-9 per weight. 2**-7 allows four such
+errors; a wrong normaliser or a lost gradient share is a relative error of 0.5 or more, and a
+float32 run is 2.1e-2 away, outside it (so the test also sees that the ranks computed in bf16).
+Measured here: DDP 2.0e-3, FSDP 2.6e-3."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", ["ddp", "fsdp"])
+def test_bf16_mixed_two_ranks_make_one_processs_update(runs, shard):
+    ranks, one = runs
+    two = ranks[0][f"{shard} bf16-mixed"]
+    gap = _rel_gap(two["params"], one["bf16-mixed"]["params"], one["initial"])
+    assert gap < BF16_REL, f"{shard} bf16-mixed: {gap:.2e} from one process in bf16-mixed"
+    fp32_gap = _rel_gap(one["bf16-mixed"]["params"], one["params"], one["initial"])
+    assert fp32_gap > BF16_REL, f"bf16-mixed is {fp32_gap:.2e} from float32: the autocast did not act"
+    if shard == "fsdp":
+        assert two["dtypes"] == ["torch.float32"], "FSDP's shards (the master weights) are not float32"
+    print(f"{shard}: 2 ranks vs 1 process (bf16-mixed) {gap:.2e}; bf16-mixed vs float32 {fp32_gap:.2e}")
+

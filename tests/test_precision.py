@@ -1,0 +1,283 @@
+"""Precision modes (``grpo_core.precision``; ``train vlm --precision``): bf16-mixed trains the
+float32 master weights at a learning rate where bf16 weights cannot move, its update is fp32's
+up to what bf16 rounding does to the gradient's signs, and bf16-true says when its updates
+round away.
+
+Independent sides: bf16's spacing is checked against torch's own bf16 rounding; the fp32-vs-mixed
+tolerance is derived from Adam's first step, which is exactly ``-lr * sign(g)`` wherever
+``|g|`` is far above Adam's eps (1e-8): the two runs' first updates can differ only on the
+entries whose gradient sign the bf16 compute flipped, and there by exactly ``2 lr``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from grpo_core.precision import (PRECISIONS, bf16_half_ulp, bf16_stalled_share, bf16_true_note, compute_context,
+                                 moved_share, weight_dtype)
+
+pytest.importorskip("transformers")
+
+from adapters.vlm import VLMAdapter  # noqa: E402
+from adapters.vlm_tasks import colours_dataset  # noqa: E402
+from adapters.vlm_tiny import load_vlm  # noqa: E402
+from grpo_core.config import GRPOConfig  # noqa: E402
+from grpo_core.loop import GRPOTrainer  # noqa: E402
+from grpo_harness.gpu_check import spread_reward  # noqa: E402
+
+from .test_vlm import _one_thread, _quiet_transformers, add_eos_bias, tiny_dirs  # noqa: E402,F401
+
+LR = 1e-6
+CFG = dict(group_size=4, groups_per_iteration=2, grpo_epochs=1, minibatches=1, beta=0.0, lr=LR, seed=0,
+           stats_over="sequences", gamma=1.0, max_grad_norm=0.0, skip_zero_grad_steps=False)
+
+
+def test_the_command_line_names_the_cores_precisions():
+    from grpo_harness.train_vlm import PRECISIONS as CLI
+
+    assert CLI == PRECISIONS
+
+
+@pytest.mark.parametrize("w", [1.0, 0.02, -3.7, 1e-3, 0.75, 2.0 ** -20])
+def test_half_ulp_is_bf16s_rounding_threshold(w):
+    """A change slightly above half a bf16 ulp moves the rounded value; slightly below, it does
+    not (torch's own round-to-nearest decides, an independent source)."""
+    x = torch.tensor(w, dtype=torch.float64)
+    b = x.to(torch.bfloat16)
+    x = b.double()
+    h = bf16_half_ulp(x)
+    up = x + torch.sign(x) * h * 1.01
+    down = x + torch.sign(x) * h * 0.99
+    assert up.to(torch.bfloat16) != b
+    assert down.to(torch.bfloat16) == b
+
+
+def test_half_ulp_closed_forms():
+    """2**(e - 8) for |w| in [2**e, 2**(e+1)): 1.0 -> 2**-8, 0.02 -> 2**-14 (6.1e-5, the issue's
+    "about 6e-5"), 1.99 -> 2**-8."""
+    got = bf16_half_ulp(torch.tensor([1.0, 0.02, 1.99, -0.5]))
+    assert got.tolist() == [2.0 ** -8, 2.0 ** -14, 2.0 ** -8, 2.0 ** -9]
+
+
+def test_stalled_share_and_the_note():
+    """Weights of 0.02: half-ulp 6.1e-5. At lr 1e-6 every entry is stalled (the note says 100%);
+    at lr 1e-3 none is (no note). Weights of 0 can always move."""
+    w = [torch.full((100,), 0.02), torch.zeros(100)]
+    assert bf16_stalled_share(w, 1e-6) == 0.5
+    assert bf16_stalled_share(w, 1e-3) == 0.0
+    note = bf16_true_note([torch.full((10,), 0.02)], 1e-6)
+    assert note.startswith("warning: precision bf16-true at lr 1e-06: 100.0% of the trainable entries")
+    assert "--precision bf16-mixed" in note
+    assert bf16_true_note([torch.full((10,), 0.02)], 1e-3) is None
+
+
+def test_weight_dtype_and_the_compute_context():
+    assert weight_dtype("32") == weight_dtype("bf16-mixed") == torch.float32
+    assert weight_dtype("bf16-true") == torch.bfloat16
+    lin = torch.nn.Linear(4, 4)
+    with compute_context("bf16-mixed", "cpu"):
+        assert lin(torch.ones(1, 4)).dtype == torch.bfloat16
+    with compute_context("32", "cpu"):
+        assert lin(torch.ones(1, 4)).dtype == torch.float32
+    with pytest.raises(ValueError, match="precision='fp16' is not valid; choose one of 32, bf16-mixed, bf16-true"):
+        compute_context("fp16", "cpu")
+
+
+# --- the tiny VLM ---------------------------------------------------------------------------------
+
+def _adapter(tiny_dirs, precision):
+    model, processor = load_vlm(tiny_dirs["qwen2_vl"], dtype=weight_dtype(precision))
+    add_eos_bias(model, processor.tokenizer.eos_token_id)
+    return VLMAdapter(model, processor, colours_dataset(8), [spread_reward], max_new_tokens=6)
+
+
+def _trainable(trainer):
+    return {n: p.detach().clone() for n, p in trainer.policy.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, moved_at_least, moved_at_most", [
+    ("32", 0.95, 1.0), ("bf16-mixed", 0.95, 1.0), ("bf16-true", 0.0, 0.10)])
+def test_weights_move_at_lr_1e6(tiny_dirs, precision, moved_at_least, moved_at_most):
+    """Three iterations at lr 1e-6 (the README's FSDP recipe's lr), Adam: float32 and bf16-mixed
+    move at least 95% of the trainable entries (a few, like a key bias, get no gradient); bf16
+    weights move at most 10% (issue: 2.6%). Under bf16-mixed the weights and gradients stay
+    float32."""
+    tr = GRPOTrainer(_adapter(tiny_dirs, precision), GRPOConfig(**CFG), precision=precision)
+    before = _trainable(tr)
+    for _ in range(3):
+        tr.step()
+    after = _trainable(tr)
+    share = moved_share(before, after)
+    assert moved_at_least <= share <= moved_at_most, f"{precision}: {share:.3f} of the entries moved"
+    want = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert all(p.dtype == want for p in tr.params)
+    assert all(p.grad is None or p.grad.dtype == want for p in tr.params)
+    if precision == "bf16-true":
+        assert bf16_true_note(tr.params, LR) is not None
+
+
+@pytest.mark.slow
+def test_bf16_mixed_first_update_is_fp32s_up_to_flipped_gradient_signs(tiny_dirs):
+    """One rollout (float32, fixed), one Adam step from the same weights under "32" and under
+    "bf16-mixed". Adam's first step is -lr * sign(g) (bias-corrected m / sqrt(v) = g / |g|), so
+    the two updates may differ only where sign(g32) != sign(g16), by 2 lr there. The share q of
+    such entries is what bf16 rounding does to the gradient; it is measured from the two
+    gradients and must be small (< 5%); the updates must agree everywhere else."""
+    base = _adapter(tiny_dirs, "32")
+    rollout = base.collect(num_groups=2, group_size=4, iteration=0)
+    assert rollout.mask.any(1).all()
+    results = {}
+    for precision in ("32", "bf16-mixed"):
+        ad = _adapter(tiny_dirs, precision)
+        tr = GRPOTrainer(ad, GRPOConfig(**CFG), precision=precision)
+        before = _trainable(tr)
+        ro = copy.deepcopy(rollout)
+        adv = tr._advantages(ro)
+        with tr.compute():
+            tr._update(ro, adv, None)
+        grads = {n: p.grad.detach().clone() for n, p in tr.policy.named_parameters() if p.grad is not None}
+        results[precision] = ({n: _trainable(tr)[n] - before[n] for n in before}, grads)
+    (u32, g32), (u16, g16) = results["32"], results["bf16-mixed"]
+    assert g32.keys() == g16.keys()
+    flipped = total = differ = 0
+    weights = _trainable(GRPOTrainer(_adapter(tiny_dirs, "32"), GRPOConfig(**CFG)))
+    for n in g32:
+        # |g| >= 1e-4: Adam's eps (1e-8) changes the step by at most 1e-4 of lr; the applied step is
+        # rounded into the float32 weight, off by up to one float32 spacing of w (tol)
+        live = (g32[n].abs() > 1e-4) & (g16[n].abs() > 1e-4)
+        w = weights[n]
+        tol = 2e-4 * LR + 2 * (torch.nextafter(w.abs(), torch.full_like(w, float("inf"))) - w.abs())
+        flip = live & (torch.sign(g32[n]) != torch.sign(g16[n]))
+        same = live & ~flip
+        flipped += int(flip.sum())
+        total += int(live.sum())
+        gap = (u32[n] - u16[n]).abs()
+        assert bool((gap[same] <= tol[same]).all()), n
+        assert bool(((gap[flip] - 2 * LR).abs() <= tol[flip]).all()), n
+        differ += int((gap > tol)[live].sum())
+    q = flipped / total
+    assert total > 0.5 * sum(v.numel() for v in u32.values())
+    assert q < 0.05, f"bf16 compute flipped {q:.3%} of the gradient's signs"
+    assert differ == flipped
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+def _cli(tiny_dirs, out, *extra):
+    return ["--task", "colours", "--model", str(tiny_dirs["qwen2_vl"]), "--out", str(out), "--threads", "1",
+            "--num-prompts", "8", "--eval-size", "4", "--set", "group_size=4", "--set", "groups_per_iteration=2",
+            "--set", "dynamic_sampling=false", "--skip-preflight", "--lr-schedule", "constant", *extra]
+
+
+def test_dtype_is_refused_with_what_replaced_it(tiny_dirs, tmp_path, capsys):
+    from grpo_harness.train_vlm import main
+
+    assert main(_cli(tiny_dirs, tmp_path / "r", "--dtype", "bfloat16")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dtype was replaced by --precision" in err[0] and "bf16-mixed" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_bf16_true_at_a_small_lr_says_so_at_the_start_and_in_inspect(tiny_dirs, tmp_path, capsys):
+    from grpo_harness.cli import main as cli
+    from grpo_harness.train_vlm import main
+
+    assert main(_cli(tiny_dirs, tmp_path / "small", "--precision", "bf16-true", "--set", "lr=1e-6",
+                     "--max-iterations", "1")) == 0
+    assert "warning: precision bf16-true at lr 1e-06" in capsys.readouterr().err
+    assert cli(["inspect", str(tmp_path / "small")]) == 0
+    assert "warning: precision bf16-true at lr 1e-06" in capsys.readouterr().out
+    assert main(_cli(tiny_dirs, tmp_path / "large", "--precision", "bf16-true", "--set", "lr=1e-2",
+                     "--max-iterations", "1")) == 0
+    assert "warning: precision bf16-true" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bf16_mixed_checkpoints_hold_fp32_and_resume_exactly(tiny_dirs, tmp_path):
+    """4 iterations straight vs 2 + resume 2 under bf16-mixed: the same metrics and weights;
+    the checkpoint holds the float32 master weights, final/ the bf16 model."""
+    import json
+
+    from grpo_harness.train_vlm import main
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    # --eval-every 2: the first session's last iteration (1) evaluates in both runs
+    assert main(_cli(tiny_dirs, straight, "--precision", "bf16-mixed", "--max-iterations", "4", "--eval-every", "2")) == 0
+    assert main(_cli(tiny_dirs, resumed, "--precision", "bf16-mixed", "--max-iterations", "2", "--eval-every", "2")) == 0
+    assert main(["--out", str(resumed), "--resume", "--max-iterations", "4", "--threads", "1",
+                 "--skip-preflight"]) == 0
+
+    def rows(out):
+        return [{k: v for k, v in json.loads(line).items() if k != "wall_time"}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(resumed) == rows(straight) and len(rows(straight)) == 4
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)["trainer"]["policy"]
+    b = torch.load(resumed / "checkpoint.pt", weights_only=True)["trainer"]["policy"]
+    assert all(v.dtype == torch.float32 for v in a.values() if v.is_floating_point())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from safetensors.torch import load_file
+
+    final = load_file(str(next((straight / "final").glob("*.safetensors"))))
+    assert {v.dtype for v in final.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert json.loads((straight / "config.json").read_text())["train"]["precision"] == "bf16-mixed"
+
+
+@pytest.mark.slow
+def test_a_run_folder_from_before_precision_resumes(tiny_dirs, tmp_path):
+    """config.json of an older version says train.dtype: it is read as the precision it meant."""
+    import json
+
+    from grpo_harness.train_vlm import main
+
+    out = tmp_path / "old"
+    assert main(_cli(tiny_dirs, out, "--max-iterations", "1")) == 0
+    doc = json.loads((out / "config.json").read_text())
+    doc["train"]["dtype"] = doc["train"].pop("precision") and "float32"
+    (out / "config.json").write_text(json.dumps(doc))
+    assert main(["--out", str(out), "--resume", "--max-iterations", "2", "--threads", "1", "--skip-preflight"]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["precision"] == "32"
+
+
+class _OneContextPerIteration(GRPOTrainer):
+    """The first version: the whole iteration under one autocast context. Autocast caches the
+    bf16 copy of each weight while its context is open, so every forward after the first
+    optimizer step still computed with the weights from before it."""
+
+    def compute(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def step(self):
+        with compute_context(self.precision, "cpu"):
+            return super().step()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls, stale", [(GRPOTrainer, False), (_OneContextPerIteration, True)])
+def test_bf16_mixed_forwards_see_each_optimizer_step(tiny_dirs, cls, stale):
+    """Two epochs on one rollout, plain SGD at lr 0.1: the second epoch's forward runs on the
+    weights the first epoch's step made. Its log-probs then differ from the first epoch's (the
+    KL to the reference refreshed before the update: 0.061 in float32 here); with a stale cache
+    every weight that autocast casts (the linear layers) is the first epoch's again, and only
+    the rest (embeddings, norms) moves the log-probs: a KL of 0.015, a quarter of float32's."""
+    cfg = GRPOConfig(**dict(CFG, grpo_epochs=2, beta=0.1, update_ref_model_freq=1, lr=0.1))
+    kl = {}
+    for precision, kind in (("32", GRPOTrainer), ("bf16-mixed", cls)):
+        ad = _adapter(tiny_dirs, precision)
+        sgd = torch.optim.SGD([p for p in ad.policy.parameters() if p.requires_grad], lr=0.1)
+        tr = kind(ad, cfg, sgd, precision=precision)
+        st = tr.step()
+        kl[precision] = (st["kl"], st["ratio_max"])
+    fp32_kl, mixed = kl["32"][0], kl["bf16-mixed"]
+    assert fp32_kl > 1e-4
+    if stale:
+        assert mixed[0] < 0.5 * fp32_kl
+    else:
+        assert 0.5 * fp32_kl < mixed[0] < 2 * fp32_kl and mixed[1] > 1.0
