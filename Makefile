@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,vlm,lora,data,rich
 PYTEST_WORKERS ?= 2
 
-.PHONY: install verify verify-dist verify-deep test smoke soak gpu-check clean
+.PHONY: install verify verify-dist verify-deep test smoke soak gpu-check rehearse clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 
@@ -62,6 +62,12 @@ mutate: install
 # Without CUDA: one line saying so (exit 0).
 gpu-check: install
 	$(PY) -m grpo_harness.cli gpu-check
+
+# The README's GPU and scale-out commands run as written on CPU (the tiny model, 2 ranks, 2
+# iterations), each checked to move the weights as a float32 run does, and a 2-node torchrun
+# launch on localhost against one process (benchmarks/rehearse.py). A few minutes; CI runs it.
+rehearse: install
+	$(PY) benchmarks/rehearse.py
 
 clean:
 	rm -rf $(VENV) reports runs .pytest_cache .hypothesis

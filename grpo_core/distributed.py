@@ -313,8 +313,11 @@ class DistributedGRPOTrainer(GRPOTrainer):
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         policy = get_model_state_dict(self.policy, options=opts)
         ref = None if self.reference is None else get_model_state_dict(self.reference, options=opts)
-        optim = get_optimizer_state_dict(self.policy, self.optimizer, options=opts)
-        return {"policy": policy, "reference": ref, "optimizer": _by_index(optim, self._param_names()),
+        if self.optimizer.state:
+            optim = _by_index(get_optimizer_state_dict(self.policy, self.optimizer, options=opts), self._param_names())
+        else:  # no step yet: get_optimizer_state_dict would make one (at lr 0) to create the state
+            optim = self.optimizer.state_dict() if self.rank == 0 else {}
+        return {"policy": policy, "reference": ref, "optimizer": optim,
                 "iteration": self.iteration, "ref_is_policy": self.ref_is_policy,
                 "best_outcome": self.best_outcome, "config": self.config.to_dict()}
 
@@ -329,8 +332,9 @@ class DistributedGRPOTrainer(GRPOTrainer):
         set_model_state_dict(self.policy, state["policy"], options=opts)
         if self.reference is not None and state["reference"] is not None:
             set_model_state_dict(self.reference, state["reference"], options=opts)
-        set_optimizer_state_dict(self.policy, self.optimizer, _by_name(state["optimizer"], self._param_names()),
-                                 options=opts)
+        if state["optimizer"].get("state"):  # an empty one is the fresh optimizer's (no step to restore)
+            set_optimizer_state_dict(self.policy, self.optimizer, _by_name(state["optimizer"], self._param_names()),
+                                     options=opts)
         self.iteration = int(state["iteration"])
         self.ref_is_policy = bool(state.get("ref_is_policy", False)) and self.reference is not None
         self.best_outcome = float(state.get("best_outcome", -math.inf))

@@ -6,19 +6,27 @@ and how much memory does it take.
     grpo-harness gpu-check [--iterations 20] [--out benchmarks/results] [--results-md FILE]
     grpo-harness gpu-check --device cpu --tiny     # the same code path on a tiny model
 
-Without CUDA it prints one line saying so and exits 0, running nothing. On a CUDA device:
+Without CUDA it prints one line saying so and exits 0, running nothing; but when the machine has
+an NVIDIA device (``/dev/nvidia*``) or ``--device cuda:N`` was asked for and torch sees no CUDA
+(a CPU build of torch, as ``make install`` puts in by default), it says so and exits 1: a check
+that passes without having run is no check. On a CUDA device:
 
 1. builds in memory, on the device, a random-init Qwen2-VL with the shape of Qwen2-VL-2B
    (``SHAPES``; text 1536 wide x 28 layers, vocabulary 151,936, vision tower 1280 wide x 32
-   blocks; about 2.2B parameters) in bfloat16, with a word-level tokenizer whose synthetic words
-   fill the vocabulary; nothing is downloaded;
-2. runs the preflight (``adapters.vlm_preflight``) in bfloat16, prints its table and records
-   the measured log-prob gap between sampling and the training forward (max and mean);
-3. trains ``--iterations`` GRPO iterations with ``VLM_DEFAULTS`` (4 prompts x 8 completions,
-   448 x 448 images of 256 image tokens each, up to 64 new tokens) and gradient checkpointing;
-   the reward is a number in [0, 1) hashed from the completion text, which has spread on a
-   random model (the colours reward would be 0 everywhere and skip every step);
-4. writes ``gpu.json`` (every number) and ``gpu.md`` (a RESULTS section) into ``--out``, and
+   blocks; about 2.2B parameters), float32 master weights under ``--precision bf16-mixed``
+   (the default, as in the README's GPU recipes), with a word-level tokenizer whose synthetic
+   words fill the vocabulary; nothing is downloaded;
+2. runs the preflight (``adapters.vlm_preflight``) in that precision, prints its table and
+   records the measured log-prob gap between sampling and the training forward (max and mean);
+3. the learning check: one update at the recipe's lr (1e-6) on one rollout, and the share of
+   the trainable entries it moved (float32 master weights: about 99%; bf16 weights: about 3%,
+   the updates round away) and the loss on that batch before and after; fails below 50%;
+4. trains ``--iterations`` GRPO iterations with ``VLM_DEFAULTS`` (4 prompts x 8 completions,
+   448 x 448 images of 256 image tokens each, up to 64 new tokens; dynamic sampling off) and
+   gradient checkpointing; the reward is a number in [0, 1) hashed from the completion text,
+   which has spread on a random model (the colours reward would be 0 everywhere and skip every
+   step);
+5. writes ``gpu.json`` (every number) and ``gpu.md`` (a RESULTS section) into ``--out``, and
    puts that section into ``--results-md`` (default ``benchmarks/RESULTS.md`` on CUDA), in
    place of its ``## GPU check`` section.
 
@@ -27,8 +35,9 @@ iterations after the first. Tokens per second: sampled (valid completion) tokens
 and trained tokens (prompt + valid completion) per second. Peak memory:
 ``torch.cuda.max_memory_allocated`` (and reserved); on CPU the process's peak RSS.
 
-Exit status: 0 when it ran (or there is no CUDA), 1 when a preflight check failed (the numbers
-are still measured and written), 2 on a usage error.
+Exit status: 0 when it ran (or there is no GPU at all), 1 when a preflight check or the learning
+check failed (the numbers are still measured and written) or a GPU is present that torch cannot
+use, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -61,6 +70,10 @@ SHAPES = {
 TINY = {"image_size": 56, "max_new_tokens": 8}
 """``--tiny``: ``adapters.vlm_tiny``'s model, small images and completions (tests, CPU)."""
 NUM_PROMPTS = 16
+LR = 1e-6
+MOVED_AT_LEAST = 0.5
+"""The learning check fails when one update moves fewer of the trainable entries: at lr 1e-6
+float32 master weights move ~99% (the tiny model on CPU: 98.9%), bf16 weights ~3% (2.6%)."""
 
 
 def add_parser(sub, name: str) -> None:
@@ -70,7 +83,11 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--iterations", type=int, default=20, help="training iterations measured (default 20)")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (only with --tiny) (default cuda)")
     p.add_argument("--tiny", action="store_true", help="the tiny test model instead of the 2B shape")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="default bfloat16")
+    p.add_argument("--precision", choices=["32", "bf16-mixed", "bf16-true"], default="bf16-mixed",
+                   help="as train vlm's --precision (default bf16-mixed, the README's GPU recipes)")
+    p.add_argument("--lr", type=float, default=LR, help=f"Adam's learning rate (default {LR:g}, the README's "
+                   "full fine-tuning recipe): the learning check reports the share of weights one step moves")
+    p.add_argument("--dtype", help=argparse.SUPPRESS)  # retired: refused with what replaced it
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
                    help="folder for gpu.json and gpu.md (default benchmarks/results)")
     p.add_argument("--results-md", type=Path, default=None,
@@ -79,11 +96,26 @@ def add_parser(sub, name: str) -> None:
     p.set_defaults(run=run)
 
 
+def nvidia_devices() -> list[str]:
+    """The NVIDIA device files of this machine (``/dev/nvidia0``, ...): a GPU is installed,
+    whatever the torch build can see."""
+    import glob
+
+    return sorted(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def run(args) -> int:
     import torch
 
+    if args.dtype is not None:
+        print("gpu-check: --dtype was replaced by --precision (bf16-mixed: float32 master weights, bf16 "
+              "compute; bf16-true: bf16 weights; 32)", file=sys.stderr)
+        return 2
     if args.iterations < 1:
         print(f"gpu-check: --iterations must be >= 1, got {args.iterations}", file=sys.stderr)
+        return 2
+    if not args.lr > 0:
+        print(f"gpu-check: --lr must be > 0, got {args.lr}", file=sys.stderr)
         return 2
     try:
         device = torch.device(args.device)
@@ -91,9 +123,20 @@ def run(args) -> int:
         print(f"gpu-check: --device {args.device!r} is not a device: {e}", file=sys.stderr)
         return 2
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"gpu-check: no CUDA device here (torch {torch.__version__}, CUDA build: "
-              f"{torch.version.cuda or 'no'}); nothing run")
+        gpus = nvidia_devices()
+        where = (f"torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}")
+        if gpus or args.device != "cuda":
+            seen = f"this machine has {len(gpus)} NVIDIA device(s)" if gpus else f"--device {args.device} was asked for"
+            print(f"gpu-check: {seen} but torch sees no CUDA device ({where}): install a CUDA build of torch, "
+                  "e.g. make install TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'",
+                  file=sys.stderr)
+            return 1
+        print(f"gpu-check: no CUDA device here ({where}); nothing run")
         return 0
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        print(f"gpu-check: --device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)",
+              file=sys.stderr)
+        return 2
     if device.type == "cpu" and not args.tiny:
         print("gpu-check: --device cpu needs --tiny (the 2B shape would take hours on a CPU)", file=sys.stderr)
         return 2
@@ -102,10 +145,10 @@ def run(args) -> int:
         return 2
     if device.type == "cpu":
         torch.set_num_threads(1)  # the tiny model: more threads only spin against each other
-    result = measure(device, tiny=args.tiny, iterations=args.iterations, dtype=getattr(torch, args.dtype))
+    result = measure(device, tiny=args.tiny, iterations=args.iterations, precision=args.precision, lr=args.lr)
     write_outputs(result, args.out, args.results_md if args.results_md is not None
                   else (None if args.tiny or device.type != "cuda" else REPO / "benchmarks" / "RESULTS.md"))
-    return 0 if result["preflight_passed"] else 1
+    return 0 if result["preflight_passed"] and result["learning"]["passed"] else 1
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -182,10 +225,14 @@ def _peak_memory(device) -> dict:
     return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def measure(device, *, tiny: bool, iterations: int, dtype) -> dict:
-    """Build, preflight, train ``iterations`` iterations; every number in one dict."""
+def measure(device, *, tiny: bool, iterations: int, precision: str = "bf16-mixed", lr: float = LR) -> dict:
+    """Build, preflight, one learning check, train ``iterations`` iterations; every number in
+    one dict."""
     import torch
 
+    from grpo_core.precision import weight_dtype
+
+    dtype = weight_dtype(precision)
     from adapters.vlm import VLMAdapter, enable_checkpointing
     from adapters.vlm_preflight import LOGPROB, failed_names, format_preflight, run_preflight
     from adapters.vlm_tasks import colours_dataset
@@ -202,10 +249,12 @@ def measure(device, *, tiny: bool, iterations: int, dtype) -> dict:
     data = colours_dataset(NUM_PROMPTS, size=spec["image_size"], seed=0)
     adapter = VLMAdapter(model, processor, data, [spread_reward], seed=0, max_new_tokens=spec["max_new_tokens"],
                          old_logp_forward=False)
-    cfg = GRPOConfig.from_dict(dict(VLM_DEFAULTS["grpo"], seed=0))
-    trainer = GRPOTrainer(adapter, cfg)
+    cfg = GRPOConfig.from_dict(dict(VLM_DEFAULTS["grpo"], seed=0, lr=lr, dynamic_sampling=False))
+    trainer = GRPOTrainer(adapter, cfg, precision=precision)
     rows = run_preflight(trainer, max_new_tokens=spec["max_new_tokens"])
     print(format_preflight(rows), flush=True)
+    learning = learning_check(trainer)
+    print(learning_line(learning, precision, lr), flush=True)
     gap = next((r.details for r in rows if r.name == LOGPROB and r.details), {})
     gap = dict(gap, bound=next((r.bound for r in rows if r.name == LOGPROB), None))
     if device.type == "cuda":
@@ -217,7 +266,8 @@ def measure(device, *, tiny: bool, iterations: int, dtype) -> dict:
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_type": device.type, "shape": shape or "tiny", "parameters": parameter_count(model),
-        "dtype": str(dtype).removeprefix("torch."), "gradient_checkpointing": True,
+        "dtype": str(dtype).removeprefix("torch."), "precision": precision, "lr": lr, "learning": learning,
+        "gradient_checkpointing": True,
         "groups_per_iteration": cfg.groups_per_iteration, "group_size": cfg.group_size,
         "image_size": spec["image_size"], "max_new_tokens": spec["max_new_tokens"], "iterations": iterations,
         "build_seconds": build_s, "median_step_seconds": median_s,
@@ -227,6 +277,44 @@ def measure(device, *, tiny: bool, iterations: int, dtype) -> dict:
         "preflight": [r.to_dict() for r in rows], "preflight_passed": not failed_names(rows),
         "steps": steps, "versions": _versions(), "date": datetime.date.today().isoformat(),
     }
+
+
+def learning_check(trainer) -> dict:
+    """One update on one rollout, at the run's lr and precision, and what it did: the share of
+    the trainable entries that changed (``moved_share``; float32 master weights at lr 1e-6: ~99%,
+    bf16 weights: ~3%) and the loss on that rollout before and after the step (the surrogate of
+    the batch just trained on falls when the update follows its gradient). The trainer's
+    iteration counter is not advanced."""
+    import torch
+
+    from grpo_core.losses import agg_count
+    from grpo_core.precision import moved_share
+
+    cfg = trainer.config
+    rollout = trainer._collect()
+    adv = trainer._advantages(rollout)
+    if rollout.old_logp is None:
+        rollout.old_logp = trainer._batch_logp(trainer.policy, rollout)
+    ref_logp = trainer._batch_logp(trainer.reference, rollout) if cfg.beta != 0 else None
+    rows = torch.arange(rollout.rewards.shape[0])
+    total = trainer._global_count(agg_count(rollout.mask, cfg.loss_agg))
+    before = {n: p.detach().to("cpu", copy=True) for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    stats = trainer._minibatch_step(rollout, adv, ref_logp, rows)
+    after = {n: p.detach().to("cpu", copy=True) for n, p in trainer.policy.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        loss_after, _ = trainer._micro_loss(rollout, adv, ref_logp, rows, total, True)
+    share = moved_share(before, after)
+    return {"moved_share": share, "loss_before": stats["loss"], "loss_after": float(loss_after),
+            "skipped": bool(stats["skipped_steps"]), "passed": share >= MOVED_AT_LEAST and not stats["skipped_steps"]}
+
+
+def learning_line(learning: dict, precision: str, lr: float) -> str:
+    verdict = "learns" if learning["passed"] else "DOES NOT LEARN"
+    why = "" if learning["passed"] else (
+        " (the step was skipped: no signal)" if learning["skipped"] else
+        f"; fewer than {MOVED_AT_LEAST:.0%} moved: updates round away (bf16 weights? use --precision bf16-mixed)")
+    return (f"learning check ({precision}, lr {lr:g}): one update moved {learning['moved_share']:.1%} of the trainable "
+            f"entries; loss on its batch {learning['loss_before']:.6g} -> {learning['loss_after']:.6g}: {verdict}{why}")
 
 
 def _timed_step(trainer, device) -> dict:
@@ -273,6 +361,10 @@ def section(r: dict) -> str:
              f"| peak memory | {mem} |",
              f"| preflight log-prob gap (sampling vs training forward) | {gap_text} |",
              f"| preflight | {'passed' if r['preflight_passed'] else 'FAILED'} |",
+             f"| learning check ({r['precision']}, lr {r['lr']:g}): entries one update moved | "
+             f"{r['learning']['moved_share']:.1%} ({'passed' if r['learning']['passed'] else 'FAILED'}) |",
+             f"| learning check: loss on the updated batch, before -> after | "
+             f"{r['learning']['loss_before']:.6g} -> {r['learning']['loss_after']:.6g} |",
              "", "Raw numbers: `benchmarks/results/gpu.json`."]
     return "\n".join(lines) + "\n"
 
