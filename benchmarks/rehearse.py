@@ -52,7 +52,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MOVED = 0.9
 MOVED_ALONE = 0.5
-MULTI_NODE_REL = 1e-5
+MULTI_NODE_REL = 1e-4
+"""Relative gap allowed between 2 nodes and one process: float32 (CartPole's default), the ranks' gradients summed
+in another order than one process sums them, 30 Adam steps (3 iterations of 10 epochs). Measured here: 1.1e-5."""
 SECTION = ("## VLM training", "## Checking your own estimator")
 REWARDS = '''
 import hashlib
@@ -137,8 +139,8 @@ def substitute(command: str, *, model: str, data: str, rewards: str, python: str
 def _moved(before: dict, after: dict) -> float:
     from grpo_core.precision import moved_share
 
-    common = {k: v for k, v in before.items() if k in after}
-    return moved_share(common, {k: after[k] for k in common})
+    assert set(after) <= set(before), sorted(set(after) - set(before))[:3]
+    return moved_share({k: before[k] for k in after}, after)
 
 
 def moved_share_of_run(out: Path, initial: dict | None) -> float:
@@ -160,12 +162,11 @@ def moved_share_of_run(out: Path, initial: dict | None) -> float:
 
 
 def load_weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
+    """A saved model's weights under the names the trainer's state dict uses (the file's names
+    differ for some modules), as the trainer loads them."""
+    from adapters.vlm_tiny import load_vlm
 
-    weights = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        weights.update(load_file(str(f)))
-    return weights
+    return load_vlm(folder)[0].state_dict()
 
 
 def prepare(root: Path) -> dict[str, str]:
@@ -249,13 +250,13 @@ def main(argv=None) -> int:
                 out = _out_of(argv, root)
                 share = moved_share_of_run(out, initial if "--model" in argv else None)
                 line += f"\n    moved {share:.1%} of the trainable entries" if share == share else ""
-                ok = not share < (MOVED if "bf16-mixed" in argv else MOVED_ALONE)
-                if ok and "bf16-mixed" in argv:
+                ok = not share < MOVED_ALONE
+                if "bf16-mixed" in argv:
                     twin = [("32" if w == "bf16-mixed" else w) for w in argv]
                     twin[twin.index("--out") + 1] += "-fp32"
                     trc, _ = run(twin, root, root / f"cmd{k}-fp32.log")
                     ref = moved_share_of_run(_out_of(twin, root), initial if "--model" in argv else None)
-                    ok = trc == 0 and share >= MOVED * ref
+                    ok = trc == 0 and not ref < MOVED_ALONE and share >= MOVED * ref
                     line += f"; its float32 twin moved {ref:.1%}"
             print(("ok   " if ok else "FAIL ") + line, flush=True)
             if not ok:

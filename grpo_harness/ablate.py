@@ -1,7 +1,7 @@
 """``grpo-harness ablate``: a baseline and variants over many seeds, with a paired verdict each.
 
     grpo-harness ablate cartpole --out runs/abl --vary gamma=1.0 --vary grpo_epochs=1,4 --seeds 0-19
-    grpo-harness ablate vlm --out runs/abl --variants benchmarks/ablations/attributes.toml
+    grpo-harness ablate vlm --out runs/abl --variants benchmarks/ablations/sequence.toml
 
 Every run is one ``grpo-harness train ENV`` subprocess at one torch thread (``--threads 1``),
 ``--jobs`` at a time, in its own run folder under ``--out``; this command only chooses the
@@ -11,7 +11,7 @@ Variants
     ``base`` (the command's defaults + ``--set``) and one variant per value of each ``--vary
     KEY=V1,V2`` that differs from the base's (one factor at a time; named ``KEY=V``), or the
     named variants of a ``--variants FILE.toml`` (format in ``load_spec``). Flags for the train
-    command go in ``--train "ARGS"`` (e.g. ``--train "--task attributes --max-iterations 300"``).
+    command go in ``--train "ARGS"`` (e.g. ``--train "--task sequence --max-iterations 300"``).
 Seeds
     ``--seeds`` are the verdict seeds; ``--tune-seeds`` (disjoint from them) are used only to
     choose the values of a variant's ``tune`` lists (e.g. a learning rate for several epochs):
@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .folder_lock import FolderBusy, FolderLock
 from .run import EXIT_USAGE, UsageError, make_config, parse_set
 from .stats import quartiles, signed_rank_test
 
@@ -156,6 +157,17 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9.=_-]+", "-", name.lower()).strip("-") or "x"
 
 
+def _flags(value: Any, where: str) -> list[str]:
+    """A ``train`` entry of a variants file: a list of flags, or one string of them (split as a
+    shell would, as ``--train`` is); UsageError for anything else."""
+    if isinstance(value, str):
+        return shlex.split(value)
+    if isinstance(value, list) and all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in value):
+        return [str(a) for a in value]
+    raise UsageError(f"{where}: train = {value!r}: expected a list of flags, e.g. [\"--max-env-steps\", \"500\"], "
+                     "or one string of them")
+
+
 def _variant(name: str, table: dict, where: str) -> Variant:
     known = {"set", "tune", "baseline", "expect", "measure", "claim", "compare", "train", "tune_from"}
     unknown = sorted(set(table) - known)
@@ -167,7 +179,7 @@ def _variant(name: str, table: dict, where: str) -> Variant:
     if table.get("compare", True) is False or name == BASE:
         v.baseline = None
     v.expect, v.measure, v.claim = table.get("expect", "better"), table.get("measure", "cost"), table.get("claim", "")
-    v.train = [str(a) for a in table.get("train", [])]
+    v.train = _flags(table.get("train", []), where)
     v.tune_from = table.get("tune_from")
     if v.expect not in EXPECT or v.measure not in MEASURES:
         raise UsageError(f"{where}: expect={v.expect!r} / measure={v.measure!r}: expected one of "
@@ -179,7 +191,7 @@ def load_spec(path: Path) -> Spec:
     """Read a variants file (TOML, or the same keys in JSON)::
 
         env = "vlm"                          # cartpole or vlm
-        train = ["--task", "attributes"]     # flags for `grpo-harness train ENV` (optional)
+        train = ["--task", "sequence"]       # flags for `grpo-harness train ENV` (optional)
         seeds = "0-19"                       # verdict seeds (--seeds overrides)
         tune_seeds = "100-103"               # tuning seeds (--tune-seeds overrides)
         alpha = 0.05                         # significance level of the verdicts
@@ -214,7 +226,7 @@ def load_spec(path: Path) -> Spec:
             variants[name] = _variant(name, table, f"{path} [variants.{name!r}]")
     return Spec(env=doc.get("env", ""), variants=variants, seeds=parse_seeds(doc.get("seeds", "")),
                 tune_seeds=parse_seeds(doc.get("tune_seeds", ""), "tune_seeds"),
-                train=[str(a) for a in doc.get("train", [])], alpha=float(doc.get("alpha", 0.05)),
+                train=_flags(doc.get("train", []), str(path)), alpha=float(doc.get("alpha", 0.05)),
                 cost=str(doc.get("cost", "")))
 
 
@@ -238,10 +250,18 @@ def spec_from_args(args) -> Spec:
         base.set[key] = value
     for item in args.vary:
         key, values = _values(item, "--vary")
+        made = 0
         for value in values:
             if base.set.get(key, _default(spec.env, key)) != value:
                 name = f"{key}={json.dumps(value)}"
                 spec.variants[name] = Variant(name, {key: value}, claim=f"{key} {json.dumps(value)} vs the base")
+                made += 1
+            else:
+                print(f"grpo-harness ablate: --vary {key}={json.dumps(value)}: the base's value (its runs are the "
+                      "base's): no variant for it", file=sys.stderr, flush=True)
+        if not made:
+            raise UsageError(f"--vary {item}: every value is the base's, so it makes no variant; vary it to "
+                             "another value (or change the base with --set)")
     for item in args.tune:
         key, values = _values(item, "--tune")
         for v in spec.variants.values():
@@ -272,7 +292,10 @@ def _default(env: str, key: str) -> Any:
     from grpo_core.config import GRPOConfig
 
     if key not in GRPOConfig.field_names():
-        raise UsageError(f"--vary {key}: not a GRPOConfig key")
+        from .trl_names import hint
+
+        trl = hint(key)
+        raise UsageError(f"--vary {key}: not a GRPOConfig key" + (f"; {trl}" if trl else ""))
     return _command_defaults(env).get(key, getattr(GRPOConfig(), key))
 
 
@@ -412,6 +435,17 @@ def read_result(job: Job) -> dict[str, Any] | None:
     return doc if doc.get("exit") == 0 else None
 
 
+def read_failure(job: Job) -> dict[str, Any] | None:
+    """The result of a run that failed (exit status and its last error line), else None."""
+    try:
+        doc = json.loads(job.result_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(doc, dict) or doc.get("exit") in (0, None):
+        return None
+    return {"exit": doc["exit"], "error": str(doc.get("error", ""))}
+
+
 def read_measured(spec: Spec, job: Job) -> dict[str, Any] | None:
     """``read_result`` holding the cost ``spec`` compares: a VLM result written before
     completions were recorded gets them from its run folder; without the folder, UsageError."""
@@ -510,7 +544,10 @@ class Runner:
 
     def run_one(self, job: Job, cmd: list[str]) -> dict[str, Any]:
         job.folder.parent.mkdir(parents=True, exist_ok=True)
+        start = job.log_path.stat().st_size if job.log_path.exists() else 0
         code = self._spawn(job, cmd)
+        if code in INTERRUPTED and self.stopping.is_set() and finished_in_log(job.log_path, start):
+            code = 0  # it had finished when the stop reached it (it was exiting): a finished run
         if code == EXIT_USAGE and cmd[-1] == "--resume" and "cannot resume" in _last_error(job.log_path):
             # e.g. GRPOConfig gained an option since the checkpoint: the run starts again
             shutil.rmtree(job.folder)
@@ -569,6 +606,26 @@ class Runner:
             for proc in self._procs:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
+
+
+INTERRUPTED = (130, 143, -signal.SIGINT, -signal.SIGTERM)
+"""Exit statuses of a train stopped by a signal: with its handlers (130, 143) or before or after
+them (killed: -2, -15)."""
+NOT_FINISHED = ("interrupted", "error", "crashed", "non-finite", "no space")
+"""How the summary line (``stopped: REASON; ...``) of a train that did not finish begins."""
+
+
+def finished_in_log(log: Path, start: int = 0) -> bool:
+    """True when the train's output past byte ``start`` of its log holds its summary line with a
+    reason that means done (a budget, the target, solved)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    reasons = [line[len("stopped: "):] for line in text.splitlines() if line.startswith("stopped: ")]
+    return bool(reasons) and not reasons[-1].startswith(NOT_FINISHED)
 
 
 def _last_error(log: Path) -> str:
@@ -632,6 +689,18 @@ def run_ablation(spec: Spec, out: Path, *, jobs: int = 2, report_only: bool = Fa
     run failed, 130: stopped by a signal). ``again``: the command that continues, for the
     message printed when not everything is done."""
     out.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out)
+    try:
+        lock.acquire("ablation folder")
+    except FolderBusy as e:
+        raise UsageError(str(e)) from None
+    try:
+        return _run_ablation(spec, out, jobs=jobs, report_only=report_only, say=say, again=again)
+    finally:
+        lock.release()
+
+
+def _run_ablation(spec: Spec, out: Path, *, jobs: int, report_only: bool, say, again: str | None) -> int:
     _check_same_cost(spec, out)
     runner = Runner(spec, jobs, say)
     failed: list = []
@@ -652,7 +721,7 @@ def run_ablation(spec: Spec, out: Path, *, jobs: int = 2, report_only: bool = Fa
             failed += runner.run(verdict_jobs(spec, out, chosen), done)
     write_report(spec, out)
     stopped = runner.stopping.is_set()
-    failed = [(j, d) for j, d in failed if not (stopped and d["exit"] in (130, 143))]  # interrupted: resumed
+    failed = [(j, d) for j, d in failed if not (stopped and d["exit"] in INTERRUPTED)]  # interrupted: resumed
     for job, doc in failed:
         say(f"failed: {job.variant} seed {job.seed} (exit {doc['exit']}): {doc.get('error', '')}; log {job.log_path}")
     say(f"report: {out / REPORT_MD}")
@@ -770,19 +839,25 @@ def collect(spec: Spec, out: Path) -> dict[str, Any]:
         entry: dict[str, Any] = {"set": v.set, "train": v.train, "tune": v.tune or v.tune_from,
                                  "tuning": picked[1] if picked else None,
                                  "chosen": picked[0] if picked else None}
-        runs = {}
+        runs, failed = {}, {}
         if picked is not None:
             for job in verdict_jobs(spec, out, {v.name: picked[0]}):
                 r = read_measured(spec, job)
                 if r is not None:
                     runs[job.seed] = r
+                elif (bad := read_failure(job)) is not None:
+                    failed[job.seed] = bad
         per[v.name] = runs
-        entry.update(results=runs, summary=variant_summary(spec.env, list(runs.values()), key))
+        entry.update(results=runs, failed=failed, summary=variant_summary(spec.env, list(runs.values()), key))
         doc["variants"][v.name] = entry
     for v in spec.variants.values():
         if v.baseline is not None:
+            pair = compare(spec, v, per[v.name], per[v.baseline])
+            lost = len(doc["variants"][v.name]["failed"]) + len(doc["variants"][v.baseline]["failed"])
+            if lost:  # failed runs are missing from the pairs: no verdict on what is left
+                pair["verdict"] = f"none: {lost} failed run(s)"
             doc["variants"][v.name]["pair"] = {"baseline": v.baseline, "claim": v.claim, "expect": v.expect,
-                                               "measure": v.measure, **compare(spec, v, per[v.name], per[v.baseline])}
+                                               "measure": v.measure, **pair}
     return doc
 
 
@@ -894,6 +969,11 @@ def markdown(doc: dict) -> str:
              f"at their budget) unless the row says final reward; verdict at alpha = {doc['alpha']}: "
              "**held** (significant, in the claimed direction), **opposite** (significant, the other way), "
              "**not shown** (not significant). No correction for the number of pairs.", ""]
+    failed = [f"{name} seed {seed} (exit {f['exit']}: {f['error'][:120]})"
+              for name, v in doc["variants"].items() for seed, f in sorted((v.get("failed") or {}).items())]
+    if failed:
+        lines += [f"**{len(failed)} run(s) failed**, so the pairs they belong to give no verdict (fix the cause and "
+                  "run the same command again): " + "; ".join(failed) + ".", ""]
     lines += variants_table(doc)
     lines += ["", *pairs_table(doc), *tuning_lines(doc)]
     return "\n".join(lines) + "\n"
@@ -910,9 +990,9 @@ def write_report(spec: Spec, out: Path) -> dict:
     return doc
 
 
-def plot(doc: dict, path: Path) -> None:
+def plot(doc: dict, path: Path):
     """Per variant, every seed's cost to the target (censored runs as x at their budget) and
-    final reward, with the median as a bar."""
+    final reward, with the median as a bar; a title and a legend. Returns the figure."""
     from matplotlib.figure import Figure
 
     from .trainlog import atomic_write
@@ -937,7 +1017,16 @@ def plot(doc: dict, path: Path) -> None:
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_title("to target (x: not reached, at its budget)", fontsize=9)
     axes[1].set_title("final reward", fontsize=9)
+    from matplotlib.lines import Line2D
+
+    fig.suptitle(f"ablation of {doc['env']}: {len(names)} variant(s) over seeds {_seeds_text(doc['seeds'])}",
+                 fontsize=10)
+    fig.legend(handles=[Line2D([], [], ls="", marker="o", ms=4, color="C0", label="one seed (reached the target)"),
+                        Line2D([], [], ls="", marker="x", ms=5, color="C3", label="one seed (not reached: its budget)"),
+                        Line2D([], [], color="k", lw=2, label="median")], loc="outside lower center", ncols=3,
+               fontsize=8)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return fig
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -958,7 +1047,7 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--seeds", metavar="LIST", help="verdict seeds, e.g. 0-19 (or the variants file's)")
     p.add_argument("--tune-seeds", metavar="LIST", help="tuning seeds, disjoint from --seeds, e.g. 100-103")
     p.add_argument("--train", metavar='"ARGS"', help='flags for every `train ENV` run, in one string: '
-                   '--train "--task attributes --max-iterations 300"')
+                   '--train "--task sequence --max-iterations 300"')
     p.add_argument("--jobs", type=int, default=2, metavar="N", help="runs at once, one thread each (default 2)")
     p.add_argument("--alpha", type=float, metavar="A", help="significance level of the verdicts (default 0.05)")
     p.add_argument("--cost", metavar="NAME",

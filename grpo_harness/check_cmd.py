@@ -16,7 +16,9 @@ separated: ``unbiased``, ``nonnegative``, ``grad=...``, ``clamp=C`` (kl); ``std_
 Prints one row per check (name, PASS/FAIL/info, value, bound, explanation), or the rows as
 JSON with ``--json``. Exit status: 0 when every required and claimed check passes, 1 when one
 fails, 2 on a usage error (target not found, import error, not callable, wrong signature,
-raising on a basic call, an unknown or ill-typed claim), said in one line on stderr.
+raising on a basic call, an unknown or ill-typed claim, a function that does not return within
+``--timeout`` seconds, default 600, all checks together), said in one line on stderr; a function
+still running after 10 s is named on stderr meanwhile. Ctrl-C: one line, exit 130.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ import sys
 from pathlib import Path
 
 KIND_CHOICES = ("kl", "advantage", "returns", "loss")
+DEFAULT_TIMEOUT_S = 600.0
+SLOW_AFTER_S = 10.0
+"""Seconds after which the function under test is named as still running."""
 
 
 class UsageError(Exception):
@@ -58,6 +63,9 @@ def add_parser(sub, name: str) -> None:
                    "loss: eps_low=E, eps_high=E, agg=token-mean|seq-mean-token-mean|"
                    "seq-mean-token-sum|seq-mean-token-sum-norm|grpo, max_len=L, "
                    "clip_ratio_c=C|none")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                   help=f"stop when the checks take more than S seconds in all, naming the function (a function "
+                   f"that never returns); 0 = no limit (default {DEFAULT_TIMEOUT_S:g})")
     p.set_defaults(run=run)
 
 
@@ -132,6 +140,22 @@ def _print_json(target, kind, claims, rows, ok) -> None:
 
 def run(args) -> int:
     try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print(f"check-estimator: interrupted (Ctrl-C) while checking {args.target}; nothing was written",
+              file=sys.stderr, flush=True)
+        return 130
+
+
+def _run(args) -> int:
+    import math
+
+    from adapters.time_limit import TimeLimitExceeded, time_limit
+
+    try:
+        timeout = getattr(args, "timeout", DEFAULT_TIMEOUT_S)
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout >= 0):
+            raise UsageError(f"--timeout {timeout!r}: expected a number of seconds >= 0 (0: no limit)")
         if args.kind is None and not args.target.startswith("builtin:"):
             raise UsageError("--kind is required (kl, advantage, returns or loss)")
         fn = resolve_target(args.target)
@@ -155,9 +179,20 @@ def run(args) -> int:
         try:
             claims = {**get_claims(fn), **parse_expect(args.expect)}
             kwargs = {} if args.samples is None else {"samples": args.samples}
-            rows = check_estimator(fn, kind, claims=claims, seed=args.seed, **kwargs)
+            name = getattr(fn, "__name__", args.target)
+
+            def slow(elapsed: float) -> None:
+                bound = f" (limit {timeout:g} s, --timeout)" if timeout else ""
+                print(f"check-estimator: {name} is still running after {elapsed:.0f} s{bound}",
+                      file=sys.stderr, flush=True)
+
+            with time_limit(timeout, slow_after=SLOW_AFTER_S, on_slow=slow):
+                rows = check_estimator(fn, kind, claims=claims, seed=args.seed, **kwargs)
         except EstimatorUsageError as e:
             raise UsageError(f"{args.target}: {e}") from None
+        except TimeLimitExceeded:
+            raise UsageError(f"{args.target}: {name} did not return within {timeout:g} s (--timeout; the checks "
+                             "call it many times, a correct estimator takes seconds)") from None
     except UsageError as e:
         print(f"check-estimator: error: {e}", file=sys.stderr)
         return 2

@@ -32,7 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in SUBCOMMANDS.items():
         mod = importlib.import_module(module)
         mod.add_parser(sub, name)
+    _plain_text(parser)
     return parser
+
+
+def _plain_text(parser: argparse.ArgumentParser) -> None:
+    """Drop the reST markup (````name````) that descriptions taken from module docstrings carry:
+    ``--help`` is read in a terminal."""
+    if parser.description:
+        parser.description = parser.description.replace("``", "")
+    for action in parser._actions:
+        if action.help:
+            action.help = action.help.replace("``", "")
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                if choice.help:
+                    choice.help = choice.help.replace("``", "")
+            for child in action.choices.values():
+                _plain_text(child)
 
 
 def main(argv: list[str] | None = None) -> int:

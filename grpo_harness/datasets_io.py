@@ -3,7 +3,8 @@
 Sources (chosen by the path):
 
 - a folder written by ``datasets``' ``Dataset.save_to_disk`` (a saved ``DatasetDict``: its
-  ``train`` split, or its only split);
+  ``train`` split for ``--data``, ``test`` or else ``validation`` for ``--eval-data``; without
+  it the folder is refused, naming its splits: point the option at a split's own folder);
 - ``.parquet`` and ``.csv`` files, read with ``datasets.load_dataset`` (local files: no network;
   the Arrow cache goes where ``datasets`` puts it, ``HF_DATASETS_CACHE``);
 - ``.jsonl`` (one object a line) and ``.json`` (JSON lines, or one list of objects), read here
@@ -27,7 +28,8 @@ for JSON, ``file row i`` counting from 0 otherwise) before any model is loaded.
 Prompts. A string (the adapter puts one image placeholder per image before it), or a
 conversational prompt in TRL's format: a list of ``{"role", "content"}`` messages whose
 content is a string or a list of parts (``{"type": "image"}``, ``{"type": "text", "text":
-...}``). As TRL does, string contents become text parts, and when no message has an image
+...}``), also stored as a JSON string (as CSV files hold it: parsed; one that starts like such a
+list but does not parse is refused). As TRL does, string contents become text parts, and when no message has an image
 placeholder one per image is put before the first user message's text; keys left None by
 Arrow's struct columns are dropped. The number of placeholders must equal the row's images.
 """
@@ -46,6 +48,9 @@ JSON_SUFFIXES = (".jsonl", ".json")
 DATASETS_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
 """Suffix -> ``datasets.load_dataset`` builder name."""
 ROLES = ("system", "user", "assistant")
+SPLITS = {"--data": ("train",), "--eval-data": ("test", "validation")}
+"""The split of a saved ``DatasetDict`` each option reads, in order of preference; another split
+is read only when the option points at its folder (never guessed)."""
 
 
 def parse_column_maps(specs: Sequence[str]) -> dict[str, str]:
@@ -170,9 +175,12 @@ def _find(path: Path, base: Path) -> Path | None:
 
 def normalise_prompt(prompt: Any, n_images: int, where: str):
     """A string as it is; chat messages in TRL's structured form with one image placeholder
-    per image (module docstring). UsageError naming the row."""
+    per image (module docstring); a string that holds chat messages as JSON (how a CSV file
+    stores them) is parsed. UsageError naming the row."""
     if isinstance(prompt, str):
-        return prompt
+        prompt = _json_chat(prompt, where)
+        if isinstance(prompt, str):
+            return prompt
     if not isinstance(prompt, (list, tuple)) or not prompt:
         raise UsageError(f"{where}: the prompt must be a string or a non-empty list of chat messages, "
                          f"got {type(prompt).__name__}")
@@ -192,6 +200,25 @@ def normalise_prompt(prompt: Any, n_images: int, where: str):
         raise UsageError(f"{where}: the prompt has {count} image placeholder(s) ({{'type': 'image'}}) "
                          f"for {n_images} image(s) in the row")
     return out
+
+
+def _json_chat(text: str, where: str):
+    """The chat messages a JSON string holds (a list of objects with a 'role'), else ``text``.
+    A string that starts as such a list but does not parse is refused: fed to the model as
+    text, it would be trained on silently."""
+    head = text.lstrip()
+    if not head.startswith("["):
+        return text
+    try:
+        value = json.loads(head)
+    except json.JSONDecodeError as e:
+        if head[1:].lstrip().startswith("{"):
+            raise UsageError(f"{where}: the prompt looks like a JSON chat prompt but does not parse ({e}); "
+                             "store the messages as valid JSON, or the prompt as plain text") from None
+        return text
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+        return value
+    return text
 
 
 def _message(message: Any, where: str) -> dict[str, Any]:
@@ -309,10 +336,13 @@ def _saved_dataset(path: Path, option: str):
         raise UsageError(f"{option} {path}: does not load: {type(e).__name__}: {one_line(e)}") from None
     if isinstance(data, datasets.DatasetDict):
         splits = list(data)
-        if "train" not in data and len(splits) != 1:
-            raise UsageError(f"{option} {path}: a DatasetDict with splits {', '.join(splits)} and no 'train'; "
-                             f"point {option} at one split's folder ({path}/{splits[0]})")
-        data = data["train" if "train" in data else splits[0]]
+        wanted = SPLITS.get(option, ("train",))
+        split = next((name for name in wanted if name in data), None)
+        if split is None:
+            raise UsageError(f"{option} {path}: a DatasetDict with the split(s) {', '.join(splits)} and no "
+                             f"{' or '.join(map(repr, wanted))}; point {option} at the split's folder to use it "
+                             f"({path}/{splits[0]})")
+        data = data[split]
     return undecoded(data)
 
 

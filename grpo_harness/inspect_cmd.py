@@ -42,10 +42,11 @@ LAST_KEYS = (*BEST_KEYS, "frac_reward_zero_std", "zero_signal_groups", "kl", "en
 def add_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help="summarise a run folder: config diff, metrics, plateau, zero-signal "
                        "groups, skipped steps, sample completions",
-                       description=__doc__.splitlines()[0].strip("`"))
+                       description=__doc__.splitlines()[0])
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder (train's --out)")
     p.add_argument("--plot", nargs="?", const="", metavar="FILE.png",
-                   help="also write the curves as a PNG (default RUN_DIR/inspect.png)")
+                   help="also write the curves, as PNG or the format the suffix names (.pdf, .svg, .jpg...; "
+                   "default RUN_DIR/inspect.png)")
     p.set_defaults(run=run)
 
 
@@ -59,7 +60,11 @@ def run(args) -> int:
     print(summary(doc, records, samples, Path(args.run_dir)))
     if args.plot is not None:
         path = Path(args.plot) if args.plot else Path(args.run_dir) / "inspect.png"
-        plot_run(records, doc, path)
+        try:
+            plot_run(records, doc, path)
+        except UsageError as e:
+            print(f"grpo-harness inspect: error: {e}", file=sys.stderr)
+            return 2
         print(f"plot: {path}")
     return 0
 
@@ -244,12 +249,11 @@ def skipped_line(records: list[dict], doc: dict[str, Any]) -> str:
 
 # --- the plot -----------------------------------------------------------------------------------
 
-def plot_run(records: list[dict], doc: dict[str, Any], path: Path) -> None:
-    """Four panels against the iteration: reward (rolling mean, evaluations), zero-signal share,
-    KL and entropy, gradient norm."""
+def plot_run(records: list[dict], doc: dict[str, Any], path: Path):
+    """Four panels against the iteration: reward (rolling mean, evaluations), zero-signal share
+    (two measures, told apart when they coincide), KL and entropy (a note when there is no KL
+    term), gradient norm with the skipped updates on their own axis. Returns the figure."""
     from matplotlib.figure import Figure
-
-    from .trainlog import atomic_write
 
     fig = Figure(figsize=(11, 7), layout="constrained")
     axes = fig.subplots(2, 2, sharex=True).ravel()
@@ -266,24 +270,56 @@ def plot_run(records: list[dict], doc: dict[str, Any], path: Path) -> None:
     for ev in ("eval_reward_mean", "eval_mean"):
         if _values(records, ev):
             axes[0].plot(*zip(*_values(records, ev)), "o", ms=3, color="C1", label=ev)
+    zero = [(i, y / groups) for i, y in _values(records, "zero_signal_groups")]
+    same = zero == _values(records, "frac_reward_zero_std")
     _series(axes[1], [(k, s) for k, s in (("zero_signal_groups", 1 / groups), ("frac_reward_zero_std", 1.0))],
-            records, "share of groups", ("zero-signal groups", "reward std 0"))
+            records, "share of groups", ("zero-signal groups", "reward std 0" + (" (the same values)" if same else "")),
+            styles=({"lw": 2.4, "alpha": 0.5}, {"lw": 1.0, "ls": "--", "marker": ".", "ms": 3}))
     _series(axes[2], [("kl", 1.0), ("entropy", 1.0)], records, "nats", ("kl", "entropy"))
-    _series(axes[3], [("grad_norm", 1.0), ("skipped_steps", 1.0)], records, "", ("grad norm", "skipped steps"))
+    beta = doc["grpo"].get("beta")
+    if beta == 0 or not _values(records, "kl"):
+        axes[2].text(0.5, 0.9, "no KL term (beta = 0)" if beta == 0 else "KL not logged",
+                     transform=axes[2].transAxes, ha="center", fontsize="small", color="0.4")
+    _series(axes[3], [("grad_norm", 1.0)], records, "grad norm", ("grad norm",))
+    skipped = axes[3].twinx()
+    _series(skipped, [("skipped_steps", 1.0)], records, "skipped updates", ("skipped updates",),
+            styles=({"color": "C3", "lw": 1.0, "ls": ":"},))
+    handles = [h for ax in (axes[3], skipped) for h in ax.get_legend_handles_labels()[0]]
     for ax, title in zip(axes, ("reward", "groups without signal", "KL and entropy", "gradient")):
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
+        if ax is axes[3] and handles:
+            ax.legend(handles, [h.get_label() for h in handles], fontsize="small")
+        elif ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
     for ax in axes[2:]:
         ax.set_xlabel("iteration")
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    save_figure(fig, Path(path), "--plot")
+    return fig
 
 
-def _series(ax, keys, records, ylabel: str, labels) -> None:
-    for (key, scale), label in zip(keys, labels):
+def save_figure(fig, path: Path, option: str) -> None:
+    """Write ``fig`` to ``path`` in the format its suffix names (png without one), atomically;
+    UsageError in one line for a folder, an unknown format or a path that cannot be written."""
+    from .trainlog import atomic_write
+
+    fmt = path.suffix.lower().lstrip(".") or "png"
+    formats = fig.canvas.get_supported_filetypes()
+    if fmt not in formats:
+        raise UsageError(f"{option} {path}: matplotlib writes {', '.join(sorted(formats))}, not {fmt!r}")
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name such as {path / 'inspect.png'}")
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=100))
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write it: {e.strerror or e}") from None
+
+
+def _series(ax, keys, records, ylabel: str, labels, styles=None) -> None:
+    for k, ((key, scale), label) in enumerate(zip(keys, labels)):
         seen = _values(records, key)
         if seen:
             its, ys = zip(*seen)
-            ax.plot(its, [y * scale for y in ys], lw=1.0, label=label)
+            style = {"lw": 1.0, **((styles or [{}] * len(keys))[k])}
+            ax.plot(its, [y * scale for y in ys], label=label, **style)
     ax.set_ylabel(ylabel)

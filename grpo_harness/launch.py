@@ -9,7 +9,9 @@ them (``launched_by_torchrun``) and runs the command on a ``World``:
   (``cpu:gloo,cuda:nccl``: the small reductions of metrics travel on gloo), every collective
   bounded by ``--dist-timeout`` seconds, so that a rank waiting for a peer that hangs fails
   instead of waiting forever;
-- on CUDA, each rank's device is ``cuda:LOCAL_RANK``;
+- on CUDA, each rank's device is ``cuda:LOCAL_RANK`` (given to ``init_process_group`` as its
+  ``device_id``; ``train vlm --device cuda:N`` with another N is refused: choose GPUs with
+  ``CUDA_VISIBLE_DEVICES``);
 - the trainer is a ``grpo_core.distributed.DistributedGRPOTrainer`` (DDP, or FSDP2 with ``train
   vlm --fsdp``); its conventions make the run equal to one process holding every group;
 - rank 0 writes: the run folder, ``config.json``, ``metrics.jsonl``, TensorBoard, the curve,
@@ -51,11 +53,12 @@ class World:
 
         self.rank, self.size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ["LOCAL_RANK"])
-        backend = "gloo"
+        backend, kw = "gloo", {}
         if torch.cuda.is_available():
             torch.cuda.set_device(self.local_rank)
             backend = "cpu:gloo,cuda:nccl"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            kw["device_id"] = torch.device("cuda", self.local_rank)  # NCCL binds this rank to its own GPU
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
 
     @property
     def writer(self) -> bool:

@@ -179,7 +179,15 @@ def run(args) -> int:
     if not args.junit.exists():
         print(f"report: no test results at {args.junit}", file=sys.stderr)
         return 2
-    report = build(args.junit, args.out)
+    try:
+        report = build(args.junit, args.out)
+    except ET.ParseError as e:
+        print(f"report: {args.junit} is not valid JUnit XML ({e}); rerun the tests to write it again",
+              file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"report: cannot read {args.junit} or write {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     c = report["counts"]
     print(f"verify: {c.get('passed', 0)} passed, {c.get('failed', 0) + c.get('error', 0)} failed, "
           f"{c.get('skipped', 0)} skipped; {report['hypothesis_examples']} hypothesis examples; "

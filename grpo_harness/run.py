@@ -8,7 +8,11 @@ Run folder (``--out``)
     Checked before anything is written (a file, or a path under a file, is refused; an existing
     run is refused without ``--resume``), created on the first write, and removed again when
     the command fails or is interrupted before its first iteration completed, so a mistake
-    never leaves a half-made run folder. It receives ``config.json`` (the resolved settings),
+    never leaves a half-made run folder. One process writes it: the writer holds an OS lock on
+    ``.lock`` (``grpo_harness.folder_lock``; the kernel releases it when the process ends, so a
+    killed run leaves none behind), and a second ``train`` on the folder, new or ``--resume``, is
+    refused naming the holder. A full disk stops the run in one line (``NoSpace``): what was
+    kept, and the resume command. It receives ``config.json`` (the resolved settings),
     ``metrics.jsonl``, the ``--report-to`` trackers' files (TensorBoard scalars in ``tb/`` by
     default; ``grpo_harness.trackers``), ``checkpoint.pt`` (and the one before it,
     ``checkpoint.prev.pt``), ``curve.png``, and for ``train vlm`` ``completions.jsonl``
@@ -40,8 +44,10 @@ Resume (``--resume --out DIR``)
     them, and training options may change except the command's ``FIXED_TRAIN`` ones. Every
     checkpoint carries the fingerprint of its run (config, fixed options, task, model): one that
     differs from the folder's is refused, naming the differences. A checkpoint that does not
-    load is named with its reason in one line and the previous one is used. Metrics lines past
-    the checkpoint are dropped and regenerated; TensorBoard purges from the next step.
+    restore (it does not load; a NaN or an infinity in a tensor; a tensor missing, unknown or of
+    another shape; a part missing; an iteration counter that disagrees with metrics.jsonl) is
+    named with its reason in one line and the previous one is used. Only then are the metrics
+    lines past the checkpoint dropped and regenerated; TensorBoard purges from the next step.
 Writer rank
     Every file write goes through ``RunFolder.writes``. Under ``torchrun`` (``grpo_harness.launch``)
     it is False on every rank but 0, which alone writes files and progress lines; decisions that
@@ -55,6 +61,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -63,6 +70,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -113,6 +121,15 @@ def finite_float(text: str) -> float:
     return value
 
 
+def out_folder(text: str) -> Path:
+    """argparse type of ``--out``: a path; the empty string is refused (``Path("")`` is the
+    working directory: a run would be written among the user's files)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a folder, e.g. --out runs/NAME (--out . for the "
+                                         "working directory)")
+    return Path(text)
+
+
 def add_run_arguments(p, train_defaults: dict[str, Any], *, threads: str) -> None:
     """The options every train command has; ``train_defaults`` and ``threads`` (the default
     of ``--threads``, in words) feed the help texts."""
@@ -122,7 +139,7 @@ def add_run_arguments(p, train_defaults: dict[str, Any], *, threads: str) -> Non
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one GRPOConfig key; VALUE is a JSON literal or a string (repeatable)")
     p.add_argument("--seed", type=int, help="GRPOConfig.seed")
-    p.add_argument("--out", type=Path, metavar="DIR", help="run folder (default runs/<env>-<timestamp>)")
+    p.add_argument("--out", type=out_folder, metavar="DIR", help="run folder (default runs/<env>-<timestamp>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint with its saved settings")
     p.add_argument("--max-iterations", type=int, metavar="N",
@@ -212,21 +229,22 @@ def load_config_file(path: Path, *, env: str, train_keys) -> tuple[dict[str, Any
     data = _parse_file(path)
     if not isinstance(data, dict):
         raise UsageError(f"{path}: the top level must be a table of keys")
-    if not isinstance(data.get("grpo"), dict):
-        return data, {}
-    extra = sorted(set(data) - {"env", "grpo", "train", "task", "model"})
+    if not isinstance(data.get("grpo"), dict) and not isinstance(data.get("train"), dict):
+        return data, {}  # flat: GRPOConfig keys (a [train] or [grpo] table alone makes it sectioned)
+    extra = sorted(set(data) - {"env", "grpo", "train", "task", "model", "notes"})
     if extra:
         raise UsageError(f"{path}: unknown section(s) {', '.join(map(repr, extra))}; expected 'grpo' and 'train'")
     if data.get("env", env) != env:
         raise UsageError(f"{path} is a config for env {data['env']!r}, not {env}")
-    train = data.get("train", {})
-    if not isinstance(train, dict):
-        raise UsageError(f"{path}: 'train' must be a table")
+    grpo, train = data.get("grpo", {}), data.get("train", {})
+    for name, table in (("grpo", grpo), ("train", train)):
+        if not isinstance(table, dict):
+            raise UsageError(f"{path}: '{name}' must be a table")
     unknown = sorted(set(train) - set(train_keys))
     if unknown:
         raise UsageError(f"{path}: unknown training option(s) {', '.join(map(repr, unknown))}; "
                          f"valid: {', '.join(train_keys)}")
-    return dict(data["grpo"]), dict(train)
+    return dict(grpo), dict(train)
 
 
 def explicit_settings(args, *, env: str, train_keys) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -236,10 +254,13 @@ def explicit_settings(args, *, env: str, train_keys) -> tuple[dict[str, Any], di
     if getattr(args, "config", None) is not None:
         g, t = load_config_file(args.config, env=env, train_keys=train_keys)
         check_finite({**g, **t}, str(args.config))
+        for key, value in g.items():
+            _refuse_trl_name(key, value, str(args.config))
         grpo.update(g)
         train.update(t)
     for item in getattr(args, "overrides", []):
         key, value = parse_set(item)
+        _refuse_trl_name(key, value, f"--set {item}")
         grpo[key] = value
     if getattr(args, "seed", None) is not None:
         grpo["seed"] = args.seed
@@ -248,6 +269,18 @@ def explicit_settings(args, *, env: str, train_keys) -> tuple[dict[str, Any], di
         if value is not None:
             train[key] = value
     return grpo, train
+
+
+def _refuse_trl_name(key: str, value: Any, where: str) -> None:
+    """UsageError answering a TRL name (``grpo_harness.trl_names``) that is no GRPOConfig key here."""
+    from grpo_core.config import GRPOConfig
+
+    from .trl_names import hint
+
+    if key not in GRPOConfig.field_names():
+        text = hint(key, value)
+        if text is not None:
+            raise UsageError(f"{where}: {text}")
 
 
 def make_config(values: dict[str, Any], *, train_keys=()):
@@ -261,8 +294,12 @@ def make_config(values: dict[str, Any], *, train_keys=()):
     floats = {f.name for f in dataclasses.fields(GRPOConfig) if isinstance(f.default, float)}
     values = {k: float(v) if k in floats and isinstance(v, int) and not isinstance(v, bool) else v
               for k, v in values.items()}
+    from grpo_core.config import KLInertWarning
+
     try:
-        return GRPOConfig.from_dict(values)
+        with warnings.catch_warnings():  # said once, in one line, by TrainingRun.start_notes
+            warnings.simplefilter("ignore", KLInertWarning)
+            return GRPOConfig.from_dict(values)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
 
@@ -404,6 +441,34 @@ class CheckpointError(Exception):
     """A checkpoint file that does not load; the message is the reason."""
 
 
+class NoSpace(Exception):
+    """A write under ``--out`` failed because its file system is full; the message is the file."""
+
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+TORCH_WRITE_ERRORS = ("PytorchStreamWriter", "file write failed", "unexpected pos")
+"""What ``torch.save`` says when a write fails (it reports no errno)."""
+
+
+def no_space(exc: BaseException | None, folder: Path, need: int = 0) -> bool:
+    """True when ``exc`` (or one it was raised from) is a write that failed for lack of space:
+    ``ENOSPC``/``EDQUOT``, or torch's write error while ``folder``'s file system has less than
+    ``need`` bytes (what was being written) and 1 MiB more free."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, NoSpace) or (isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS):
+            return True
+        if isinstance(exc, RuntimeError) and any(m in str(exc) for m in TORCH_WRITE_ERRORS):
+            try:
+                if shutil.disk_usage(folder).free < need + (1 << 20):
+                    return True
+            except OSError:
+                pass
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def cpu_copy(tree: Any) -> Any:
     """Copy of a nest of dicts, lists and tuples with every tensor copied to CPU memory (a
     snapshot held through a run must not sit in accelerator memory)."""
@@ -428,6 +493,32 @@ def tensor_bytes(tree: Any) -> int:
     if isinstance(tree, (list, tuple)):
         return sum(tensor_bytes(v) for v in tree)
     return 0
+
+
+def state_bytes(trainer) -> int:
+    """What ``trainer_state(trainer)`` would hold, in bytes, counted from the models and the
+    optimizer as they are, without building it: under FSDP building it gathers the whole model
+    and optimizer to rank 0 and, before the first step, makes torch initialise the optimizer's
+    state by stepping it once at lr 0 (Adam's step counter then starts at 1). Full tensors are
+    counted (a DTensor's ``numel`` is its global one). An optimizer without state yet is counted
+    as Adam's: two moments per trainable entry."""
+    import torch
+
+    def module_bytes(m, only_trainable=False) -> int:
+        if not isinstance(m, torch.nn.Module):
+            return 0
+        ps = [p for p in m.parameters() if p.requires_grad or not only_trainable]
+        bs = [] if only_trainable else list(m.buffers())
+        return sum(t.numel() * t.element_size() for t in [*ps, *bs])
+
+    frozen = any(not p.requires_grad for p in trainer.policy.parameters())
+    total = module_bytes(trainer.policy, only_trainable=frozen) + module_bytes(trainer.reference)
+    state = trainer.optimizer.state
+    if state:
+        total += sum(tensor_bytes(dict(v)) for v in state.values())
+    else:
+        total += 2 * sum(p.numel() * p.element_size() for p in trainer.params)
+    return total
 
 
 def trainer_state(trainer, *, copy_to_cpu: bool = True) -> dict[str, Any]:
@@ -598,7 +689,8 @@ def rng_state() -> dict[str, Any]:
     import torch
 
     npst = np.random.get_state(legacy=False)
-    return {"torch": torch.get_rng_state(),
+    cuda = {"cuda": [t.cpu() for t in torch.cuda.get_rng_state_all()]} if torch.cuda.is_initialized() else {}
+    return {**cuda, "torch": torch.get_rng_state(),
             "numpy": {"bit_generator": npst["bit_generator"],
                       "key": torch.from_numpy(npst["state"]["key"].astype(np.int64)),
                       "pos": int(npst["state"]["pos"]), "has_gauss": int(npst["has_gauss"]),
@@ -627,6 +719,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     import torch
 
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():  # a CUDA run: each device's stream
+        cuda = list(state["cuda"])
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:  # another number of visible GPUs: this process's own device
+            torch.cuda.set_rng_state(cuda[min(torch.cuda.current_device(), len(cuda) - 1)])
     n = state["numpy"]
     np.random.set_state({"bit_generator": n["bit_generator"],
                          "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
@@ -779,6 +877,8 @@ class TrainingRun:
         self.log = None
         self.signals: StopSignals | None = None
         self._dirty = False
+        self.no_space: str | None = None
+        """The file whose write found the file system full (then nothing more is written)."""
 
     # --- hooks --------------------------------------------------------------------------------
     def resolve_task(self, saved: dict[str, Any] | None) -> None:
@@ -911,14 +1011,19 @@ class TrainingRun:
                     return EXIT_FAILED
             except UsageError as e:
                 self._discard()
-                print(f"{self.prog}: error: {e}", file=sys.stderr, flush=True)
+                if self.world is None or self.world.writer:  # every rank checks the same arguments: say it once
+                    print(f"{self.prog}: error: {e}", file=sys.stderr, flush=True)
                 return EXIT_USAGE
             except (Interrupted, KeyboardInterrupt) as e:
                 self._discard()
                 self.say("interrupted before training started; nothing was saved")
                 return self.signals.exit_code(getattr(e, "signum", None))
-            except BaseException:
+            except BaseException as e:
                 self._discard()
+                if self.folder is not None and no_space(e, self.folder.path):
+                    print(f"{self.prog}: error: no space left on device under {self.folder.path} before training "
+                          "started; nothing was kept", file=sys.stderr, flush=True)
+                    return EXIT_FAILED
                 raise
             return self._train()
 
@@ -1022,7 +1127,19 @@ class TrainingRun:
         """Lines said at the start of training and kept in config.json (``inspect`` shows them):
         settings that train another objective than GRPO's, and (a command adds its own) a
         precision that cannot move the weights."""
-        return self.cfg.objective_notes()
+        notes = list(self.cfg.objective_notes())
+        if self.cfg.kl_is_inert():  # GRPOConfig's KLInertWarning, as one line (make_config holds it back)
+            from grpo_core.config import KLInertWarning
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", KLInertWarning)
+                self.cfg.replace()
+            notes += [f"warning: {w.message}" for w in caught if issubclass(w.category, KLInertWarning)]
+        if self.cfg.group_size == 1:
+            notes.append("warning: group_size=1: a group of one has no relative signal, so every advantage is 0 and "
+                         "every update without a KL or entropy term is skipped: nothing is learned (GRPO compares "
+                         "group_size >= 2 samples of one prompt)")
+        return notes
 
     def _check_checkpoint(self, ckpt: dict[str, Any]) -> None:
         if ckpt.get("env") != self.env:
@@ -1126,7 +1243,7 @@ class TrainingRun:
                 "world_size": 1 if self.world is None else self.world.size}
 
     def _size_snapshots(self) -> None:
-        size = tensor_bytes(trainer_state(self.trainer, copy_to_cpu=False))
+        size = state_bytes(self.trainer)
         self.keep_snapshots = self.agree(size <= SNAPSHOT_LIMIT_BYTES)
         self.signals.abandon = self.keep_snapshots
         self.snapshot = self.capture() if self.keep_snapshots else None
@@ -1134,7 +1251,12 @@ class TrainingRun:
     def _save(self, state: dict[str, Any]) -> None:
         if self.log is not None:
             self.log.flush()  # every TensorBoard point up to this checkpoint is on disk
-        self.store.save(state)
+        try:
+            self.store.save(state)
+        except Exception as e:
+            if no_space(e, self.out, need=tensor_bytes(state)):
+                raise NoSpace(CHECKPOINT_FILE) from None
+            raise
         self.saved_iteration = state["trainer"]["iteration"]
         self._last_save = time.monotonic()
 
@@ -1152,7 +1274,14 @@ class TrainingRun:
         """Write the record and advance the run's state, signals held: the metrics line and the
         snapshot always describe the same iteration."""
         with self.signals.deferred():
-            self.log.write(record)
+            try:
+                self.log.write(record)
+            except Exception as e:
+                from .trainlog import METRICS_FILE
+
+                if no_space(e, self.out):
+                    raise NoSpace(METRICS_FILE) from None
+                raise
             self.progress = {**progress, "wall_time": record["wall_time"], "last_x": record[self.x_key]}
             self.completed = self.trainer.iteration
             self._dirty = False
@@ -1210,12 +1339,23 @@ class TrainingRun:
         except UsageError as e:
             exit_code, stop, error = EXIT_USAGE, "error (below)", str(e)
         except Exception as e:  # noqa: BLE001 - reported after the checkpoint is written
-            error = self.user_error(e)
-            exit_code, stop = (EXIT_USAGE, "error (below)") if error else (EXIT_FAILED, f"crashed: {type(e).__name__}")
-            crash = None if error else e
+            if no_space(e, self.out):
+                self.no_space = str(e) if isinstance(e, NoSpace) else (getattr(e, "filename", None) or "a file")
+                exit_code, stop = EXIT_FAILED, "no space left on device"
+            else:
+                error = self.user_error(e)
+                exit_code, stop = (EXIT_USAGE, "error (below)") if error else \
+                    (EXIT_FAILED, f"crashed: {type(e).__name__}")
+                crash = None if error else e
         finally:
             self.bar.close()
-            self.log.close()
+            try:
+                self.log.close()
+            except Exception as e:  # noqa: BLE001 - a full disk is said below; anything else is raised
+                if not no_space(e, self.out):
+                    raise
+                self.no_space = self.no_space or "the metrics"
+                exit_code, stop = exit_code or EXIT_FAILED, "no space left on device"
         return self._finish(stop, exit_code, error, crash)
 
     def _finish(self, stop: str, exit_code: int, error: str | None, crash: Exception | None) -> int:
@@ -1229,19 +1369,40 @@ class TrainingRun:
                     load_trainer_state(self.trainer, self.snapshot["trainer"])  # completed one
                     self._dirty = False
                 state = self.snapshot if self.snapshot is not None else (None if self._dirty else self.capture())
-                if state is not None and state["trainer"]["iteration"] != self.saved_iteration:
-                    self._save(state)
-                from .trainlog import CURVE_FILE
+                extra = []
+                try:
+                    if self.no_space is None:  # a full disk: nothing more is written
+                        if state is not None and state["trainer"]["iteration"] != self.saved_iteration:
+                            self._save(state)
+                        from .trainlog import CURVE_FILE
 
-                if self.folder.writes:
-                    self.write_curve(self.out / CURVE_FILE)
-                extra = self.on_finish(clean=not self._dirty)
+                        if self.folder.writes:
+                            self.write_curve(self.out / CURVE_FILE)
+                        extra = self.on_finish(clean=not self._dirty)
+                except Exception as e:  # noqa: BLE001 - a full disk is said in one line; anything else raised
+                    if not no_space(e, self.out):
+                        raise
+                    self.no_space = str(e) if isinstance(e, NoSpace) else (getattr(e, "filename", None) or "a file")
+                    exit_code, stop = exit_code or EXIT_FAILED, "no space left on device"
                 self._summary(stop, exit_code, extra, crash is not None)
+                if self.no_space is not None and self.folder.writes:
+                    error = self._no_space_line()
         if error:
             print(f"{self.prog}: error: {error}", file=sys.stderr, flush=True)
         if crash is not None:
             raise crash
         return exit_code
+
+    def _no_space_line(self) -> str:
+        """The one line of a run stopped by a full disk: what was kept, how to go on."""
+        from .trainlog import METRICS_FILE
+
+        s, k = self.saved_iteration, self.completed
+        kept = (f"the checkpoint after iteration {s - 1} ({self.store.latest.name})" if s else
+                "no checkpoint (none could be written)")
+        kept += f" and {METRICS_FILE} through iteration {k - 1}" if k else ""
+        return (f"no space left on device under {self.out} (writing {self.no_space}); kept: {kept}; free some "
+                f"space, then resume with: grpo-harness train {self.env} --out {self.out} --resume")
 
     def _summary(self, stop: str, exit_code: int, extra: list[str], crashed: bool) -> None:
         from .trainlog import CURVE_FILE, METRICS_FILE, TB_DIR

@@ -14,6 +14,7 @@ cumulative env steps.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -69,6 +70,31 @@ def add_arguments(p) -> None:
     p.set_defaults(run=run)
 
 
+POLICY_COPIES = 7
+"""Float32 copies of the policy's parameters a run holds at once: the policy, the reference, the
+gradients, Adam's two moments, the CPU snapshot of the last iteration and the checkpoint being
+written."""
+
+
+def policy_parameters(hidden: int) -> int:
+    """Parameters of ``adapters.cartpole.CartPolePolicy`` (4 -> hidden -> hidden -> 2)."""
+    return (4 * hidden + hidden) + (hidden * hidden + hidden) + (2 * hidden + 2)
+
+
+def check_fits_memory(hidden: int) -> None:
+    """UsageError, naming the estimate, for a ``--hidden`` whose run cannot fit in this machine's
+    memory (it would fail in an allocation, or swap, long after the start)."""
+    need = policy_parameters(hidden) * 4 * POLICY_COPIES
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return
+    if need > have:
+        raise UsageError(f"--hidden {hidden}: the policy would have {policy_parameters(hidden):,} parameters, about "
+                         f"{need / 1e9:,.1f} GB for the run ({POLICY_COPIES} float32 copies: policy, reference, "
+                         f"gradients, Adam's moments, snapshot, checkpoint); this machine has {have / 1e9:,.1f} GB")
+
+
 def run(args) -> int:
     return run_command(CartPoleRun, args)
 
@@ -91,6 +117,7 @@ class CartPoleRun(TrainingRun):
         check_int(t, "max_env_steps", 1)
         check_int(t, "eval_episodes", 1)
         check_int(t, "hidden", 1)
+        check_fits_memory(t["hidden"])
         if not isinstance(t["early_stop"], bool):
             raise UsageError(f"early_stop={t['early_stop']!r} is invalid: expected true or false")
 

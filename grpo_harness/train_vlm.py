@@ -97,6 +97,7 @@ VLM_DEFAULTS: dict[str, dict[str, Any]] = {
         "precision": None,  # "32" on CPU, "bf16-mixed" on CUDA (grpo_core.precision)
         "completions_every": 10,
         "completions_per_group": 4,
+        "reward_timeout": 600.0,  # seconds one reward call may take; 0 = no limit
     },
 }
 # The task and the model: defaults of the flags that define them (saved in config.json and
@@ -107,6 +108,11 @@ MODEL_DEFAULTS: dict[str, Any] = {"model": None, "family": "qwen2_vl", "lora_ran
 # ---------------------------------------------------------------------------------------------
 
 LOG_EVERY = 10
+TINY_MODEL = "tiny"
+"""``--model tiny``: build a tiny random model into the run folder (``model/``), also for --data,
+from the data's words (``data_words``); a folder named tiny is passed as ./tiny."""
+TINY_VOCABULARY = 20000
+"""Most words of --data a tiny model's tokenizer holds (the most frequent ones)."""
 LR_SCHEDULES = ("linear", "constant")
 PRECISIONS = ("32", "bf16-mixed", "bf16-true")
 """``grpo_core.precision.PRECISIONS``, spelled out so that parsing the command line imports no
@@ -145,8 +151,9 @@ def _add_task_arguments(src) -> None:
     src.add_argument("--reward-weight", action="append", type=finite_float, metavar="W",
                      help="weight of each --reward, in order (default 1.0 each)")
     src.add_argument("--model", metavar="ID_OR_PATH",
-                     help="model + processor to load: a local folder, or a Hub id already in the local cache "
-                     "(default for colours: build a tiny random one)")
+                     help="model + processor to load: a local folder, or a Hub id already in the local cache; "
+                     "tiny: build a tiny random one into the run folder, for --data from the data's words, to try "
+                     "a run offline (default for the built-in tasks)")
     src.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl"],
                      help=f"architecture of the tiny model built when --model is not given (default {md['family']})")
     src.add_argument("--colours", type=int, metavar="K", help=f"colours in the task, 2..6 (default {td['colours']})")
@@ -182,12 +189,23 @@ def _add_training_arguments(run) -> None:
     run.add_argument("--completions-per-group", type=int, metavar="N",
                      help=f"completions of each group shown and logged (default {d['completions_per_group']})")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    run.add_argument("--deterministic", action="store_true",
+                     help="on CUDA: deterministic kernels (torch.use_deterministic_algorithms, the cuBLAS workspace "
+                     "setting, the math attention backend), so that two runs of one seed, and a resumed run and an "
+                     "uninterrupted one, agree bit for bit; slower. Without it a CUDA run agrees only to rounding "
+                     "(atomics in the attention backward). On CPU runs are deterministic either way")
     run.add_argument("--gradient-checkpointing", action="store_true",
                      help="recompute activations in the backward pass (less memory, ~30%% more time; "
                      "for real models on a GPU)")
     run.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard the model over the ranks with FSDP2 instead of replicating it "
                      "(DDP); needs --set micro_batch_size=N and full fine-tuning (grpo_harness.launch)")
+    from adapters.vlm_rewards import SLOW_AFTER_S  # no torch: the command line stays light
+
+    run.add_argument("--reward-timeout", type=finite_float, metavar="S",
+                     help="stop when one call of a reward function takes more than S seconds, naming it (after "
+                     f"checkpointing the finished iterations); 0 = no limit (default {d['reward_timeout']:g}). A "
+                     f"function still running after {SLOW_AFTER_S:g} s is named in the progress output")
     run.add_argument("--skip-preflight", action="store_true",
                      help="do not run the preflight checks (log-prob consistency, reference refresh, finite "
                      "loss, KL gradient, estimator kit; see adapters.vlm_preflight) that otherwise run before "
@@ -200,6 +218,49 @@ def run_vlm(args) -> int:
 
 
 # --- checks of the user's inputs -----------------------------------------------------------------
+
+CUBLAS_WORKSPACE = ":4096:8"
+"""``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS (torch's reproducibility notes)."""
+
+
+def configure_cuda(device: str, *, deterministic: bool) -> None:
+    """Settings of a run on ``device`` (nothing on CPU, where runs are deterministic already).
+
+    On CUDA: cuDNN's fused attention is turned off (PyTorch issue 196678, TRL issue 7181: with an
+    explicit attention mask, which the training forward passes whenever completion lengths
+    differ, some sequence lengths give NaN gradients on H100/H200 with torch 2.13); the flash,
+    memory-efficient and math backends remain. ``deterministic``: ``CUBLAS_WORKSPACE_CONFIG`` (set
+    before the first cuBLAS call, which happens after this), ``torch.use_deterministic_algorithms``
+    and the math attention backend only (the fused backends' backward uses atomics)."""
+    import os
+
+    import torch
+
+    if not device.startswith("cuda"):
+        return
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_math_sdp(True)
+
+
+def rank_device(device: str, world) -> str:
+    """The device of this process: ``device``, except under torchrun with CUDA, where every rank
+    takes ``cuda:LOCAL_RANK`` (``world.local_rank``; ranks that shared one GPU would end in NCCL's
+    "Duplicate GPU detected"). An explicit ``cuda:N`` that is not the rank's own is refused."""
+    if world is None or not device.startswith("cuda"):
+        return device
+    own = f"cuda:{world.local_rank}"
+    if device not in ("cuda", own):
+        raise UsageError(f"--device {device}: under torchrun each rank uses the GPU of its local rank "
+                         f"({own} for local rank {world.local_rank}); give --device cuda (or auto), and choose "
+                         "the GPUs with CUDA_VISIBLE_DEVICES")
+    return own
+
 
 def lr_factor(schedule: str, iteration: int, total: int) -> float:
     """The learning-rate multiplier at ``iteration`` (0-based) of a ``total``-iteration run."""
@@ -266,6 +327,35 @@ def resolve_model_source(spec: str) -> str:
         raise UsageError(f"--model {spec}: no such folder, and as a Hub id it is not in the local Hugging "
                          f"Face cache while the Hub cannot be reached ({type(e).__name__}); {hint}") from None
     return spec
+
+
+def data_words(*tables) -> list[str]:
+    """The words of the rows' prompts and text columns (split as the tiny tokenizer splits,
+    lower-cased), the most frequent ``TINY_VOCABULARY`` first: a tiny model built from them can
+    read the prompts and say the answers. Image values (bytes, ``{"bytes", "path"}``) are
+    skipped; ``tables``: ``DataRows`` (or None)."""
+    import collections
+    import re
+
+    counts: collections.Counter = collections.Counter()
+
+    def walk(value) -> None:
+        if isinstance(value, str):
+            counts.update(w.lower() for w in re.findall(r"\w+|[^\w\s]+", value))
+        elif isinstance(value, dict):
+            if "bytes" not in value:
+                for v in value.values():
+                    walk(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+
+    for rows in tables:
+        if rows is None:
+            continue
+        for i in range(len(rows)):
+            walk({k: v for k, v in dict(rows.table[i]).items() if k not in ("image", "images")})
+    return [w for w, _ in counts.most_common(TINY_VOCABULARY)]
 
 
 def load_rewards(specs: list[str]):
@@ -346,8 +436,10 @@ class _Progress(BarWriter):
 
 def plot_reward_curve(records: list[dict], path: Path, *, window: int, target: float | None,
                       title: str) -> None:
-    """Mean reward per iteration, its rolling mean, greedy evaluations and the target."""
+    """Mean reward per iteration, its rolling mean, greedy evaluations and the target (None:
+    not drawn); whole iterations on the x axis. Returns the figure."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     from .trainlog import atomic_write
 
@@ -365,11 +457,23 @@ def plot_reward_curve(records: list[dict], path: Path, *, window: int, target: f
     if target is not None:
         ax.axhline(target, ls="--", color="C2", label=f"target {target:g}")
     ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("reward")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    return fig
+
+
+def curve_target(task: dict[str, Any], train: dict[str, Any]) -> float | None:
+    """The target the curve draws: the built-in tasks' rewards lie in [0, 1], where the default
+    target means something; a user's reward has its own scale, so only a ``--target-reward``
+    the user chose is drawn."""
+    target = train["target_reward"]
+    if task.get("name") == "data" and target == VLM_DEFAULTS["train"]["target_reward"]:
+        return None
+    return target
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -378,12 +482,21 @@ class VLMRun(TrainingRun):
     env = "vlm"
     prog = "grpo-harness train vlm"
     DEFAULTS = VLM_DEFAULTS
+    reward_limits = None
+    """``adapters.vlm_rewards.RewardLimits`` while ``main`` runs: ``--reward-timeout``."""
     FIXED_TRAIN = ("temperature", "top_p", "max_new_tokens", "precision")
     x_key = "iteration"
     recorder = None
     """The ``CompletionRecorder`` on the adapter (from the first iteration on)."""
     _logged = None
     """The last iteration whose completions were logged in this session."""
+
+    def main(self) -> int:
+        """The run with every reward call bounded by ``--reward-timeout`` (set once resolved)."""
+        from adapters.vlm_rewards import limits
+
+        with limits() as self.reward_limits:
+            return super().main()
 
     # settings ---------------------------------------------------------------------------------
     def _given(self, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -423,13 +536,18 @@ class VLMRun(TrainingRun):
                          ("completions_per_group", 1)):
             check_int(t, key, low)
         self._check_floats()
+        limit = t["reward_timeout"]
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 <= limit < math.inf:
+            raise UsageError(f"--reward-timeout={limit!r}: expected a number of seconds >= 0 (0: no limit)")
+        if self.reward_limits is not None:
+            self.reward_limits.timeout, self.reward_limits.say = (limit or None), self.say
         if getattr(self.args, "dtype", None) is not None:
             raise UsageError(f"--dtype was replaced by --precision: --dtype float32 is --precision 32, --dtype "
                              "bfloat16 is --precision bf16-true (bf16 weights and Adam: small updates are lost); "
                              "--precision bf16-mixed keeps float32 master weights and computes in bf16")
         if t["lr_schedule"] not in LR_SCHEDULES:
             raise UsageError(f"lr_schedule={t['lr_schedule']!r}: expected one of {LR_SCHEDULES}")
-        self.device = resolve_device(self.args.device)
+        self.device = rank_device(resolve_device(self.args.device), self.world)
         if t["precision"] is None:
             t["precision"] = "bf16-mixed" if self.device.startswith("cuda") else "32"
         if t["precision"] not in PRECISIONS:
@@ -444,7 +562,8 @@ class VLMRun(TrainingRun):
             if not task["reward"]:
                 raise UsageError("--data needs at least one --reward module:function")
             if m["model"] is None:
-                raise UsageError("--data needs --model (a tiny random model only knows the colours task)")
+                raise UsageError("--data needs --model ID_OR_PATH (or --model tiny: a tiny random model built from "
+                                 "the data's words, to try the run offline)")
         else:
             from adapters.vlm_tasks import colour_names
 
@@ -456,8 +575,46 @@ class VLMRun(TrainingRun):
             check_int(task, "eval_size", 1)
         if task["reward_weight"] and len(task["reward_weight"]) != len(task["reward"]):
             raise UsageError(f"{len(task['reward_weight'])} --reward-weight for {len(task['reward'])} --reward")
+        if task.get("eval_data") is not None and task["name"] != "data":
+            raise UsageError(f"--eval-data gives held-out rows for --data; the built-in task {task['name']} makes its "
+                             "own (--eval-size N): drop --eval-data, or train on --data")
+        if m["model"] not in (None, TINY_MODEL) and getattr(self.args, "family", None) is not None:
+            raise UsageError("--family chooses the architecture of the tiny model built when --model is not given; "
+                             f"--model {m['model']} brings its own: drop --family")
         check_int(m, "lora_rank", 0)
-        self.model_source = None if m["model"] is None else resolve_model_source(m["model"])
+        self.model_source = None if m["model"] in (None, TINY_MODEL) else resolve_model_source(m["model"])
+        self._default_micro_batch()
+
+    def _default_micro_batch(self) -> None:
+        """A new run on CUDA whose micro_batch_size nobody set (``--set``, ``--config``) gets the
+        most rows, up to 64, whose log-prob memory (``adapters.vlm.logprob_peak_bytes``: the
+        logits, their gradient, the chunked log-prob's temporaries) takes at most 1/8 of the
+        GPU's memory, for the model's vocabulary (config.json; 151,936 when it cannot be read)
+        and max_new_tokens (README, "Scaling out"). A resumed run keeps its saved value."""
+        if not self.device.startswith("cuda") or self.resumed:
+            return
+        from .run import explicit_settings
+
+        if "micro_batch_size" in explicit_settings(self.args, env=self.env, train_keys=tuple(self.DEFAULTS["train"]))[0]:
+            return
+        import json
+
+        import torch
+
+        from adapters.vlm import micro_batch_for_memory
+
+        try:
+            doc = json.loads((Path(self.model_source) / "config.json").read_text())
+            vocab = int(doc.get("text_config", {}).get("vocab_size") or doc["vocab_size"])
+        except (TypeError, OSError, ValueError, KeyError, AttributeError):
+            vocab = 151_936  # Qwen2-VL-2B's (the tiny models' are far smaller)
+        memory = torch.cuda.get_device_properties(torch.device(self.device)).total_memory
+        t = self.train
+        rows = micro_batch_for_memory(memory, t["max_new_tokens"], vocab, 4 if t["precision"] == "32" else 2)
+        self.cfg = self.cfg.replace(micro_batch_size=rows)
+        self.say(f"micro_batch_size={rows} (the default on CUDA: log-probs of {rows} rows x {t['max_new_tokens']} "
+                 f"tokens x {vocab:,} words within 1/8 of the GPU's {memory / 2**30:.0f} GiB; --set "
+                 "micro_batch_size=N to choose)")
 
     def _check_floats(self) -> None:
         t = self.train
@@ -471,7 +628,7 @@ class VLMRun(TrainingRun):
             raise UsageError(f"--top-p={t['top_p']!r}: expected in (0, 1]")
 
     def default_threads(self) -> int | None:
-        return 1 if self.model["model"] is None else None
+        return 1 if self.model["model"] in (None, TINY_MODEL) else None
 
     # build ------------------------------------------------------------------------------------
     def _datasets(self):
@@ -501,15 +658,24 @@ class VLMRun(TrainingRun):
             source = self.out / "model"
             with self.rank_zero_first():  # under torchrun, rank 0 builds it and the others load it
                 if not (source / "config.json").is_file():
-                    words = TASKS[self.task["name"]].vocabulary(self.task["colours"])
+                    words = TASKS[self.task["name"]].vocabulary(self.task["colours"]) if self.task["name"] in TASKS \
+                        else data_words(self.train_rows, self.held)
                     build_tiny_vlm(source, words=words, family=self.model["family"],
                                    seed=self.cfg.seed)
         try:
             from grpo_core.precision import weight_dtype
 
-            model, processor = load_vlm(source, dtype=weight_dtype(self.train["precision"]))
+            dtype = weight_dtype(self.train["precision"])
+            if self.model["lora_rank"] and self.train["precision"] == "bf16-mixed":
+                dtype = torch.bfloat16  # the frozen base has no update to round; peft keeps the adapters float32
+            model, processor = load_vlm(source, dtype=dtype)
         except (OSError, TypeError, ValueError) as e:
             raise UsageError(f"cannot load model {str(source)!r}: {one_line(e)}") from None
+        except Exception as e:  # noqa: BLE001 - safetensors' own error: a truncated or damaged weights file
+            if type(e).__module__.split(".")[0] != "safetensors":
+                raise
+            raise UsageError(f"cannot load model {str(source)!r}: its weights file (model.safetensors) does not "
+                             f"read: {one_line(e)}") from None
         if self.args.gradient_checkpointing:
             from adapters.vlm import enable_checkpointing
 
@@ -523,7 +689,9 @@ class VLMRun(TrainingRun):
         from adapters.vlm_tasks import task_adapter
 
         hf_logging.disable_progress_bar()
+        configure_cuda(self.device, deterministic=bool(getattr(self.args, "deterministic", False)))
         train_ds, self.held, funcs = self._datasets()
+        self.train_rows = train_ds
         model, self.processor = self._load_model()
         t = self.train
         kw = {"reward_weights": self.task["reward_weight"] or None, "seed": self.cfg.seed,
@@ -632,7 +800,8 @@ class VLMRun(TrainingRun):
         record["lr"] = self.lr
         record.update(self._spread_metrics(stats["iteration"]))
         if self.held is not None and ((t["eval_every"] and done % t["eval_every"] == 0) or done == t["max_iterations"]):
-            record.update(self.adapter.evaluate(self.held))
+            with self.trainer.compute():  # greedy evaluation in the run's precision
+                record.update(self.adapter.evaluate(self.held))
         record["wall_time"] = self.wall()
         w = t["window"]
         p["first"] = (p["first"] + [record["reward_mean"]])[:w] if len(p["first"]) < w else p["first"]
@@ -696,13 +865,16 @@ class VLMRun(TrainingRun):
         if self.train["precision"] == "bf16-true":
             from grpo_core.precision import bf16_true_note
 
-            note = bf16_true_note(self.trainer.params, self.cfg.lr)
+            import torch
+
+            bf16 = [p for p in self.trainer.params if p.dtype == torch.bfloat16]  # LoRA's adapters stay float32
+            note = bf16_true_note(bf16, self.cfg.lr) if bf16 else None
             notes += [note] if note else []
         return notes
 
     def describe(self) -> str:
         m = self.model
-        model = m["model"] or f"tiny random {m['family']} in {self.out / 'model'}"
+        model = m["model"] if m["model"] not in (None, TINY_MODEL) else f"tiny random {m['family']} in {self.out / 'model'}"
         lora = f", LoRA rank {m['lora_rank']}" if m["lora_rank"] else ""
         return (f"{self.task['name']} ({model}{lora}) -> {self.out}: {self.cfg.groups_per_iteration} prompts x "
                 f"{self.cfg.group_size} completions per iteration, {self.train['max_iterations']} iterations")
@@ -712,13 +884,17 @@ class VLMRun(TrainingRun):
 
         t = self.train
         plot_reward_curve(read_metrics(self.out / METRICS_FILE), path, window=t["window"],
-                          target=t["target_reward"], title=f"GRPO {self.task['name']} (seed {self.cfg.seed})")
+                          target=curve_target(self.task, t), title=f"GRPO {self.task['name']} (seed {self.cfg.seed})")
 
     def summary_lines(self) -> list[str]:
         t, p = self.train, self.progress
         w = t["window"]
-        lines = [f"mean reward: first {w} iterations {_rolling(p['first'], w):.3f}, last {w} "
-                 f"{_rolling(p['recent'], w):.3f}"]
+        if len(p["first"]) < w:  # fewer iterations than one window: first and last would be the same ones
+            n = len(p["first"])
+            lines = [f"mean reward over the {n} iteration{'s' if n != 1 else ''}: {_rolling(p['first'], w):.3f}"]
+        else:
+            lines = [f"mean reward: first {w} iterations {_rolling(p['first'], w):.3f}, last {w} "
+                     f"{_rolling(p['recent'], w):.3f}"]
         if p["reached_target"]:
             r = p["reached_target"]
             lines.append(f"target {t['target_reward']} reached at iteration {r['iteration']} ({r['wall_time']:.1f} s)")

@@ -200,8 +200,11 @@ class Progress(BarWriter):
 
 
 def plot_curve(records: Iterable[dict[str, Any]], path: Path, *, threshold: float,
-               solved_env_steps: int | None = None, title: str = "CartPole-v1 GRPO") -> None:
-    """Training mean return vs env steps, greedy evaluations marked, the solved threshold."""
+               solved_env_steps: int | None = None, title: str = "CartPole-v1 GRPO",
+               max_return: float | None = 500.0):
+    """Training mean return vs env steps, greedy evaluations marked (mean ± std, the band cut
+    at 0 and at ``max_return``, the most an episode can return), the solved threshold.
+    Returns the figure."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg canvas
 
     records = list(records)
@@ -212,8 +215,11 @@ def plot_curve(records: Iterable[dict[str, Any]], path: Path, *, threshold: floa
     ax.plot(x, y, lw=1.2, color="C0", label="training mean return")
     evals = [r for r in records if "eval_mean" in r]
     if evals:
-        ax.errorbar([r["env_steps"] for r in evals], [r["eval_mean"] for r in evals],
-                    yerr=[r.get("eval_std", 0.0) for r in evals], fmt="o", ms=4, capsize=2,
+        means, stds = [r["eval_mean"] for r in evals], [r.get("eval_std", 0.0) for r in evals]
+        top = max_return if max_return is not None else math.inf
+        below = [min(sd, max(m, 0.0)) for m, sd in zip(means, stds)]
+        above = [min(sd, max(top - m, 0.0)) for m, sd in zip(means, stds)]
+        ax.errorbar([r["env_steps"] for r in evals], means, yerr=[below, above], fmt="o", ms=4, capsize=2,
                     color="C1", label="greedy eval mean ± std")
     ax.axhline(threshold, ls="--", color="C2", label=f"solved threshold ({threshold:g})")
     if solved_env_steps is not None:
@@ -227,3 +233,4 @@ def plot_curve(records: Iterable[dict[str, Any]], path: Path, *, threshold: floa
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    return fig

@@ -87,6 +87,36 @@ def _train(cls, model_dir, rollout, **kw):
     return trainer, metrics
 
 
+class _EagerOptimizerState(DistributedGRPOTrainer):
+    """Before the fix: the FSDP state dict always asked torch for the optimizer's state, which
+    before the first step creates it by stepping Adam once at lr 0 (its step counter then
+    starts at 1, and every later bias correction is one step off)."""
+
+    def state_dict(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        get_optimizer_state_dict(self.policy, self.optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                        cpu_offload=True))
+        return super().state_dict()
+
+
+def _adam_steps(cls, model_dir, rollout, **kw):
+    """Adam at lr 1e-3; what the run module does before training (size the snapshots, take a
+    checkpoint of iteration 0), then 2 iterations: Adam's step counters and second moments."""
+    from grpo_harness.run import state_bytes
+
+    cfg = GRPOConfig(**{**CFG, "micro_batch_size": 3})
+    trainer = _given(cls)(_adapter(model_dir), cfg, **kw)
+    trainer.rollout = rollout
+    state_bytes(trainer)
+    trainer.state_dict()
+    for _ in range(ITERATIONS):
+        trainer.step()
+    optim = trainer.state_dict()["optimizer"]
+    return {"steps": sorted({float(v["step"]) for v in optim["state"].values()}) if optim else None,
+            "exp_avg_sq": {k: v["exp_avg_sq"] for k, v in optim["state"].items()} if optim else None}
+
+
 def _on_rank(rank, world, model_dir, rollout_file):
     rollout = torch.load(rollout_file, weights_only=False)
     out = {}
@@ -98,6 +128,10 @@ def _on_rank(rank, world, model_dir, rollout_file):
     out["fsdp"] = {"params": state["policy"], "metrics": m, "optimizer": state["optimizer"]}
     broken, _ = _train(PerRankMean, model_dir, rollout)
     out["per-rank token mean"] = {"params": broken.state_dict()["policy"]}
+    out["adam"] = {name: _adam_steps(cls, model_dir, rollout, **kw) for name, cls, kw in (
+        ("ddp", DistributedGRPOTrainer, {}),
+        ("fsdp", DistributedGRPOTrainer, {"shard": "fsdp", "fsdp_units": vlm_fsdp_units}),
+        ("fsdp, state built eagerly", _EagerOptimizerState, {"shard": "fsdp", "fsdp_units": vlm_fsdp_units}))}
     ddp16, m = _train(DistributedGRPOTrainer, model_dir, rollout, precision="bf16-mixed")
     out["ddp bf16-mixed"] = {"params": ddp16.state_dict()["policy"], "metrics": m}
     fsdp16, m = _train(DistributedGRPOTrainer, model_dir, rollout, shard="fsdp", fsdp_units=vlm_fsdp_units,
@@ -183,3 +217,18 @@ def test_bf16_mixed_two_ranks_make_one_processs_update(runs, shard):
         assert two["dtypes"] == ["torch.float32"], "FSDP's shards (the master weights) are not float32"
     print(f"{shard}: 2 ranks vs 1 process (bf16-mixed) {gap:.2e}; bf16-mixed vs float32 {fp32_gap:.2e}")
 
+
+
+@pytest.mark.slow
+def test_fsdp_adam_takes_the_steps_ddp_takes(runs):
+    """Sizing the snapshots and a checkpoint before the first step must not step Adam: after 2
+    iterations of 2 epochs x 2 minibatches (8 steps) FSDP's Adam has counted 8 steps, as DDP's,
+    with the same second moments; building the state eagerly counts 9."""
+    ranks, _ = runs
+    adam = ranks[0]["adam"]
+    steps = ITERATIONS * CFG["grpo_epochs"] * CFG["minibatches"]
+    assert adam["ddp"]["steps"] == adam["fsdp"]["steps"] == [float(steps)]
+    assert adam["fsdp, state built eagerly"]["steps"] == [float(steps + 1)]
+    a, b = adam["fsdp"]["exp_avg_sq"], adam["ddp"]["exp_avg_sq"]
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-12) for k in a)

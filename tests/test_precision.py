@@ -281,3 +281,91 @@ def test_bf16_mixed_forwards_see_each_optimizer_step(tiny_dirs, cls, stale):
         assert mixed[0] < 0.5 * fp32_kl
     else:
         assert 0.5 * fp32_kl < mixed[0] < 2 * fp32_kl and mixed[1] > 1.0
+
+
+# --- the device of a rank (issue 29, item 7) -------------------------------------------------------
+
+class _Rank:
+    def __init__(self, local_rank):
+        self.local_rank = local_rank
+
+
+@pytest.mark.parametrize("asked, local, want", [("cuda", 3, "cuda:3"), ("cuda:3", 3, "cuda:3"), ("cpu", 3, "cpu")])
+def test_each_rank_takes_its_local_gpu(asked, local, want):
+    from grpo_harness.train_vlm import rank_device
+
+    assert rank_device(asked, _Rank(local)) == want
+    assert rank_device(asked, None) == asked  # one process: as asked
+
+
+def test_an_index_that_contradicts_the_local_rank_is_refused():
+    """Before: every rank honoured --device cuda:0 literally, and NCCL failed on a shared GPU."""
+    from grpo_harness.run import UsageError
+    from grpo_harness.train_vlm import rank_device
+
+    with pytest.raises(UsageError, match=r"--device cuda:0: under torchrun each rank uses .* \(cuda:2 for local rank 2\)"):
+        rank_device("cuda:0", _Rank(2))
+
+
+def test_the_process_group_binds_the_rank_to_its_gpu(monkeypatch):
+    import torch.distributed as dist
+
+    from grpo_harness import launch
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: seen.setdefault("set", i))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    launch.World(10.0)
+    assert seen["set"] == 1 and seen["device_id"] == torch.device("cuda", 1)
+    assert seen["backend"] == "cpu:gloo,cuda:nccl"
+
+
+# --- CUDA settings (issue 29, items 4 and 11), with torch.backends' setters recorded --------------
+
+def _record_backends(monkeypatch):
+    seen = {}
+    for name in ("enable_cudnn_sdp", "enable_flash_sdp", "enable_mem_efficient_sdp", "enable_math_sdp"):
+        monkeypatch.setattr(torch.backends.cuda, name, lambda on, name=name: seen.__setitem__(name, on))
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda on, **kw: seen.__setitem__("deterministic", on))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    return seen
+
+
+def test_cuda_turns_off_cudnn_attention_and_deterministic_turns_on_the_rest(monkeypatch):
+    import os
+
+    from grpo_harness.train_vlm import CUBLAS_WORKSPACE, configure_cuda
+
+    seen = _record_backends(monkeypatch)
+    configure_cuda("cpu", deterministic=True)
+    assert seen == {}  # CPU: nothing to change
+    configure_cuda("cuda:0", deterministic=False)
+    assert seen == {"enable_cudnn_sdp": False} and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    configure_cuda("cuda:0", deterministic=True)
+    assert seen == {"enable_cudnn_sdp": False, "deterministic": True, "enable_flash_sdp": False,
+                    "enable_mem_efficient_sdp": False, "enable_math_sdp": True}
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
+
+
+def test_checkpoints_carry_the_cuda_random_streams(monkeypatch):
+    """When CUDA is in use the RNG state holds every device's stream, and restoring puts them back
+    (torch.cuda mocked: 2 devices)."""
+    from grpo_harness import run as run_module
+
+    streams = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: streams)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.setdefault("all", states))
+    state = run_module.rng_state()
+    assert [t.tolist() for t in state["cuda"]] == [[1, 2], [3, 4]]
+    run_module.set_rng_state(state)
+    assert [t.tolist() for t in restored["all"]] == [[1, 2], [3, 4]]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert "cuda" not in run_module.rng_state()  # a CPU run's checkpoint is as before
