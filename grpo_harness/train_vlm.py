@@ -206,6 +206,10 @@ def _add_training_arguments(run) -> None:
                      help="stop when one call of a reward function takes more than S seconds, naming it (after "
                      f"checkpointing the finished iterations); 0 = no limit (default {d['reward_timeout']:g}). A "
                      f"function still running after {SLOW_AFTER_S:g} s is named in the progress output")
+    run.add_argument("--preflight-bound", type=finite_float, metavar="NATS",
+                     help="bound of the preflight's logprob_consistency row (its statistic stays: the max in "
+                     "float32, the mean in bf16); default by device and precision (adapters/vlm_preflight.py). "
+                     "The row prints the measured max and mean: set this from a first GPU run's numbers")
     run.add_argument("--skip-preflight", action="store_true",
                      help="do not run the preflight checks (log-prob consistency, reference refresh, finite "
                      "loss, KL gradient, estimator kit; see adapters.vlm_preflight) that otherwise run before "
@@ -746,7 +750,7 @@ class VLMRun(TrainingRun):
 
         errors: list[Exception] = []
         with recording_collect_errors(self.adapter, errors):
-            rows = run_preflight(self.trainer, self.cfg)
+            rows = run_preflight(self.trainer, self.cfg, logprob_bound=getattr(self.args, "preflight_bound", None))
         if self.folder.writes:
             print(format_preflight(rows), flush=True)
         failed = failed_names(rows)

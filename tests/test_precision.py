@@ -369,3 +369,24 @@ def test_checkpoints_carry_the_cuda_random_streams(monkeypatch):
     assert [t.tolist() for t in restored["all"]] == [[1, 2], [3, 4]]
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     assert "cuda" not in run_module.rng_state()  # a CPU run's checkpoint is as before
+
+
+# --- preflight bounds by device and precision (issue 29, item 10) ---------------------------------
+
+def test_logprob_bounds_by_device_and_dtype():
+    from adapters.vlm_preflight import CUDA_FLOAT32_BOUND, logprob_bound
+
+    assert logprob_bound(torch.float32, "cpu") == ("max", 1e-4)
+    assert logprob_bound(torch.float32, "cuda") == CUDA_FLOAT32_BOUND == ("max", 1e-3)
+    assert logprob_bound(torch.bfloat16, "cuda") == logprob_bound(torch.bfloat16, "cpu") == ("mean", 0.05)
+
+
+def test_preflight_bound_reaches_the_row(tiny_dirs, tmp_path, capsys):
+    """--preflight-bound 1e-12: the float32 row (max gap ~5e-7) now fails, naming the bound."""
+    from grpo_harness.train_vlm import main
+
+    args = [a for a in _cli(tiny_dirs, tmp_path / "r", "--max-iterations", "1", "--preflight-bound", "1e-12")
+            if a != "--skip-preflight"]
+    assert main(args) == 1
+    out = capsys.readouterr()
+    assert "logprob_consistency" in out.out and "exceeds 1e-12" in out.out
