@@ -600,7 +600,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"not a complete torch checkpoint ({size:,} bytes, no zip directory): "
                               "truncated or overwritten")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: the tensors are read from the file as they are used, so ranks that each
+        # load a large checkpoint do not each hold a private copy of all of it
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any failure is the reason the file is unusable
         raise CheckpointError(f"does not load: {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}") from None
     if not isinstance(state, dict) or "format" not in state:

@@ -252,6 +252,16 @@ def configure_cuda(device: str, *, deterministic: bool) -> None:
         torch.backends.cuda.enable_math_sdp(True)
 
 
+def eval_share(rows, rank: int, size: int) -> list:
+    """Rank ``rank``'s share of the held-out ``rows``: every ``size``-th one from ``rank`` on."""
+    return [rows[i] for i in range(rank, len(rows), size)]
+
+
+def merge_eval(reward_sum: float, samples: int) -> dict[str, float]:
+    """The evaluation metrics from the ranks' summed rewards and scored samples."""
+    return {"eval_reward_mean": reward_sum / samples if samples else math.nan, "eval_samples": samples}
+
+
 def rank_device(device: str, world) -> str:
     """The device of this process: ``device``, except under torchrun with CUDA, where every rank
     takes ``cuda:LOCAL_RANK`` (``world.local_rank``; ranks that shared one GPU would end in NCCL's
@@ -672,7 +682,7 @@ class VLMRun(TrainingRun):
             dtype = weight_dtype(self.train["precision"])
             if self.model["lora_rank"] and self.train["precision"] == "bf16-mixed":
                 dtype = torch.bfloat16  # the frozen base has no update to round; peft keeps the adapters float32
-            model, processor = load_vlm(source, dtype=dtype)
+            model, processor = load_vlm(source, dtype=dtype, device=self.device)
         except (OSError, TypeError, ValueError) as e:
             raise UsageError(f"cannot load model {str(source)!r}: {one_line(e)}") from None
         except Exception as e:  # noqa: BLE001 - safetensors' own error: a truncated or damaged weights file
@@ -796,6 +806,28 @@ class VLMRun(TrainingRun):
                                  f"scored no sample (None for all {n} completions); nothing can be learned "
                                  "from such an iteration")
 
+    def _evaluate(self) -> dict[str, float]:
+        """Greedy evaluation of the held-out rows in the run's precision. Under torchrun each rank
+        evaluates every W-th row (``eval_share``) with the policy's parameters gathered once
+        (FSDP would otherwise gather every layer for every generated token), and the ranks'
+        rewards are summed (``merge_eval``)."""
+        import contextlib
+
+        world = self.world
+        rows = self.held if world is None else eval_share(self.held, world.rank, world.size)
+        gathered = getattr(self.trainer, "gathered_parameters", contextlib.nullcontext)
+        with self.trainer.compute(), gathered():
+            mine = self.adapter.evaluate(rows) if len(rows) else {"eval_reward_mean": math.nan, "eval_samples": 0}
+        if world is None:
+            return mine
+        import torch
+        import torch.distributed as dist
+
+        n = mine["eval_samples"]
+        both = torch.tensor([0.0 if n == 0 else mine["eval_reward_mean"] * n, float(n)], dtype=torch.float64)
+        dist.all_reduce(both)
+        return merge_eval(float(both[0]), int(both[1]))
+
     def make_record(self, stats):
         self._check_scored(stats)
         t, p = self.train, dict(self.progress)
@@ -804,8 +836,7 @@ class VLMRun(TrainingRun):
         record["lr"] = self.lr
         record.update(self._spread_metrics(stats["iteration"]))
         if self.held is not None and ((t["eval_every"] and done % t["eval_every"] == 0) or done == t["max_iterations"]):
-            with self.trainer.compute():  # greedy evaluation in the run's precision
-                record.update(self.adapter.evaluate(self.held))
+            record.update(self._evaluate())
         record["wall_time"] = self.wall()
         w = t["window"]
         p["first"] = (p["first"] + [record["reward_mean"]])[:w] if len(p["first"]) < w else p["first"]

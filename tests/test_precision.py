@@ -390,3 +390,78 @@ def test_preflight_bound_reaches_the_row(tiny_dirs, tmp_path, capsys):
     assert main(args) == 1
     out = capsys.readouterr()
     assert "logprob_consistency" in out.out and "exceeds 1e-12" in out.out
+
+
+# --- host memory (issue 29, item 8) ---------------------------------------------------------------
+
+def test_a_cuda_model_is_loaded_onto_its_device(tiny_dirs, monkeypatch):
+    """``load_vlm(device="cuda:1")`` asks from_pretrained for device_map="cuda:1" (no host copy
+    first); on CPU nothing changes (from_pretrained recorded, then the real load on CPU)."""
+    from transformers import AutoModelForImageTextToText
+
+    seen = []
+    real = AutoModelForImageTextToText.from_pretrained
+
+    def record(path, **kw):
+        seen.append(kw.get("device_map"))
+        kw.pop("device_map", None)
+        return real(path, **kw)
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", record)
+    load_vlm(tiny_dirs["qwen2_vl"], device="cuda:1")
+    load_vlm(tiny_dirs["qwen2_vl"], device="cpu")
+    assert seen == ["cuda:1", None]
+
+
+def test_checkpoints_are_read_memory_mapped(tmp_path, monkeypatch):
+    from grpo_harness import run as run_module
+
+    seen = {}
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    path = tmp_path / "c.pt"
+    torch.save({"format": run_module.CHECKPOINT_FORMAT, "x": torch.zeros(3)}, path)
+    assert run_module.read_checkpoint(path)["x"].tolist() == [0.0, 0.0, 0.0]
+    assert seen.get("mmap") is True
+
+
+# --- evaluation under torchrun (issue 29, item 5) --------------------------------------------------
+
+def test_the_ranks_split_the_held_out_rows_and_merge_their_rewards():
+    from grpo_harness.train_vlm import eval_share, merge_eval
+
+    rows = list(range(10))
+    shares = [eval_share(rows, r, 3) for r in range(3)]
+    assert sorted(x for s in shares for x in s) == rows and shares[0] == [0, 3, 6, 9]
+    # rank rewards 1.0 x 4 samples, 0.5 x 3, 0 x 3: the mean over all 10 is 5.5 / 10
+    assert merge_eval(4 * 1.0 + 3 * 0.5, 10) == {"eval_reward_mean": 0.55, "eval_samples": 10}
+    assert merge_eval(0.0, 0)["eval_samples"] == 0
+
+
+def test_evaluation_runs_with_the_parameters_gathered_and_in_the_runs_precision():
+    """The run's evaluation enters the trainer's gathered_parameters() (FSDP: one gather for the
+    whole evaluation, not one per token) and its compute() context."""
+    import contextlib
+
+    from grpo_harness.train_vlm import VLMRun
+
+    entered = []
+
+    class Trainer:
+        @contextlib.contextmanager
+        def gathered_parameters(self):
+            entered.append("gathered")
+            yield
+
+        def compute(self):
+            entered.append("compute")
+            return contextlib.nullcontext()
+
+    class Adapter:
+        def evaluate(self, rows):
+            return {"eval_reward_mean": 1.0, "eval_samples": len(rows)}
+
+    run = VLMRun.__new__(VLMRun)
+    run.world, run.held, run.trainer, run.adapter = None, [1, 2], Trainer(), Adapter()
+    assert run._evaluate() == {"eval_reward_mean": 1.0, "eval_samples": 2}
+    assert entered == ["compute", "gathered"]
