@@ -70,7 +70,7 @@ class CartPoleAdapter:
         """False: CartPole's reward 1 at every step. True: the episode's return (its length) paid
         once, at its last step, an outcome reward for ``stats_over="sequences"``."""
         if policy is None:
-            with torch.random.fork_rng():
+            with torch.random.fork_rng(devices=[]):  # built on the CPU: no CUDA stream to save
                 torch.manual_seed(seed)
                 policy = CartPolePolicy(hidden)
         self.policy = policy.to(dtype)

@@ -157,7 +157,7 @@ def build_tiny_vlm(out_dir, *, words, family: str = "qwen2_vl", seed: int = 0,
     processor = register_processors()[family](image_processor=image_processor, tokenizer=tok,
                                               chat_template=CHAT_TEMPLATE)
     config = tiny_config(family, tok)
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):  # CPU weights: no CUDA stream to save (nor to touch)
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config)
     model.generation_config = GenerationConfig(

@@ -194,6 +194,9 @@ def _add_training_arguments(run) -> None:
                      "setting, the math attention backend), so that two runs of one seed, and a resumed run and an "
                      "uninterrupted one, agree bit for bit; slower. Without it a CUDA run agrees only to rounding "
                      "(atomics in the attention backward). On CPU runs are deterministic either way")
+    run.add_argument("--tf32", action="store_true",
+                     help="on CUDA with --precision 32: float32 matmuls on TensorFloat-32 tensor cores (faster, 10 "
+                     "mantissa bits; off by default)")
     run.add_argument("--gradient-checkpointing", action="store_true",
                      help="recompute activations in the backward pass (less memory, ~30%% more time; "
                      "for real models on a GPU)")
@@ -227,7 +230,7 @@ CUBLAS_WORKSPACE = ":4096:8"
 """``CUBLAS_WORKSPACE_CONFIG`` for deterministic cuBLAS (torch's reproducibility notes)."""
 
 
-def configure_cuda(device: str, *, deterministic: bool) -> None:
+def configure_cuda(device: str, *, deterministic: bool, tf32: bool = False) -> None:
     """Settings of a run on ``device`` (nothing on CPU, where runs are deterministic already).
 
     On CUDA: cuDNN's fused attention is turned off (PyTorch issue 196678, TRL issue 7181: with an
@@ -235,7 +238,9 @@ def configure_cuda(device: str, *, deterministic: bool) -> None:
     differ, some sequence lengths give NaN gradients on H100/H200 with torch 2.13); the flash,
     memory-efficient and math backends remain. ``deterministic``: ``CUBLAS_WORKSPACE_CONFIG`` (set
     before the first cuBLAS call, which happens after this), ``torch.use_deterministic_algorithms``
-    and the math attention backend only (the fused backends' backward uses atomics)."""
+    and the math attention backend only (the fused backends' backward uses atomics). ``tf32``:
+    float32 matmuls on TensorFloat-32 tensor cores (10 mantissa bits: faster, less precise; off
+    by default, as torch has it)."""
     import os
 
     import torch
@@ -243,6 +248,8 @@ def configure_cuda(device: str, *, deterministic: bool) -> None:
     if not device.startswith("cuda"):
         return
     torch.backends.cuda.enable_cudnn_sdp(False)
+    if tf32:
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
         torch.use_deterministic_algorithms(True)
@@ -703,7 +710,8 @@ class VLMRun(TrainingRun):
         from adapters.vlm_tasks import task_adapter
 
         hf_logging.disable_progress_bar()
-        configure_cuda(self.device, deterministic=bool(getattr(self.args, "deterministic", False)))
+        configure_cuda(self.device, deterministic=bool(getattr(self.args, "deterministic", False)),
+                       tf32=bool(getattr(self.args, "tf32", False)))
         train_ds, self.held, funcs = self._datasets()
         self.train_rows = train_ds
         model, self.processor = self._load_model()
@@ -719,7 +727,8 @@ class VLMRun(TrainingRun):
                     raise UsageError(f"--lora-rank: {e}") from None
                 import torch
 
-                with torch.random.fork_rng():  # LoRA's A factors are drawn from the global stream:
+                cuda = [torch.device(self.device)] if self.device.startswith("cuda") else []
+                with torch.random.fork_rng(devices=cuda):  # LoRA's A factors are drawn from the global stream:
                     torch.manual_seed(self.cfg.seed)  # seed them, whatever ran before in the process
                     self.adapter = task_adapter(self.task, LoRAVLMAdapter)(
                         model, self.processor, train_ds, funcs, lora_rank=self.model["lora_rank"], **kw)

@@ -465,3 +465,15 @@ def test_evaluation_runs_with_the_parameters_gathered_and_in_the_runs_precision(
     run.world, run.held, run.trainer, run.adapter = None, [1, 2], Trainer(), Adapter()
     assert run._evaluate() == {"eval_reward_mean": 1.0, "eval_samples": 2}
     assert entered == ["compute", "gathered"]
+
+
+def test_tf32_is_offered_and_off_by_default(monkeypatch):
+    from grpo_harness.train_vlm import configure_cuda
+
+    _record_backends(monkeypatch)
+    asked = []
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", asked.append)
+    configure_cuda("cuda", deterministic=False)
+    assert asked == []
+    configure_cuda("cuda", deterministic=False, tf32=True)
+    assert asked == ["high"]
