@@ -5,13 +5,14 @@ Shape glossary used in every docstring: ``B`` groups of ``G`` samples, ``N = B *
 with a 0/1 ``mask`` of the same shape.
 """
 
-from .advantages import SCALES, STATS_OVER, group_advantages
+from .advantages import BASELINES, SCALES, STATS_OVER, group_advantages
 from .kl import KL_ESTIMATORS, kl_estimate, kl_k1, kl_k2, kl_k3, kl_k3_is
 from .losses import AGGS, agg_count, agg_loss, clipped_policy_loss, entropy_bonus, grpo_loss
 from .returns import discounted_returns
 
 __all__ = [
     "AGGS",
+    "BASELINES",
     "KL_ESTIMATORS",
     "SCALES",
     "STATS_OVER",

@@ -15,6 +15,7 @@ from .returns import discounted_returns
 
 SCALES = ("group", "batch", "none")
 STATS_OVER = ("steps", "sequences")
+BASELINES = ("mean", "leave-one-out")
 
 
 def group_advantages(
@@ -27,6 +28,7 @@ def group_advantages(
     stats_over: str,
     eps: float = 1e-8,
     scored: torch.Tensor | None = None,
+    baseline: str = "mean",
 ) -> torch.Tensor:
     """Group-relative advantage of every valid step.
 
@@ -53,6 +55,14 @@ def group_advantages(
       ``scale_rewards="batch"``); ``"none"``: ``s' = 1`` (Dr. GRPO, Liu et al. 2025).
     - std uses Bessel's correction (divides by n - 1), as ``torch.std`` and TRL do; ``eps``
       is added to the std, outside the square root.
+    - ``baseline="leave-one-out"`` (RLOO: Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a
+      Baseline for Free!"; Ahmadian et al. 2024, "Back to Basics"): each pooled value ``x`` is
+      measured against the mean of the *other* ``n - 1`` values of its pool, ``x - (S - x)/(n - 1)
+      = n/(n - 1) (x - m)``, and divided by the same ``s'`` as above (the group's std of the whole
+      pool, not a leave-one-out std). So it is the mean baseline's advantage times ``n/(n - 1)``;
+      with ``scale="group"`` it is bounded: ``|x - m| <= (n - 1)/sqrt(n) s`` (Samuelson's
+      inequality) gives ``|A| <= sqrt(n)``, whatever the spread (a std of the other n - 1 values
+      alone can be 0 while x differs: advantages of 1/eps, NeMo-RL issue 1518).
     - A group whose pool has fewer than two values, or all values equal, has no signal: every
       one of its steps gets exactly 0, for every gamma (never NaN, never eps-amplified noise).
       A sample with no valid step is left out of its group's pool.
@@ -62,6 +72,7 @@ def group_advantages(
     check_2d("rewards", rewards)
     check_choice("scale", scale, SCALES)
     check_choice("stats_over", stats_over, STATS_OVER)
+    check_choice("baseline", baseline, BASELINES)
     check_range("gamma", float(gamma), 0.0, 1.0)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
@@ -77,12 +88,12 @@ def group_advantages(
     if stats_over == "steps":
         g = discounted_returns(r, m, gamma)
         mean, denom, no_signal = _group_stats(g.reshape(-1, group_size * t_len),
-                                              m.reshape(-1, group_size * t_len), scale, eps)
+                                              m.reshape(-1, group_size * t_len), scale, eps, baseline)
         adv = (g.view(-1, group_size, t_len) - mean[:, None, None]) / denom[:, None, None]
     else:
         p = _scored_steps(r, m, scored)
         mean, denom, no_signal = _group_stats(r.reshape(-1, group_size * t_len),
-                                              p.reshape(-1, group_size * t_len), scale, eps)
+                                              p.reshape(-1, group_size * t_len), scale, eps, baseline)
         normed = (r.view(-1, group_size, t_len) - mean[:, None, None]) / denom[:, None, None]
         normed = normed.reshape(n, t_len) * p.to(r.dtype)
         adv = discounted_returns(normed, m, gamma).view(-1, group_size, t_len)
@@ -110,8 +121,10 @@ def _scored_steps(r: torch.Tensor, m: torch.Tensor, scored: torch.Tensor | None)
     return p
 
 
-def _group_stats(vals: torch.Tensor, valid: torch.Tensor, scale: str, eps: float):
-    """Per group: the mean, the denominator ``std + eps`` (1 for "none") and "no signal".
+def _group_stats(vals: torch.Tensor, valid: torch.Tensor, scale: str, eps: float, baseline: str = "mean"):
+    """Per group: the mean, the denominator ``std + eps`` (1 for "none") and "no signal"; with a
+    leave-one-out baseline the denominator is divided by ``n/(n - 1)`` (the advantage
+    ``n/(n - 1) (x - m) / s'``), n the group's pooled values.
 
     Shapes: vals, valid (B, K) -> mean (B,), denom (B,), no_signal (B,) bool.
     """
@@ -131,6 +144,8 @@ def _group_stats(vals: torch.Tensor, valid: torch.Tensor, scale: str, eps: float
         denom = (std + eps).expand_as(mean)
     else:
         denom = torch.ones_like(mean)
+    if baseline == "leave-one-out":  # n/(n - 1) (x - m): the mean of the other n - 1 values as baseline
+        denom = denom * (count - 1).clamp(min=1) / count.clamp(min=1)
     # a no-signal group's output is replaced by 0; keep its arithmetic finite meanwhile
     denom = torch.where(no_signal | (denom == 0), torch.ones_like(denom), denom)
     return mean, denom, no_signal

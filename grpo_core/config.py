@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from .advantages import SCALES, STATS_OVER
+from .advantages import BASELINES, SCALES, STATS_OVER
 from .kl import FLAT_AT_REFERENCE, KL_ESTIMATORS
 from .losses import AGGS
 
@@ -67,6 +67,12 @@ class GRPOConfig:
     scale: str = "group"
     """Advantage scaling (plan item 5): "group" std, "batch" std (Dr. GRPO / TRL
     scale_rewards="batch") or "none" (mean only)."""
+    baseline: str = "mean"
+    """What a value is measured against within its group: "mean" (GRPO: the group's mean) or
+    "leave-one-out" (RLOO, Ahmadian et al. 2024: the mean of the group's other values, which
+    makes the advantage n/(n - 1) times GRPO's, n the pooled values; divided by the group's std
+    when scale="group", bounded by sqrt(n); see grpo_core.advantages). TRL has no such option
+    (its RLOOTrainer is separate); verl: adv_estimator="rloo"."""
     stats_over: str = "steps"
     """Group statistics over every valid step's return, "steps" (the plan's CartPole GRPO), or
     over one outcome per sample, the sum of its rewards, "sequences" (GRPO's outcome
@@ -166,6 +172,7 @@ class GRPOConfig:
         _check_choice(self, "dynamic_sampling_redraw", REDRAWS)
         _check_choice(self, "kl_estimator", tuple(KL_ESTIMATORS))
         _check_choice(self, "scale", SCALES)
+        _check_choice(self, "baseline", BASELINES)
         _check_choice(self, "stats_over", STATS_OVER)
         _check_choice(self, "loss_agg", AGGS)
         if self.kl_is_inert():

@@ -165,7 +165,7 @@ class DistributedGRPOTrainer(GRPOTrainer):
         rewards, mask, scored = (all_gather_rows(x, self.world) for x in
                                  (rollout.rewards, rollout.mask, rollout.scored))
         adv = group_advantages(rewards, mask, cfg.group_size, gamma=cfg.gamma, scale=cfg.scale,
-                               stats_over=cfg.stats_over, eps=cfg.adv_eps, scored=scored)
+                               stats_over=cfg.stats_over, eps=cfg.adv_eps, scored=scored, baseline=cfg.baseline)
         return adv[self.rank * n:(self.rank + 1) * n, :t_len].contiguous()
 
     @torch.no_grad()

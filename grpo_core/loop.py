@@ -177,7 +177,7 @@ class GRPOTrainer:
         cfg = self.config
         return group_advantages(rollout.rewards, rollout.mask, cfg.group_size, gamma=cfg.gamma,
                                 scale=cfg.scale, stats_over=cfg.stats_over, eps=cfg.adv_eps,
-                                scored=rollout.scored)
+                                scored=rollout.scored, baseline=cfg.baseline)
 
     def _dynamic_sampling(self, rollout: Rollout, adv: torch.Tensor):
         """DAPO's dynamic sampling (``GRPOConfig.dynamic_sampling``): ``(rollout, advantages,

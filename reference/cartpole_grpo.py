@@ -21,6 +21,9 @@ Equation numbers in the comments refer to this list:
        placed at the last step; mean and std over each episode's outcome
        reward R, paid at its last step (stats_over="sequences", GRPO outcome
        supervision; needs cfg["outcome_reward"])
+  (2c) baseline="leave-one-out" (RLOO, Ahmadian et al. 2024): in (2a)/(2b) every
+       "- mean_g" is "- b", b the mean of the group's other pooled values (the value
+       itself left out), summed term by term; the denominator is unchanged
   (3)  ratio_t = exp(logp_t - old_logp_t)
   (4)  pg_t = -min(ratio_t A_t, clip(ratio_t, 1-eps_lo, 1+eps_hi) A_t)
   (5)  d_t = ref_logp_t - logp_t;  k1 = -d,  k2 = d^2/2,
@@ -188,18 +191,34 @@ def _pooled(group_rewards: list, stats_over: str, gamma: float) -> list:
     raise ValueError(f"unknown stats_over {stats_over!r}")
 
 
-def _episode_advantages(rewards: list, mean_g: float, denom: float, gamma: float,
-                        stats_over: str) -> list:
-    """(2a) or (2b) for every step of one episode."""
+def _others_mean(value: float, pooled: list) -> float:
+    """(2c): the mean of ``pooled`` with one occurrence of ``value`` left out."""
+    total, n, skipped = 0.0, 0, False
+    for v in pooled:
+        if v == value and not skipped:
+            skipped = True
+            continue
+        total += v
+        n += 1
+    return total / n
+
+
+def _episode_advantages(rewards: list, pooled: list, denom: float, gamma: float,
+                        stats_over: str, baseline: str = "mean") -> list:
+    """(2a) or (2b), with the baseline of (2c) when asked, for every step of one episode."""
+    def base(v):
+        return _mean(pooled) if baseline == "mean" else _others_mean(v, pooled)
+
     if stats_over == "steps":
-        return [(g - mean_g) / denom for g in discounted_returns(rewards, gamma)]
+        return [(g - base(g)) / denom for g in discounted_returns(rewards, gamma)]
     # (2b): the normalised outcome, discounted back from the last step by (1)
-    outcome = [0.0] * (len(rewards) - 1) + [(rewards[-1] - mean_g) / denom]
+    outcome = [0.0] * (len(rewards) - 1) + [(rewards[-1] - base(rewards[-1])) / denom]
     return discounted_returns(outcome, gamma)
 
 
 def group_advantages(
-    rewards: list, group_size: int, scale: str, stats_over: str, adv_eps: float, gamma: float
+    rewards: list, group_size: int, scale: str, stats_over: str, adv_eps: float, gamma: float,
+    baseline: str = "mean",
 ) -> list:
     """(2a)/(2b) for every step of every episode; groups are consecutive runs of G episodes.
 
@@ -224,7 +243,6 @@ def group_advantages(
         if degenerate:
             advantages.extend([[0.0] * len(ep) for ep in group])
             continue
-        mean_g = _mean(values)
         if scale == "group":
             denom = _bessel_std(values) + adv_eps
         elif scale == "batch":
@@ -232,7 +250,7 @@ def group_advantages(
         else:
             denom = 1.0
         for ep in group:
-            advantages.append(_episode_advantages(ep, mean_g, denom, gamma, stats_over))
+            advantages.append(_episode_advantages(ep, values, denom, gamma, stats_over, baseline))
     return advantages
 
 
@@ -449,7 +467,7 @@ def run_oracle(config: dict, initial_policy: dict, iterations: int) -> list:
             # 2-3. returns (1) and advantages (2a) / (2b)
             advs = group_advantages(
                 [ep["rewards"] for ep in batch], G, cfg["scale"], cfg["stats_over"],
-                cfg["adv_eps"], cfg["gamma"],
+                cfg["adv_eps"], cfg["gamma"], cfg.get("baseline", "mean"),
             )
             for ep, a in zip(batch, advs):
                 ep["adv"] = a

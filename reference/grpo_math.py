@@ -30,6 +30,10 @@ Sources (each convention of this module is taken from these, never from ``grpo_c
 [TRL]   TRL's GRPOTrainer: std with Bessel's correction (torch.std's default),
         eps added to the std outside the square root; scale_rewards="batch" takes the
         std over the whole batch, the mean staying per group.
+[RLOO]  Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!", and Ahmadian et
+        al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from
+        Human Feedback", eq. for RLOO: the baseline of sample i is the mean reward of the other
+        k - 1 samples, A_i = r_i - 1/(k - 1) sum over j != i of r_j.
 [VERL]  verl, verl/trainer/ppo/core_algos.py, agg_loss: the seq-mean modes take the mean
         over the sequences with at least one valid token ("exclude fully masked
         sequences"); token-mean divides by the valid tokens only.
@@ -57,6 +61,10 @@ Conventions fixed here:
   scale="none"                    no division                                   [DR]
   scale="batch"                   std of every pooled value of the batch,       [TRL]
                                   around the batch mean; mean per group
+  leave-one-out baseline          each pooled value minus the mean of the       [RLOO]
+                                  pool's other values (computed as written,
+                                  not from an identity), divided by the same
+                                  denominator as the mean baseline
   no-signal group                 fewer than 2 pooled values or all equal:      [PLAN] 5
                                   exactly 0 at every step, any gamma
   first valid step                not special: nothing is read at the first     [GRPO] 4.1.2
@@ -178,21 +186,32 @@ def _denominator(pooled, batch_std, scale, eps):
     return batch_std + eps
 
 
-def _supervised_advantages(sample, positions, mean_g, denom, gamma):
+def _baseline_of(x, pool, baseline):
+    """The value ``x`` of ``pool`` is measured against: the pool's mean, or ([RLOO]) the mean of
+    the pool's other values (one occurrence of ``x`` left out), summed term by term."""
+    if baseline == "mean":
+        return _mean(pool)
+    rest = list(pool)
+    rest.remove(x)
+    return math.fsum(rest) / len(rest)
+
+
+def _supervised_advantages(sample, positions, pool, denom, gamma, baseline):
     """(E6) for one sample, term by term (no recursion): the normalised reward of every
-    scored step k,  r~_k = (r_k - mean_g) / denom,  and for every token t
+    scored step k,  r~_k = (r_k - b_k) / denom  with b_k the baseline of (E7) (the group's mean,
+    or the mean of the pool's other values), and for every token t
 
         A_t = sum over scored k >= t of  gamma^(k - t) * r~_k
 
     ([GRPO] 4.1.3's "sum of the normalised rewards of the following steps", discounted; with
     the last step as the only scored one, [GRPO] 4.1.2's A_t = r~_i, discounted).
     """
-    normed = {k: (sample[k] - mean_g) / denom for k in positions}
+    normed = {k: (sample[k] - _baseline_of(sample[k], pool, baseline)) / denom for k in positions}
     return [math.fsum(gamma ** (k - t) * v for k, v in normed.items() if k >= t)
             for t in range(len(sample))]
 
 
-def group_advantages(rewards, *, gamma, scale, stats_over, eps=1e-8, scored=None):
+def group_advantages(rewards, *, gamma, scale, stats_over, eps=1e-8, scored=None, baseline="mean"):
     """GRPO group-relative advantages of every step.
 
     ``rewards`` is nested groups -> samples -> per-step rewards (a sample may be empty);
@@ -202,6 +221,8 @@ def group_advantages(rewards, *, gamma, scale, stats_over, eps=1e-8, scored=None
     (E3)  "steps":      A_t = (G_t - mean_g) / denom, G_t from (E1), the pool every G_t.
     (E6)  "sequences":  see ``_supervised_advantages``; the pool is every scored reward.
     (E4)  denom = 1 (scale="none"), std_g + eps ("group"), std_batch + eps ("batch").
+    (E7)  ``baseline="leave-one-out"``: every ``- mean_g`` above becomes ``- b(x)``, b(x) the
+          mean of the other pooled values of the group ([RLOO]).
 
     A group without signal (``_has_signal``) gets exactly 0.0 at every step.
     """
@@ -209,6 +230,8 @@ def group_advantages(rewards, *, gamma, scale, stats_over, eps=1e-8, scored=None
         raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
     if stats_over not in _STATS_OVER:
         raise ValueError(f"stats_over must be one of {_STATS_OVER}, got {stats_over!r}")
+    if baseline not in ("mean", "leave-one-out"):
+        raise ValueError(f"baseline must be 'mean' or 'leave-one-out', got {baseline!r}")
     if scored is None:
         scored = [[None] * len(group) for group in rewards]
 
@@ -221,14 +244,13 @@ def group_advantages(rewards, *, gamma, scale, stats_over, eps=1e-8, scored=None
         if not _has_signal(pool):
             advantages.append([[0.0] * len(sample) for sample in group])
             continue
-        mean_g = _mean(pool)
         denom = _denominator(pool, batch_std, scale, eps)
         if stats_over == "steps":
-            advantages.append([[(g - mean_g) / denom for g in discounted_returns(sample, gamma)]
-                               for sample in group])  # (E3)
+            advantages.append([[(g - _baseline_of(g, pool, baseline)) / denom
+                                for g in discounted_returns(sample, gamma)] for sample in group])  # (E3), (E7)
         else:
             advantages.append([
-                _supervised_advantages(sample, _scored_positions(sample, sc), mean_g, denom, gamma)
+                _supervised_advantages(sample, _scored_positions(sample, sc), pool, denom, gamma, baseline)
                 for sample, sc in zip(group, group_scored)])
     return advantages
 

@@ -37,6 +37,10 @@ SETTINGS = {
                            minibatches=8, stats_over="sequences", gamma=0.9, seed=12),
     "hard-freq2-k3is": dict(update_ref_model_freq=2, kl_estimator="k3_is", scale="none",
                             loss_agg="seq-mean-token-mean", grpo_epochs=3, minibatches=3),
+    # leave-one-out baselines (RLOO), over every step's return and over outcomes
+    "rloo-steps": dict(update_ref_model_freq=1, baseline="leave-one-out"),
+    "rloo-sequences": dict(update_ref_model_freq=2, baseline="leave-one-out", stats_over="sequences",
+                           scale="batch", gamma=1.0),
 }
 METRICS = ("loss", "policy_loss", "kl", "entropy", "clip_frac_low", "clip_frac_high", "approx_kl",
            "grad_norm", "grad_norm_max", "ratio_min", "ratio_max", "mean_return", "mean_length",

@@ -191,6 +191,7 @@ def test_discounted_returns_parity_long(batch, gamma, dtype, layout, extra, seed
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("baseline", core.BASELINES)
 @pytest.mark.parametrize("scale", core.SCALES)
 @pytest.mark.parametrize("stats_over", core.STATS_OVER)
 @settings(max_examples=examples(0.5))
@@ -202,9 +203,10 @@ def test_discounted_returns_parity_long(batch, gamma, dtype, layout, extra, seed
     extra=st.integers(0, 3),
     seed=gs.seeds(),
 )
-def test_group_advantages_parity(scale, stats_over, batch, gamma, dtype, layout, extra, seed):
-    """Advantages equal the oracle's at every valid step, for every scale x stats_over x gamma,
-    including degenerate groups and empty samples."""
+def test_group_advantages_parity(baseline, scale, stats_over, batch, gamma, dtype, layout, extra, seed):
+    """Advantages equal the oracle's at every valid step, for every baseline x scale x
+    stats_over x gamma, including degenerate groups and empty samples (the oracle computes the
+    leave-one-out mean by leaving the value out; the core from the n/(n - 1) identity)."""
     T = width(batch.lengths, extra)
     values_in, scored = batch.values, None
     if stats_over == "sequences":  # outcome or process supervision, alternately
@@ -212,12 +214,13 @@ def test_group_advantages_parity(scale, stats_over, batch, gamma, dtype, layout,
     rewards, mask = padded(values_in, dtype, layout, seed, T)
     scored_t = scored_tensor(scored, mask, layout, seed)
     got = core.group_advantages(rewards, mask, batch.group_size, gamma=gamma, scale=scale,
-                                stats_over=stats_over, scored=scored_t)
+                                stats_over=stats_over, scored=scored_t, baseline=baseline)
     assert got.dtype == dtype
     assert torch.all(got[mask == 0] == 0), "masked advantages must be exactly 0"
     seen = gs.to_groups(gs.unpad(rewards, mask), batch.group_size)
     seen_scored = None if scored is None else gs.to_groups(scored, batch.group_size)
-    want = ref.group_advantages(seen, gamma=gamma, scale=scale, stats_over=stats_over, scored=seen_scored)
+    want = ref.group_advantages(seen, gamma=gamma, scale=scale, stats_over=stats_over, scored=seen_scored,
+                                baseline=baseline)
     got_groups = gs.to_groups(gs.unpad(got, mask), batch.group_size)
 
     group_flags = seen_scored or [None] * len(seen)
@@ -232,7 +235,7 @@ def test_group_advantages_parity(scale, stats_over, batch, gamma, dtype, layout,
             continue
         denom = {"group": statistics.stdev(values), "batch": batch_std, "none": 1.0}[scale]
         top = max(abs(a) for s in w_group for a in s)
-        floor = RTOL[dtype] * (big / denom) * (1 + top) * 4 * (1 + T / 16)
+        floor = RTOL[dtype] * (big / denom) * (1 + top) * 4 * (1 + T / 16) * (2 if baseline != "mean" else 1)
         for i, (g_s, w_s) in enumerate(zip(g_group, w_group)):
             for t, (g, w) in enumerate(zip(g_s, w_s)):
                 assert_close(g, w, RTOL[dtype], floor, f"A group {b} sample {i} step {t}")
