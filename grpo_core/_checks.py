@@ -6,23 +6,32 @@ stops with a readable message instead of turning into a NaN that trains on.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 
 def check_same_shape(**tensors: torch.Tensor | None) -> torch.Size:
-    """All given tensors (``None`` skipped) must share one shape; returns it."""
+    """All given tensors (``None`` skipped) must share one shape; returns it.
+
+    On a mismatch the message names first every argument whose shape is not the one most of
+    them share (on a tie, the shape of the earliest argument), in argument order, then those
+    that have it: a wrongly shaped ``logp`` among five good tensors reads "shape mismatch: logp
+    has shape (3, 2) but old_logp, ref_logp, adv, mask have shape (2, 3)", not a complaint about
+    ``old_logp``.
+    """
     items = [(name, t) for name, t in tensors.items() if t is not None]
     for name, t in items:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.shape != first.shape:
-            raise ValueError(
-                f"shape mismatch: {name} has shape {tuple(t.shape)} but {first_name} has "
-                f"shape {tuple(first.shape)}"
-            )
-    return first.shape
+    counts = Counter(t.shape for _, t in items)
+    common = max(counts, key=counts.__getitem__)  # the first of the most frequent shapes
+    if len(counts) > 1:
+        odd = ", ".join(f"{name} has shape {tuple(t.shape)}" for name, t in items if t.shape != common)
+        same = [name for name, t in items if t.shape == common]
+        raise ValueError(f"shape mismatch: {odd} but {', '.join(same)} "
+                         f"{'has' if len(same) == 1 else 'have'} shape {tuple(common)}")
+    return common
 
 
 def check_2d(name: str, t: torch.Tensor) -> None:

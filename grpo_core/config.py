@@ -11,7 +11,7 @@ from typing import Any
 
 from .advantages import BASELINES, SCALES, STATS_OVER
 from .kl import FLAT_AT_REFERENCE, KL_ESTIMATORS
-from .losses import AGGS
+from .losses import AGGS, POLICY_LOSSES, RATIO_LEVELS
 
 REF_UPDATES = ("hard", "soft")
 REDRAWS = ("fresh", "retry")
@@ -59,6 +59,18 @@ class GRPOConfig:
     """Dual-clip PPO (Ye et al. 2020; verl's clip_ratio_c): for A < 0 the token loss is capped
     at c*|A|, with no gradient once the ratio exceeds c. None turns it off; otherwise > 1,
     usually >= 1 + clip_eps_high (verl's default is 3)."""
+    policy_loss: str = "ppo"
+    """The policy term: "ppo" (the clipped surrogate above) or "cispo" (MiniMax 2025,
+    "MiniMax-M1": each token's loss is -w A logp with w = min(ratio, 1 + clip_eps_high) detached;
+    no lower bound, as in the paper; clip_eps_low and clip_ratio_c do not apply; every token keeps
+    a gradient). See grpo_core.losses.cispo_loss. TRL: loss_type="cispo"; verl:
+    policy_loss.loss_mode="cispo"."""
+    ratio_level: str = "token"
+    """Which importance ratio the PPO surrogate clips: "token" (PPO, GRPO), "sequence" (GSPO,
+    Zheng et al. 2025: the geometric mean of the response's token ratios, one clip decision per
+    response) or "sequence-token" (GSPO-token: the same value, each token's gradient with its
+    own advantage). TRL: importance_sampling_level ("token" / "sequence"). GSPO's paper pairs it
+    with loss_agg="seq-mean-token-mean" and clip ranges of 3e-4 / 4e-4."""
     beta: float = 0.04
     """KL coefficient; the KL term is added to the loss, beta * agg(kl). >= 0 (0: no reference
     log-probs are computed)."""
@@ -175,6 +187,12 @@ class GRPOConfig:
         _check_choice(self, "baseline", BASELINES)
         _check_choice(self, "stats_over", STATS_OVER)
         _check_choice(self, "loss_agg", AGGS)
+        _check_choice(self, "policy_loss", POLICY_LOSSES)
+        _check_choice(self, "ratio_level", RATIO_LEVELS)
+        if self.policy_loss == "cispo" and (self.ratio_level != "token" or self.clip_ratio_c is not None):
+            raise ValueError(f"policy_loss='cispo' clips each token's own weight: it takes ratio_level='token' and "
+                             f"clip_ratio_c=None, got ratio_level={self.ratio_level!r}, "
+                             f"clip_ratio_c={self.clip_ratio_c!r}")
         if self.kl_is_inert():
             warnings.warn(
                 f"beta={self.beta} does nothing with kl_estimator={self.kl_estimator!r}, "

@@ -340,7 +340,8 @@ class GRPOTrainer:
             adv[rows], rollout.mask[rows], entropy=entropy, beta=cfg.beta,
             ent_coef=cfg.ent_coef, kl_estimator=cfg.kl_estimator, eps_low=cfg.clip_eps_low,
             eps_high=cfg.clip_eps_high, agg=cfg.loss_agg, max_len=self.max_len,
-            clip_ratio_c=cfg.clip_ratio_c, total=total,
+            clip_ratio_c=cfg.clip_ratio_c, total=total, ratio_level=cfg.ratio_level,
+            policy_loss=cfg.policy_loss,
         )
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLossError(f"iteration {self.iteration}: loss is {stats['loss']} "

@@ -15,6 +15,8 @@ from .kl import KL_ESTIMATORS, kl_estimate
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 DR_GRPO = "seq-mean-token-sum-norm"
+RATIO_LEVELS = ("token", "sequence", "sequence-token")
+POLICY_LOSSES = ("ppo", "cispo")
 
 
 def agg_loss(values: torch.Tensor, mask: torch.Tensor, *, agg: str, max_len: int | None = None,
@@ -39,22 +41,26 @@ def agg_loss(values: torch.Tensor, mask: torch.Tensor, *, agg: str, max_len: int
     ``total``: the count the mean divides by (``agg_count``) taken over a larger batch than
     ``values``: a micro-batch's share of a minibatch, or one rank's share of the world. The
     shares' results then add up to the whole batch's (every normaliser is a global count).
+
+    Precision: the sums run in float32 at least (bf16 and fp16 values are upcast, float64 stays
+    float64) and the result is in that dtype, so a bf16 or fp16 batch (bf16-mixed training) is
+    reduced as accurately as the same values in float32 would be: no row sum rounded to bf16's
+    8 bits nor overflowing fp16's 65504 on the way. The gradient reaches ``values`` in their own
+    dtype. Token counts are integers.
     """
     check_same_shape(values=values, mask=mask)
     check_choice("agg", agg, AGGS)
     m = as_mask(mask, values)
-    v = torch.where(m, values, torch.zeros_like(values))
-    mf = m.to(v.dtype)
     if agg == DR_GRPO:
-        _check_max_len(max_len, mf)
-        numerator = v.sum() / max_len
-    elif agg == "token-mean":
-        numerator = v.sum()
-    else:
-        per_seq = v.sum(-1)
-        if agg == "seq-mean-token-mean":
-            per_seq = per_seq / mf.sum(-1).clamp(min=1)
-        numerator = per_seq.sum()  # an empty row's sum is 0
+        _check_max_len(max_len, m)
+    # every aggregation is a sum of row sums (of row means for seq-mean-token-mean) over a count
+    acc = torch.promote_types(values.dtype, torch.float32)
+    per_seq = torch.where(m, values, torch.zeros_like(values)).to(acc).sum(-1)
+    if agg == "seq-mean-token-mean":
+        per_seq = per_seq / m.sum(-1).clamp(min=1)  # an integer count per row
+    numerator = per_seq.sum()  # an empty row's sum is 0
+    if agg == DR_GRPO:
+        numerator = numerator / max_len
     count = agg_count(m, agg) if total is None else total
     if not count >= 0:
         raise ValueError(f"total must be a count >= 0, got {total!r}")
@@ -75,11 +81,14 @@ def agg_count(mask: torch.Tensor, agg: str) -> int:
     return int(m.any(-1).sum())
 
 
-def _check_max_len(max_len, mf: torch.Tensor) -> None:
+def _check_max_len(max_len, m: torch.Tensor) -> None:
+    """``max_len`` is a positive int no shorter than any row of the bool mask ``m`` (N, T);
+    the rows' valid tokens are counted as integers (a count in the values' dtype would round:
+    bf16 holds 257 as 256)."""
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
         raise ValueError(f"agg={DR_GRPO!r} needs max_len, a positive int (the maximum "
                          f"completion length), got {max_len!r}")
-    longest = int(mf.sum(-1).max()) if mf.numel() else 0
+    longest = int(m.sum(-1).max()) if m.numel() else 0
     if longest > max_len:
         raise ValueError(f"agg={DR_GRPO!r}: a sequence has {longest} valid tokens, more than "
                          f"max_len={max_len}; max_len must be the maximum completion length")
@@ -97,6 +106,7 @@ def clipped_policy_loss(
     max_len: int | None = None,
     clip_ratio_c: float | None = None,
     total: float | None = None,
+    ratio_level: str = "token",
 ):
     """PPO clipped surrogate with an asymmetric clip range ("clip-higher", DAPO).
 
@@ -110,6 +120,10 @@ def clipped_policy_loss(
     token whose ratio ran far above 1 with a negative advantage gives a bounded loss and no
     gradient once ``rho > c``. None (default) turns it off; otherwise a number > 1.
     ``total``: the global count of ``agg_loss`` (micro-batches, ranks).
+    ``ratio_level``: ``"token"`` (PPO, GRPO), or a response's ratio (``sequence_log_ratio``):
+    ``"sequence"`` (GSPO) or ``"sequence-token"`` (GSPO-token); its clip decision is then the
+    response's, the same at every token. GSPO's paper averages over responses
+    (``agg="seq-mean-token-mean"``) with clip ranges of about 3e-4 / 4e-4.
 
     Shapes: logp, old_logp, adv, mask (N, T) -> scalar, stats.
 
@@ -123,9 +137,12 @@ def clipped_policy_loss(
     if not (0 <= eps_low < 1 and eps_high >= 0):
         raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low!r}, {eps_high!r}")
     _check_clip_ratio_c(clip_ratio_c)
+    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     m = as_mask(mask, logp)
     zero = torch.zeros_like(logp)
     log_ratio = torch.where(m, logp - old_logp.detach(), zero)
+    if ratio_level != "token":
+        log_ratio = sequence_log_ratio(log_ratio, m, level=ratio_level)
     a = torch.where(m, adv.detach(), zero)
     ratio = bounded_ratio(log_ratio)
     tok = policy_token_loss(ratio, a, eps_low=eps_low, eps_high=eps_high,
@@ -133,6 +150,60 @@ def clipped_policy_loss(
     loss = agg_loss(tok, m, agg=agg, max_len=max_len, total=total)
     with torch.no_grad():
         stats = _clip_stats(log_ratio, ratio, a, m, eps_low, eps_high, clip_ratio_c)
+    return loss, stats
+
+
+def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, *, level: str) -> torch.Tensor:
+    """Each valid token's log-ratio replaced by its response's (GSPO, Zheng et al. 2025):
+    ``log s_i = (1/|y_i|) sum_t log_ratio_i,t`` over the valid tokens of row i.
+
+    Shapes: log_ratio (N, T), mask (N, T) -> (N, T); masked positions 0.
+
+    - ``"sequence"`` (GSPO, sec. 4.1): every token carries ``log s_i``, and its gradient reaches
+      every token of the response, ``1/|y_i|`` each.
+    - ``"sequence-token"`` (GSPO-token, sec. 4.3): the value is ``log s_i`` at every token, the
+      gradient of token t flows to token t's own log-prob only (``sg[log s_i] + x_t -
+      sg[x_t]``), so each token's gradient carries its own advantage.
+    The row's mean is kept as an (N, 1) column so that it broadcasts along T (its own row);
+    a (N,) vector broadcast against (N, T) would pair row i's ratio with token i (EasyR1
+    issue 596).
+    """
+    check_choice("level", level, RATIO_LEVELS[1:])
+    m = mask.bool()
+    x = torch.where(m, log_ratio, torch.zeros_like(log_ratio))
+    seq = x.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # (N, 1)
+    out = seq.expand_as(x) if level == "sequence" else seq.detach() + x - x.detach()
+    return torch.where(m, out, torch.zeros_like(out))
+
+
+def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, *,
+               eps_high: float, agg: str, max_len: int | None = None, total: float | None = None):
+    """CISPO (MiniMax 2025, "MiniMax-M1", sec. 3.1): ``loss_t = -sg(w_t) A_t logp_t`` with the
+    importance weight ``w_t = min(rho_t, 1 + eps_high)`` held constant (detached), aggregated by
+    ``agg`` (the paper: token-mean). No lower bound on w (the paper sets none); every token keeps
+    its gradient ``-w_t A_t grad logp_t``, also where PPO's clip would give 0. ``old_logp`` is
+    a constant.
+
+    Shapes: logp, old_logp, adv, mask (N, T) -> scalar, stats (as ``clipped_policy_loss``'s;
+    ``clip_frac_high`` is the share of valid tokens whose weight was truncated, whatever the
+    advantage's sign; ``clip_frac_low`` and ``clip_frac_dual`` are 0).
+    """
+    check_same_shape(logp=logp, old_logp=old_logp, adv=adv, mask=mask)
+    if not (isinstance(eps_high, (int, float)) and not isinstance(eps_high, bool) and eps_high >= 0):
+        raise ValueError(f"cispo needs eps_high >= 0 (the weight's bound is 1 + eps_high), got {eps_high!r}")
+    m = as_mask(mask, logp)
+    zero = torch.zeros_like(logp)
+    log_ratio = torch.where(m, logp - old_logp.detach(), zero)
+    ratio = bounded_ratio(log_ratio)
+    w = torch.clamp(ratio, max=1.0 + eps_high).detach()
+    a = torch.where(m, adv.detach(), zero)
+    tok = -(w * a * torch.where(m, logp, zero))
+    loss = agg_loss(tok, m, agg=agg, max_len=max_len, total=total)
+    with torch.no_grad():
+        stats = _clip_stats(log_ratio, ratio, a, m, 1.0, eps_high, None)
+        n_valid = max(int(m.sum()), 1)
+        stats["clip_frac_high"] = float((m & (ratio > 1.0 + eps_high)).sum()) / n_valid
+        stats["clip_frac_low"] = 0.0
     return loss, stats
 
 
@@ -228,6 +299,8 @@ def grpo_loss(
     max_len: int | None = None,
     clip_ratio_c: float | None = None,
     total: float | None = None,
+    ratio_level: str = "token",
+    policy_loss: str = "ppo",
 ):
     """``loss = policy_loss + beta * agg(kl) - ent_coef * agg(entropy)``.
 
@@ -240,14 +313,26 @@ def grpo_loss(
 
     Shapes: logp, old_logp, ref_logp, adv, mask, entropy (N, T) -> scalar, stats.
     stats: the policy-loss stats plus ``policy_loss``, ``kl``, ``entropy``, ``loss``.
+
+    ``policy_loss``: ``"ppo"`` (``clipped_policy_loss``, with ``ratio_level`` and the dual clip)
+    or ``"cispo"`` (``cispo_loss``: ``eps_high`` bounds the weight, ``eps_low`` and
+    ``clip_ratio_c`` are not used; token-level ratios only).
     """
+    check_choice("policy_loss", policy_loss, POLICY_LOSSES)
+    if policy_loss == "cispo" and (ratio_level != "token" or clip_ratio_c is not None):
+        raise ValueError(f"policy_loss='cispo' weights each token by its own clipped ratio: it takes "
+                         f"ratio_level='token' and no clip_ratio_c, got {ratio_level!r}, {clip_ratio_c!r}")
     check_same_shape(logp=logp, old_logp=old_logp, ref_logp=ref_logp, adv=adv, mask=mask,
                      entropy=entropy)
     check_choice("kl_estimator", kl_estimator, tuple(KL_ESTIMATORS))
-    pg, stats = clipped_policy_loss(
-        logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, agg=agg, max_len=max_len,
-        clip_ratio_c=clip_ratio_c, total=total,
-    )
+    if policy_loss == "cispo":
+        pg, stats = cispo_loss(logp, old_logp, adv, mask, eps_high=eps_high, agg=agg, max_len=max_len,
+                               total=total)
+    else:
+        pg, stats = clipped_policy_loss(
+            logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, agg=agg, max_len=max_len,
+            clip_ratio_c=clip_ratio_c, total=total, ratio_level=ratio_level,
+        )
     loss = pg
     stats["policy_loss"] = float(pg.detach())
     m = as_mask(mask, logp)

@@ -26,6 +26,8 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
     - ``gamma = 1`` is the reverse cumulative sum; with a single reward on the last valid
       step every valid step gets that reward, which is standard outcome-reward GRPO.
     - ``gamma = 0`` returns the rewards themselves.
+    - ``rewards`` is a floating-point tensor and the returns have its dtype; integer (or bool)
+      rewards are refused, for every gamma (a discounted sum is not an integer).
 
     The scan runs over blocks of 64 steps: inside a block the returns are one batched
     matrix product with weights ``gamma ** (valid steps between t and k)``; a Python loop
@@ -33,6 +35,8 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
     """
     check_same_shape(rewards=rewards, mask=mask)
     check_2d("rewards", rewards)
+    if not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a floating-point tensor, got {rewards.dtype}")
     check_range("gamma", float(gamma), 0.0, 1.0)
     m = as_mask(mask, rewards)
     check_finite("rewards", rewards, m)

@@ -25,6 +25,11 @@ Equation numbers in the comments refer to this list:
        "- mean_g" is "- b", b the mean of the group's other pooled values (the value
        itself left out), summed term by term; the denominator is unchanged
   (3)  ratio_t = exp(logp_t - old_logp_t)
+  (3b) GSPO (Zheng et al. 2025, sec. 4.1), ratio_level="sequence": every step of an
+       episode takes the episode's ratio s = exp((1/L) sum_t (logp_t - old_logp_t)), its
+       gradient reaching every step; "sequence-token" (sec. 4.3): the value s at step t,
+       whose gradient is s times that of logp_t alone (s_t = sg[s] exp(logp_t - sg[logp_t]));
+       the KL term's k3_is keeps the step's own ratio (3)
   (4)  pg_t = -min(ratio_t A_t, clip(ratio_t, 1-eps_lo, 1+eps_hi) A_t)
   (5)  d_t = ref_logp_t - logp_t;  k1 = -d,  k2 = d^2/2,
        k3 = exp(d) - d - 1,  k3_is = ratio_t * k3
@@ -278,10 +283,12 @@ def refresh_reference(reference: dict, policy: dict, cfg: dict, it: int) -> dict
 # --------------------------------------------------------------------------
 
 
-def token_terms(logp, old_logp: float, ref_logp: float, adv: float, cfg: dict):
-    """(3)-(5) for one token; ``logp`` is a 0-d tensor with grad, the rest constants."""
+def token_terms(logp, old_logp: float, ref_logp: float, adv: float, cfg: dict, surrogate_ratio=None):
+    """(3)-(5) for one token; ``logp`` is a 0-d tensor with grad, the rest constants.
+    ``surrogate_ratio``: the ratio (4) clips, when it is not the token's own (3b)."""
     log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)  # (3)
+    token_ratio = torch.exp(log_ratio)  # (3)
+    ratio = token_ratio if surrogate_ratio is None else surrogate_ratio
 
     lo, hi = 1.0 - cfg["clip_eps_low"], 1.0 + cfg["clip_eps_high"]
     clipped_ratio = torch.clamp(ratio, lo, hi)
@@ -300,10 +307,10 @@ def token_terms(logp, old_logp: float, ref_logp: float, adv: float, cfg: dict):
     elif est == "k3":
         kl = torch.exp(d) - d - 1.0
     elif est == "k3_is":
-        kl = ratio * (torch.exp(d) - d - 1.0)
+        kl = token_ratio * (torch.exp(d) - d - 1.0)
     else:
         raise ValueError(f"unknown kl_estimator {est!r}")
-    return pg, kl, ratio.item(), log_ratio.item()
+    return pg, kl, ratio.item(), math.log(ratio.item())
 
 
 def _sum(terms: list):
@@ -369,9 +376,18 @@ def minibatch_update(params, reference, optimizer, batch, idx, cfg, norm_len) ->
         logp, entropy = log_probs_and_entropy(params, ep["states"], ep["actions"])
         logp_t, ent_t = torch.unbind(logp), torch.unbind(entropy)
         pg_seq, kl_seq = [], []
+        level = cfg.get("ratio_level", "token")
+        if level != "token":  # (3b): the episode's mean log-ratio
+            steps = len(ep["actions"])
+            seq_log_ratio = _sum([logp_t[t] - ep["old_logp"][t] for t in range(steps)]) / steps
         for t in range(len(ep["actions"])):
+            surrogate = None
+            if level == "sequence":
+                surrogate = torch.exp(seq_log_ratio)
+            elif level == "sequence-token":
+                surrogate = torch.exp(seq_log_ratio.detach() + logp_t[t] - logp_t[t].detach())
             pg, kl, r, lr_ = token_terms(
-                logp_t[t], ep["old_logp"][t], ep["ref_logp"][t], ep["adv"][t], cfg
+                logp_t[t], ep["old_logp"][t], ep["ref_logp"][t], ep["adv"][t], cfg, surrogate
             )
             pg_seq.append(pg)
             kl_seq.append(kl)

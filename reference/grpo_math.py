@@ -537,3 +537,82 @@ def dual_clip_token_loss(logp, old_logp, adv, eps_low, eps_high, clip_ratio_c=No
     if clip_ratio_c is not None and adv < 0:
         loss, d_loss = _smaller(loss, d_loss, -clip_ratio_c * adv, 0.0)  # (P6)
     return loss, d_loss
+
+
+# ---------------------------------------------------------------------------
+# Sequence-level ratios (GSPO) and clipped importance weights (CISPO)
+# ---------------------------------------------------------------------------
+#
+# [GSPO]  Zheng et al. 2025, "Group Sequence Policy Optimization", sec. 4.1: the importance
+#         ratio of a whole response, s_i = (pi(y_i | x) / pi_old(y_i | x)) ^ (1 / |y_i|)
+#         = exp( (1/|y_i|) sum_t log(pi(y_i,t) / pi_old(y_i,t)) ), clipped once per response:
+#         J = E[ (1/G) sum_i min(s_i A_i, clip(s_i, 1 - eps, 1 + eps) A_i) ].
+#         Sec. 4.3, GSPO-token: s_i,t = sg[s_i] * pi(y_i,t) / sg[pi(y_i,t)], whose value is s_i
+#         and whose gradient at token t is s_i * grad log pi(y_i,t), each token with its own
+#         A_i,t: J = E[ (1/G) sum_i (1/|y_i|) sum_t min(s_i,t A_i,t, clip(s_i,t) A_i,t) ].
+# [CISPO] MiniMax 2025, "MiniMax-M1", sec. 3.1: J = E[ (1 / sum_i |o_i|) sum_i sum_t
+#         sg(r^_i,t) A_i,t log pi(o_i,t) ], r^ = clip(r, 1 - eps_low^IS, 1 + eps_high^IS); the
+#         paper imposes no lower bound (eps_low^IS large) and tunes only eps_high^IS. Every
+#         token keeps its gradient r^ A grad log pi, also where PPO would clip it to 0.
+
+
+def sequence_ratio(logp_seq, old_logp_seq):
+    """[GSPO] s_i of one response (a list of token log-probs), exp of the mean log-ratio."""
+    n = len(logp_seq)
+    return math.exp(math.fsum(lp - olp for lp, olp in zip(logp_seq, old_logp_seq)) / n)
+
+
+def _branch(ratio, adv, eps_low, eps_high):
+    """min(ratio A, clip(ratio) A) and d/d ratio of it (tie: the mean of both branches)."""
+    lo, hi = 1.0 - eps_low, 1.0 + eps_high
+    clipped = min(max(ratio, lo), hi)
+    d_clipped = adv if lo <= ratio <= hi else 0.0
+    return _smaller(ratio * adv, adv, clipped * adv, d_clipped)
+
+
+def gspo_losses(logp, old_logp, adv, eps_low, eps_high, level):
+    """Per-token values of the GSPO (``level="sequence"``) or GSPO-token (``"sequence-token"``)
+    surrogate loss of a ragged batch, and the derivative of each token's value with respect to
+    every log-prob of its response: ``(values, d)`` with ``d[i][t][u] = d value_i,t / d logp_i,u``.
+
+    Every token of response i carries the value -min(s_i A_i,t, clip(s_i) A_i,t). Sequence:
+    d s_i / d logp_i,u = s_i / |y_i| for every u (the ratio is the response's). Sequence-token:
+    the value's gradient flows only through token t's own log-prob, d / d logp_i,t = s_i."""
+    values, d = [], []
+    for lp, olp, a in zip(logp, old_logp, adv):
+        n = len(lp)
+        if n == 0:
+            values.append([])
+            d.append([])
+            continue
+        s = sequence_ratio(lp, olp)
+        vals, ds = [], []
+        for t in range(n):
+            obj, d_obj = _branch(s, a[t], eps_low, eps_high)
+            vals.append(-obj)
+            if level == "sequence":
+                ds.append([-d_obj * s / n] * n)
+            else:
+                ds.append([-d_obj * s if u == t else 0.0 for u in range(n)])
+        values.append(vals)
+        d.append(ds)
+    return values, d
+
+
+def cispo_token_loss(logp, old_logp, adv, eps_high):
+    """[CISPO] one token: value -w A logp with w = min(ratio, 1 + eps_high) held constant, and
+    d / d logp = -w A (the weight does not take part in the gradient)."""
+    w = min(math.exp(logp - old_logp), 1.0 + eps_high)
+    return -w * adv * logp, -w * adv
+
+
+def aggregate_with_gradient(values, d, agg, max_len=None):
+    """``aggregate(values)`` and its derivative with respect to every log-prob (A0 is linear):
+    d loss / d logp_i,u = sum_t w_i,t d[i][t][u]."""
+    weights = aggregate_weights([len(v) for v in values], agg, max_len)
+    loss = math.fsum(w * v for ws, vs in zip(weights, values) for w, v in zip(ws, vs))
+    grad = []
+    for ws, ds in zip(weights, d):
+        n = len(ws)
+        grad.append([math.fsum(ws[t] * ds[t][u] for t in range(n)) for u in range(n)])
+    return loss, grad

@@ -41,6 +41,11 @@ SETTINGS = {
     "rloo-steps": dict(update_ref_model_freq=1, baseline="leave-one-out"),
     "rloo-sequences": dict(update_ref_model_freq=2, baseline="leave-one-out", stats_over="sequences",
                            scale="batch", gamma=1.0),
+    # GSPO (an episode's ratio, clipped once per episode) and its token form
+    "gspo": dict(update_ref_model_freq=1, ratio_level="sequence", loss_agg="seq-mean-token-mean",
+                 clip_eps_low=0.05, clip_eps_high=0.05, kl_estimator="k3_is"),
+    "gspo-token": dict(update_ref_model_freq=2, ratio_level="sequence-token", loss_agg="seq-mean-token-mean",
+                       clip_eps_low=0.05, clip_eps_high=0.05, gamma=0.95),
 }
 METRICS = ("loss", "policy_loss", "kl", "entropy", "clip_frac_low", "clip_frac_high", "approx_kl",
            "grad_norm", "grad_norm_max", "ratio_min", "ratio_max", "mean_return", "mean_length",

@@ -904,3 +904,16 @@ def test_objective_notes_name_the_settings_that_change_the_objective():
     assert retry.replace(dynamic_sampling_rounds=0).objective_notes() == []
     assert retry.replace(dynamic_sampling_redraw="fresh").objective_notes() == []
     assert retry.replace(dynamic_sampling=False).objective_notes() == []
+
+
+def test_the_compute_context_autocasts_on_the_policys_device_under_bf16_mixed():
+    """precision="bf16-mixed": every forward of the trainer runs under bf16 autocast on the device
+    of the policy's parameters; precision "32" runs none."""
+    tr = GRPOTrainer(ToyAdapter(dtype=torch.float32), GRPOConfig(group_size=2, groups_per_iteration=2),
+                     precision="bf16-mixed")
+    lin = torch.nn.Linear(2, 2)
+    with tr.compute():
+        assert torch.is_autocast_enabled("cpu") and lin(torch.ones(1, 2)).dtype == torch.bfloat16
+    plain = GRPOTrainer(ToyAdapter(dtype=torch.float32), GRPOConfig(group_size=2, groups_per_iteration=2))
+    with plain.compute():
+        assert not torch.is_autocast_enabled("cpu")

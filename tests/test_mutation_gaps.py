@@ -93,10 +93,11 @@ def test_returns_buffers_follow_the_inputs_device(gamma):
 
 
 def test_kl_k3_is_checks_every_shape_before_computing():
-    """A logp of another shape is a ValueError naming it, not a torch broadcasting error."""
+    """A logp of another shape is a ValueError naming it (the odd one out of three), not a torch
+    broadcasting error."""
     logp = torch.zeros(2, 3, dtype=F64)
     other = torch.zeros(3, 2, dtype=F64)
-    with raises_naming("shape mismatch: ref_logp has shape (3, 2) but logp has shape (2, 3)"):
+    with raises_naming("shape mismatch: logp has shape (2, 3) but ref_logp, old_logp have shape (3, 2)", "$"):
         core.kl_k3_is(logp, other, other)
 
 
@@ -328,7 +329,7 @@ def test_advantage_errors_name_the_argument():
     ok_r, ok_m = outcome_batch([(1.0, 2), (0.0, 2)], 2)
     with raises_naming("rewards", r" must be 2-D"):
         core.group_advantages(torch.zeros(4), torch.ones(4), 2, **kw)
-    with raises_naming("shape mismatch: scored has shape (2, 3) but rewards has shape (2, 2)"):
+    with raises_naming("shape mismatch: scored has shape (2, 3) but rewards, mask have shape (2, 2)", "$"):
         core.group_advantages(ok_r, ok_m, 2, scored=torch.ones(2, 3), **kw)
     with raises_naming("scored", r" must hold only 0 and 1, found 2"):
         core.group_advantages(ok_r, ok_m, 2, scored=torch.tensor([[0.0, 2.0], [0.0, 1.0]]), **kw)
@@ -475,12 +476,187 @@ def test_loss_errors_name_the_argument():
         with raises_naming(f"need 0 <= eps_low < 1 and eps_high >= 0, got {eps_low!r}, {eps_high!r}", "$"):
             core.clipped_policy_loss(x, x, x, ones, eps_low=eps_low, eps_high=eps_high, agg="token-mean")
     other = torch.zeros(3, 2, dtype=F64)
-    with raises_naming("shape mismatch: old_logp has shape (3, 2) but logp has shape (2, 3)"):
+    with raises_naming("shape mismatch: logp has shape (2, 3) but old_logp, adv, mask have shape (3, 2)", "$"):
         core.clipped_policy_loss(x, other, other, torch.ones(3, 2), **LOSS_KW)
     kw = dict(kl_estimator="k3", **LOSS_KW)
-    with raises_naming("shape mismatch: ref_logp has shape (3, 2) but logp has shape (2, 3)"):
+    with raises_naming("shape mismatch: ref_logp has shape (3, 2) but logp, old_logp, adv, mask have "
+                       "shape (2, 3)", "$"):
         core.grpo_loss(x, x, other, x, ones, entropy=None, beta=0.1, ent_coef=0.0, **kw)
     with raises_naming("beta=0.1 needs ref_logp, got None", "$"):
         core.grpo_loss(x, x, None, x, ones, entropy=None, beta=0.1, ent_coef=0.0, **kw)
     with raises_naming("ent_coef=0.01 needs entropy, got None", "$"):
         core.grpo_loss(x, x, None, x, ones, entropy=None, beta=0.0, ent_coef=0.01, **kw)
+
+
+# --- survivors once argued equivalent that an input of the contract tells apart ------------------
+# (issue 23, item 6: dtypes, magnitudes and shapes the docstrings allow). Each docstring names the
+# mutant, or the code before the fix, that the test fails on.
+
+HALF = (torch.bfloat16, torch.float16)
+DR = "seq-mean-token-sum-norm"
+
+
+def test_gamma_one_sums_near_the_float32_limit_without_overflow():
+    """gamma = 1 is the reverse cumulative sum (the docstring): rewards [f, f, -f] with f near
+    float32's largest value have the returns [f, 0, -f] (G_2 = -f, G_1 = f - f, G_0 = f + 0),
+    every running sum finite, and a copy of the row with padding inside the same returns. The
+    mutant ``if gamma == 2.0:`` sends gamma = 1 through the blocked scan, a matrix product over
+    the block whose partial sum f + f overflows: inf."""
+    f = 3e38
+    rewards = torch.tensor([[f, f, -f, 0.0], [f, 0.0, f, -f]], dtype=torch.float32)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]])
+    got = core.discounted_returns(rewards, mask, 1.0)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.double(), ragged_returns(rewards.double(), mask, 1.0))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.9, 1.0])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_rewards_are_refused_for_every_gamma(gamma, dtype):
+    """A discounted sum is not an integer: integer (or bool) rewards are a ValueError naming
+    them, for every gamma. Before: gamma = 1 returned an int64 reverse cumsum, gamma < 1 (and
+    the mutant ``if gamma == 2.0:`` at gamma = 1) stopped in ``bmm`` with a RuntimeError."""
+    rewards = torch.tensor([[1, 0, 2]]).to(dtype)
+    with raises_naming("rewards", " must be a floating-point tensor, got " + re.escape(str(dtype)) + "$"):
+        core.discounted_returns(rewards, torch.ones(1, 3), gamma)
+
+
+@pytest.mark.parametrize("default", HALF)
+@pytest.mark.parametrize("chunk", [2, 64])
+def test_logprob_gradients_are_the_float32_ones_whatever_the_default_dtype(default, chunk):
+    """With torch's default dtype at bf16 or fp16 (a half-precision model may set it), the
+    log-probs, the entropies and their gradients through each entry point are the float64 ones
+    to float32 accuracy. The backward recomputes ``p = exp(x - lse)`` from the saved logsumexp,
+    so that buffer must be float32 whatever the default: the mutants ``lse = torch.zeros(n, t,
+    dtype=None, ...)`` and ``lse = torch.zeros(n, t, device=...)`` keep it in the default dtype,
+    and the gradients move by up to 3.75e-2 in bf16."""
+    gen = torch.Generator().manual_seed(10)
+    logits = torch.randn(2, 3, 6, generator=gen) * 2
+    ids = torch.randint(0, 6, (2, 3), generator=gen)
+    w = torch.randn(2, 2, 3, generator=gen, dtype=F64)
+    x = logits.double().requires_grad_()
+    xq = torch.log_softmax(x / 0.9, -1)
+    want_lp, want_h = xq.gather(-1, ids[..., None])[..., 0], -(xq.exp() * xq).sum(-1)
+    (want_g_lp,) = torch.autograd.grad((want_lp * w[0]).sum(), x, retain_graph=True)
+    (want_g_h,) = torch.autograd.grad((want_h * w[1]).sum(), x)
+    leaves = [logits.clone().requires_grad_() for _ in range(3)]
+    with default_dtype(default):
+        lp, h = lp_mod.selective_logp_and_entropy(leaves[0], ids, temperature=0.9, chunk=chunk)
+        (lp.double() * w[0] + h.double() * w[1]).sum().backward()
+        lp_alone = lp_mod.selective_logp(leaves[1], ids, temperature=0.9, chunk=chunk)
+        (lp_alone.double() * w[0]).sum().backward()
+        h_alone = lp_mod.entropy_from_logits(leaves[2], temperature=0.9, chunk=chunk)
+        (h_alone.double() * w[1]).sum().backward()
+    for got, want in ((lp, want_lp), (lp_alone, want_lp), (h, want_h), (h_alone, want_h),
+                      (leaves[0].grad, want_g_lp + want_g_h), (leaves[1].grad, want_g_lp),
+                      (leaves[2].grad, want_g_h)):
+        assert got.dtype == torch.float32
+        assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, n", [(torch.bfloat16, 257), (torch.float16, 2049)])
+def test_max_len_counts_valid_tokens_exactly_in_half_precision(dtype, n):
+    """Dr. GRPO refuses a row longer than max_len whatever the values' dtype: a count of valid
+    tokens is an integer. ``n`` is the least integer the dtype cannot hold (bf16 keeps 8
+    significant bits: 257 rounds to 256; fp16 11 bits: 2049 to 2048). Counted in the values'
+    dtype (the code before the fix, ``mf = m.to(v.dtype)``; the mutant ``mf = m.to(None)``
+    counted in integers and was right), a row of n tokens passed max_len = n - 1 and a row of
+    n + 2 was refused at max_len = n + 2 as having n + 3."""
+    values = torch.ones(2, n + 3, dtype=dtype)
+    mask = torch.zeros(2, n + 3)
+    mask[0, :n] = 1
+    with raises_naming(f"agg={DR!r}: a sequence has {n} valid tokens, more than max_len={n - 1};"):
+        core.agg_loss(values, mask, agg=DR, max_len=n - 1)
+    mask[1, :n + 2] = 1
+    got = core.agg_loss(values, mask, agg=DR, max_len=n + 2)
+    assert float(got) == pytest.approx((2 * n + 2) / (2 * (n + 2)), rel=1e-6)
+
+
+def half_precision_batches():
+    """(dtype, values, mask) with values exactly representable in the dtype: the issue's two
+    batches, then long rows of random magnitudes (an empty row included) in each dtype."""
+    yield torch.bfloat16, [[256.0, 1.0], [-256.0, 7.0]], [[1, 1], [1, 0]]
+    yield torch.float16, [[6e4, 6e4], [-6e4, -6e4]], [[1, 1], [1, 1]]
+    for k, (dtype, scale) in enumerate(((torch.bfloat16, 300.0), (torch.float16, 900.0))):
+        gen = torch.Generator().manual_seed(11 + k)
+        values = (torch.randn(5, 600, generator=gen, dtype=F64) * scale).to(dtype)
+        lengths = torch.tensor([600, 0, 431, 257, 3])
+        mask = (torch.arange(600)[None, :] < lengths[:, None]).long()
+        yield dtype, values.tolist(), mask.tolist()
+
+
+@pytest.mark.parametrize("agg", core.AGGS)
+@pytest.mark.parametrize("case", range(4))
+def test_aggregations_in_half_precision_match_float64(agg, case):
+    """bf16 and fp16 per-token values (bf16-mixed training) aggregate to the float64 aggregate
+    of the same values (``reference.grpo_math.aggregate``, an exactly rounded sum) within the
+    bound of a float32 summation, as the docstring promises: ``|error| <= (n + 2) * eps(float32)
+    * aggregate(|v|)`` for n tokens; the result is float32. Before the fix the sums ran in the
+    values' dtype: bf16 [[256, 1], [-256, pad]] gave 0 for seq-mean-token-sum (want 0.5) as
+    256 + 1 rounds to 256; fp16 [[6e4, 6e4], [-6e4, -6e4]] gave NaN for the per-row means (a
+    row sum of 1.2e5 overflows fp16) where the answer is 0; token-mean, one sum of everything,
+    came out near but rounded to the input dtype (0.334 for 1/3), and the mutants
+    ``elif agg == "XXtoken-meanXX":`` / ``"TOKEN-MEAN"``, which sent it through the per-row
+    branch, gave it those per-row errors (0.0 and NaN). (The fix sums the rows of every
+    aggregation the same way, in float32, so that branch is gone.)"""
+    dtype, rows, mask_rows = list(half_precision_batches())[case]
+    values, mask = torch.tensor(rows, dtype=dtype), torch.tensor(mask_rows)
+    t_len = values.shape[1]
+    got = core.agg_loss(values, mask, agg=agg, max_len=t_len)
+    ragged = [[float(v) for v, m in zip(r, mr) if m] for r, mr in zip(values.double().tolist(), mask_rows)]
+    want = ref.aggregate(ragged, agg, t_len)
+    bound = (len(sum(ragged, [])) + 2) * torch.finfo(torch.float32).eps * ref.aggregate(
+        [[abs(v) for v in r] for r in ragged], agg, t_len)
+    assert got.dtype == torch.float32
+    assert abs(float(got) - want) <= bound, (float(got), want, bound)
+
+
+@pytest.mark.parametrize("rho", [0.5, 1.0, 1.1, 1.5, 4.0])
+@pytest.mark.parametrize("clip_ratio_c", [None, 3.0])
+def test_token_loss_derivative_in_the_advantage_at_zero_is_a_subgradient(rho, clip_ratio_c):
+    """As a function of an advantage that requires grad (``policy_token_loss`` takes ``a`` as
+    given), the token loss is piecewise linear with a kink at A = 0: with k = clip(rho,
+    1 - eps_low, 1 + eps_high), it is ``-min(rho, k) * A`` for A > 0 and ``-min(max(rho, k), c)
+    * A`` for A < 0 (the dual clip caps the slope at c; without it c = inf). Autograd's
+    derivative at A = 0 must lie between the two slopes (a subgradient) and equal them where
+    they agree (rho inside the clip range and below c: -rho). The mutant ``torch.where(a <= 0,
+    torch.minimum(tok, -clip_ratio_c * a), tok)`` takes the dual-clip minimum at A = 0 too, a
+    tie at 0 whose gradient torch splits: -1.825 at rho = 0.5, c = 3, outside [-0.8, -0.5],
+    and -2.05 at rho = 1.1 where the derivative is -1.1."""
+    from grpo_core.losses import policy_token_loss
+
+    eps_low, eps_high = 0.2, 0.28
+    k = min(max(rho, 1 - eps_low), 1 + eps_high)
+    cap = math.inf if clip_ratio_c is None else clip_ratio_c
+    right, left = -min(rho, k), -min(max(rho, k), cap)
+    a = torch.zeros(1, dtype=F64, requires_grad=True)
+    tok = policy_token_loss(torch.tensor([rho], dtype=F64), a, eps_low=eps_low, eps_high=eps_high,
+                            clip_ratio_c=clip_ratio_c)
+    (d,) = torch.autograd.grad(tok.sum(), a)
+    assert float(tok.detach()) == 0.0
+    assert min(left, right) - 1e-12 <= float(d) <= max(left, right) + 1e-12, (float(d), left, right)
+    if left == right:
+        assert float(d) == pytest.approx(left, rel=1e-12)
+
+
+GRPO_TENSORS = ("logp", "old_logp", "ref_logp", "adv", "mask", "entropy")
+
+
+@pytest.mark.parametrize("bad", [(name,) for name in GRPO_TENSORS]
+                         + [("old_logp", "adv"), ("adv", "mask"), ("old_logp", "mask"), ("logp", "entropy")])
+def test_grpo_loss_names_the_tensors_of_the_odd_shape(bad):
+    """Six per-token tensors, one or two of another shape: the ValueError names those, in
+    argument order, then the ones that agree (``check_same_shape``'s contract). Before the fix
+    a wrongly shaped logp read "old_logp has shape (2, 3) but logp has shape (3, 2)". The
+    mutants that leave old_logp, adv or mask out of grpo_loss's own check
+    (``check_same_shape(logp=logp, old_logp=None, ...``, ``..., adv=None, ...``, ``...,
+    mask=None, ...`` and the three that drop the keyword) leave the dropped tensor to
+    clipped_policy_loss's later check, so with two bad tensors they name only the other."""
+    good, odd = (2, 3), (3, 2)
+    args = {name: torch.zeros(odd if name in bad else good, dtype=F64) for name in GRPO_TENSORS}
+    args["mask"] = torch.ones_like(args["mask"])
+    named = ", ".join(f"{name} has shape {odd}" for name in GRPO_TENSORS if name in bad)
+    rest = [name for name in GRPO_TENSORS if name not in bad]
+    with raises_naming(f"shape mismatch: {named} but {', '.join(rest)} have shape {good}", "$"):
+        core.grpo_loss(args["logp"], args["old_logp"], args["ref_logp"], args["adv"], args["mask"],
+                       entropy=args["entropy"], beta=0.1, ent_coef=0.01, kl_estimator="k3", **LOSS_KW)
