@@ -22,8 +22,9 @@ Conventions (the loop sees only ``Rollout`` tensors):
   numbers come from a generator seeded by ``derive_seed(seed, "sample", iteration)``.
 - Work done once per prompt (``encode_once``, the default): ``generate`` gets the B prompts and
   ``num_return_sequences=G`` (transformers encodes the B prompts' images and M-RoPE index
-  before expanding the batch), and the training forward runs the vision tower on the B
-  prompts' images once per call (``image_features``) and passes the features
+  before expanding the batch), and the training forward runs the vision tower once per call
+  on the images of the prompts whose rows the call asks for (``image_features``; a
+  micro-batch of 4 rows encodes at most 4 prompts, not all B) and passes the features
   (``mm_encoder_outputs=``) and the M-RoPE ``position_ids`` (computed once per rollout by
   ``get_rope_index`` on the B prompts, continued over the completion) instead of G copies of
   the pixels. Samples and float32 log-probs are bit-identical to the repeated path
@@ -31,7 +32,10 @@ Conventions (the loop sees only ``Rollout`` tensors):
 - Completion mask: 1 up to and including the first EOS; a completion that never emits EOS keeps
   all ``max_new_tokens`` tokens valid (``mask_truncated=True`` masks such rows out instead).
 - Log-probs and entropies (old, policy and reference) come from one forward over prompt +
-  completion in the model's dtype, of the distribution actually sampled from:
+  completion in the model's dtype, whose LM head projects only the T positions P-1 .. P+T-2
+  that predict the completion (``logits_to_keep`` as a tensor of positions: (rows, T, V)
+  logits, no slice of them whose backward would allocate a zero-filled copy of their size;
+  the memory is in ``logprob_peak_bytes``), of the distribution actually sampled from:
   ``log_softmax(logits / temperature)`` with the suppressed ids at ``-inf`` (renormalised over
   the sampleable ids; TRL instead uses the full vocabulary, so its KL and ratio see tokens drawn
   from another distribution than the one they score). Padding after the EOS is scored as EOS
@@ -121,7 +125,7 @@ class VLMAdapter:
                  seed: int = 0, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16,
                  mask_truncated: bool = False, chunk: int = DEFAULT_CHUNK, forward_batch: int = 64,
                  record_generation_logp: bool = False, extend_mm_token_type_ids: bool = True,
-                 old_logp_forward: bool = True, encode_once: bool = True):
+                 old_logp_forward: bool = True, encode_once: bool = True, encode_all_prompts: bool = False):
         if not len(dataset):
             raise ValueError("the dataset is empty")
         if not (temperature > 0):
@@ -168,6 +172,12 @@ class VLMAdapter:
         positions computed once per rollout (``prompt_positions``), extended over the completion.
         False: every row's inputs repeated G times and encoded by the model's own forward (the
         plain path the tests compare the fast one against: samples and log-probs equal)."""
+        self.encode_all_prompts = encode_all_prompts
+        """With ``encode_once``: False (the default) runs the vision tower of a ``forward_logp``
+        call on the prompts of the rows asked for only (a micro-batch of a few rows encodes a
+        few prompts, and keeps only their features alive until backward); True on all B
+        prompts of the rollout whatever the rows (the path before, which the tests compare
+        against)."""
         self.old_logp_forward = old_logp_forward
         """True: ``collect`` runs a forward for ``Rollout.old_logp`` (and the sample-entropy
         metric). False: it leaves ``old_logp`` None for the loop, which saves that forward when
@@ -437,22 +447,26 @@ class VLMAdapter:
             image_grid_thw=torch.cat(batch["grids"]), attention_mask=batch["attention_mask"])
         return pos.cpu()
 
-    def image_features(self, model: torch.nn.Module, rollout: Rollout, device=None) -> list[tuple]:
-        """The features of every prompt's images under ``model``'s vision tower, one call for
-        the B prompts of the rollout (gradient included). Always all B, whatever rows are
-        asked for, so that a row's features never depend on the other rows of a call.
+    def image_features(self, model: torch.nn.Module, rollout: Rollout, device=None,
+                       groups: Sequence[int] | None = None) -> dict[int, tuple]:
+        """The features of the images of prompts ``groups`` (default: all B prompts of the
+        rollout) under ``model``'s vision tower, in one call (gradient included); each prompt
+        once, however many of its rows there are, in increasing prompt order.
 
-        Returns one tuple of (tokens, hidden) tensors per prompt, one per image."""
+        Returns {prompt index: one tensor per image of that prompt, (tokens, hidden) each}."""
         x = rollout.inputs
-        pv, grid = self._visual_rows(x["pixels"], x["grids"], list(range(len(x["pixels"]))))
+        chosen = sorted(set(range(len(x["pixels"])) if groups is None else (int(b) for b in groups)))
+        pv, grid = self._visual_rows(x["pixels"], x["grids"], chosen)
         feats = inner_model(model).get_image_features(pv.to(device), grid.to(device),
                                                       return_dict=True).pooler_output
-        bounds = [0, *itertools.accumulate(len(g) for g in x["grids"])]
-        return [tuple(feats[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
+        bounds = [0, *itertools.accumulate(len(x["grids"][b]) for b in chosen)]
+        return {b: tuple(feats[lo:hi]) for b, (lo, hi) in zip(chosen, itertools.pairwise(bounds))}
 
-    def encoded_inputs(self, rollout: Rollout, rows: torch.Tensor, features: list[tuple], device=None) -> dict:
+    def encoded_inputs(self, rollout: Rollout, rows: torch.Tensor, features: dict[int, tuple],
+                       device=None) -> dict:
         """Forward kwargs for prompt + completion of ``rows`` with the prompts' image
-        ``features`` (``image_features``; each prompt's reused by its G completions) and the
+        ``features`` (``image_features``, keyed by prompt index, holding at least the prompts of
+        ``rows``; each prompt's reused by its G completions) and the
         M-RoPE positions of ``prompt_positions`` continued over the completion: token t at the
         prompt's last position + 1 + t, padding after the EOS at 0 (what ``get_rope_index`` on
         the whole row gives).
@@ -481,23 +495,30 @@ class VLMAdapter:
         """Per-token log-prob (and entropy) of the completion tokens of ``rows`` under
         ``softmax(model logits / temperature)``, in blocks of ``forward_batch`` rows.
 
+        The encoded path runs the vision tower once per call, on the prompts of ``rows`` only
+        (every prompt of the rollout with ``encode_all_prompts``). The LM head projects the T
+        positions P-1 .. P+T-2 only (P the padded prompt length): the (n, T, V) logits are held
+        for backward as they are, with no slice whose backward would allocate a zero-filled
+        (n, T + 1, V) copy (``logprob_peak_bytes``).
+
         Shapes: rows (n,) -> (n, T), (n, T) float32 (entropy None if not wanted)."""
         device = next(model.parameters()).device
         comp_all = rollout.inputs["completion_ids"]
-        t_len = comp_all.shape[1]
+        p_len, t_len = rollout.inputs["prompt_ids"].shape[1], comp_all.shape[1]
+        keep = torch.arange(p_len - 1, p_len - 1 + t_len, device=device)  # P-1+t predicts token t
         lps, ents = [], []
         features = None
         if self.encode_once and self.extend_mm_token_type_ids and "prompt_positions" in rollout.inputs:
+            groups = None if self.encode_all_prompts else (rows.cpu() // rollout.inputs["group_size"]).tolist()
             with _checkpointing_forward(model):
-                features = self.image_features(model, rollout, device)
+                features = self.image_features(model, rollout, device, groups)
         for part in rows.split(self.forward_batch):
             reset_rope_deltas(model)
             with _checkpointing_forward(model):
                 kw = (self.model_inputs(rollout, part, device) if features is None
                       else self.encoded_inputs(rollout, part, features, device))
-                out = model(**kw, use_cache=False, logits_to_keep=t_len + 1)
+                logits = model(**kw, use_cache=False, logits_to_keep=keep).logits  # (n, T, V)
             reset_rope_deltas(model)
-            logits = out.logits[:, :-1]  # position P-1+t predicts completion token t
             ids = self._scored_ids(comp_all[part.cpu()], rollout.inputs["completion_attn"][part.cpu()]).to(device)
             kw = {"temperature": self.temperature, "chunk": self.chunk, "masked_ids": self.suppress_ids}
             if want_entropy:
@@ -567,6 +588,45 @@ class VLMAdapter:
             model.generation_config = saved
         return {"eval_reward_mean": sum(totals) / len(totals) if totals else math.nan,
                 "eval_samples": len(totals)}
+
+
+LOGIT_MEMORY_SHARE = 1 / 8
+"""Share of a GPU's memory that ``micro_batch_for_memory`` lets the log-prob's logits take."""
+
+
+def _block_tokens(rows: int, new_tokens: int, chunk: int) -> int:
+    """Tokens of the largest block ``grpo_core.logprobs`` works on at once (its ``_blocks``)."""
+    if chunk >= new_tokens:
+        return min(rows, max(1, chunk // max(new_tokens, 1))) * new_tokens
+    return chunk
+
+
+def logprob_peak_bytes(rows: int, new_tokens: int, vocab: int, itemsize: int, chunk: int = DEFAULT_CHUNK) -> int:
+    """Peak bytes of ``forward_logp`` + backward that scale with the vocabulary, for ``rows``
+    rows of ``new_tokens`` completion tokens (T) in a compute dtype of ``itemsize`` bytes:
+
+        L     = rows * T * V * itemsize     the logits, held from the forward until backward
+        c     = tokens of one block of the chunked log-prob (<= chunk)
+        peak  = max(L + 17 * c * V,         forward: the logits, two blocks' float32 temporaries
+                    2 * L + 9 * c * V)      backward: the logits, their gradient, one block's
+
+    Measured exactly (slope in V of the live bytes, tests/test_vlm_forward_memory.py; the
+    forward's 17 when the blocks have equal sizes, less otherwise: the previous block's copy
+    and exp are still referenced while the next block's are made). Not
+    included: the LM head's weight and its gradient (V x hidden), and the model's other
+    activations (they grow with the hidden size and the prompt + completion length)."""
+    big = rows * new_tokens * vocab * itemsize
+    c = _block_tokens(rows, new_tokens, chunk)
+    return max(big + 17 * c * vocab, 2 * big + 9 * c * vocab)
+
+
+def micro_batch_for_memory(memory_bytes: int, new_tokens: int, vocab: int, itemsize: int, *,
+                           share: float = LOGIT_MEMORY_SHARE, most: int = 64, chunk: int = DEFAULT_CHUNK) -> int:
+    """The most rows (1 .. ``most``) whose ``logprob_peak_bytes`` fits in ``share`` of
+    ``memory_bytes`` (1 if even one row does not)."""
+    budget = share * memory_bytes
+    fits = [n for n in range(1, most + 1) if logprob_peak_bytes(n, new_tokens, vocab, itemsize, chunk) <= budget]
+    return max(fits, default=1)
 
 
 def _pad(t: torch.Tensor, width: int | None, value, left: bool = False) -> torch.Tensor:

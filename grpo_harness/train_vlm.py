@@ -616,7 +616,8 @@ class VLMRun(TrainingRun):
             return
         from .run import explicit_settings
 
-        if "micro_batch_size" in explicit_settings(self.args, env=self.env, train_keys=tuple(self.DEFAULTS["train"]))[0]:
+        given, _ = explicit_settings(self.args, env=self.env, train_keys=tuple(self.DEFAULTS["train"]))
+        if "micro_batch_size" in given:
             return
         import json
 
