@@ -339,7 +339,9 @@ def _grad_norm(loss: torch.Tensor, params: list[torch.Tensor], *, retain: bool) 
 def _loss_kwargs(config, adapter) -> dict:
     return {"kl_estimator": config.kl_estimator, "eps_low": config.clip_eps_low,
             "eps_high": config.clip_eps_high, "agg": config.loss_agg,
-            "max_len": config.max_len or getattr(adapter, "max_len", None)}
+            "max_len": config.max_len or getattr(adapter, "max_len", None),
+            "clip_ratio_c": config.clip_ratio_c, "ratio_level": config.ratio_level,
+            "policy_loss": config.policy_loss}
 
 
 def check_loss_and_kl_gradient(adapter, policy, reference, params, config, rollout: Rollout,
@@ -350,7 +352,8 @@ def check_loss_and_kl_gradient(adapter, policy, reference, params, config, rollo
     rows = torch.arange(n)
     mask = rollout.mask
     adv = group_advantages(rollout.rewards, mask, group_size, gamma=cfg.gamma, scale=cfg.scale,
-                           stats_over=cfg.stats_over, eps=cfg.adv_eps, scored=rollout.scored)
+                           stats_over=cfg.stats_over, eps=cfg.adv_eps, scored=rollout.scored,
+                           baseline=cfg.baseline)
     ref_logp = None
     if reference is not None and cfg.beta != 0:
         with torch.no_grad():
@@ -466,14 +469,19 @@ def run_preflight(trainer_or_adapter, config=None, *, samples: int = DEFAULT_SAM
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples!r}")
     policy = adapter.policy
-    with (trainer.compute() if trainer is not None else contextlib.nullcontext()):
-        return _run_checks(trainer, adapter, policy, reference, params, config, it, wanted, samples,
-                           max_new_tokens, logprob_bound, kit_samples)
+    return _run_checks(trainer, adapter, policy, reference, params, config, it, wanted, samples,
+                       max_new_tokens, logprob_bound, kit_samples)
 
 
 def _run_checks(trainer, adapter, policy, reference, params, config, it, wanted, samples, max_new_tokens,
                 logprob_bound, kit_samples) -> list[CheckResult]:
-    """``run_preflight``'s checks, under the trainer's precision."""
+    """``run_preflight``'s checks, each in its own context of the trainer's precision
+    (``ctx``): autocast caches the bf16 copy of every weight that requires grad while its
+    context is open, and a check that changes weights (the refresh check restores the
+    reference it replaced) must not leave a stale copy to the next."""
+    def ctx():
+        return trainer.compute() if trainer is not None else contextlib.nullcontext()
+
     dtype = _compute_dtype(trainer, policy)
     g = max(1, min(config.group_size, samples))
     b = max(1, samples // g)
@@ -483,7 +491,8 @@ def _run_checks(trainer, adapter, policy, reference, params, config, it, wanted,
     rollout = None
     if needs_rollout:
         try:
-            rollout = _collect(adapter, it, b, g, max_new_tokens)
+            with ctx():
+                rollout = _collect(adapter, it, b, g, max_new_tokens)
         except Exception as e:  # noqa: BLE001
             rows[ROLLOUT] = _error(ROLLOUT, e, "could not collect a rollout: ")
             for name in needs_rollout:
@@ -491,7 +500,8 @@ def _run_checks(trainer, adapter, policy, reference, params, config, it, wanted,
     if rollout is not None:
         if DETERMINISM in wanted:
             try:
-                rows[DETERMINISM] = check_deterministic_forward(adapter, policy, rollout, dtype)
+                with ctx():
+                    rows[DETERMINISM] = check_deterministic_forward(adapter, policy, rollout, dtype)
             except Exception as e:  # noqa: BLE001
                 rows[DETERMINISM] = _error(DETERMINISM, e)
         if LOGPROB in wanted:
@@ -499,7 +509,8 @@ def _run_checks(trainer, adapter, policy, reference, params, config, it, wanted,
                 rows[LOGPROB] = _skip(LOGPROB, "the adapter does not record generation-time log-probs")
             else:
                 try:
-                    rows[LOGPROB] = check_logprob_consistency(adapter, rollout, logprob_bound, dtype)
+                    with ctx():
+                        rows[LOGPROB] = check_logprob_consistency(adapter, rollout, logprob_bound, dtype)
                 except Exception as e:  # noqa: BLE001
                     rows[LOGPROB] = _error(LOGPROB, e)
         if REFRESH in wanted:
@@ -507,8 +518,9 @@ def _run_checks(trainer, adapter, policy, reference, params, config, it, wanted,
                 rows[REFRESH] = _skip(REFRESH, "no reference is kept (beta = 0)")
             else:
                 try:
-                    rows[REFRESH] = check_reference_refresh(trainer, adapter, policy, reference, config, rollout,
-                                                            dtype)
+                    with ctx():
+                        rows[REFRESH] = check_reference_refresh(trainer, adapter, policy, reference, config,
+                                                                rollout, dtype)
                 except Exception as e:  # noqa: BLE001
                     rows[REFRESH] = _error(REFRESH, e)
         want_kl = KL_GRAD in wanted and config.beta != 0 and reference is not None
@@ -516,8 +528,10 @@ def _run_checks(trainer, adapter, policy, reference, params, config, it, wanted,
             rows[KL_GRAD] = _skip(KL_GRAD, "beta = 0: no KL term")
         if FINITE in wanted or want_kl:
             try:
-                for row in check_loss_and_kl_gradient(adapter, policy, reference, params, config, rollout, g,
-                                                      want_kl=want_kl):
+                with ctx():
+                    checked = check_loss_and_kl_gradient(adapter, policy, reference, params, config, rollout, g,
+                                                         want_kl=want_kl)
+                for row in checked:
                     rows[row.name] = row
             except Exception as e:  # noqa: BLE001
                 rows[FINITE] = _error(FINITE, e)

@@ -144,7 +144,12 @@ class GRPOConfig:
     while a group that succeeded everywhere is not retried: a curriculum towards hard prompts.
     With G = 4, R = 2 and success rates 0.1 and 0.6 it is 2.09 and 1.03, twice the weight for
     the hard prompt (``tests/test_dynamic_sampling.py`` measures it against this formula).
-    ``objective_notes()`` says so at the start of a run."""
+    ``objective_notes()`` says so at the start of a run. The formula takes 0/1 rewards once a
+    success has been seen: before that the best outcome is the failures' own and nothing is
+    retried (the curriculum starts with the first success); with partial credit, z is the
+    chance of no signal below the best. Fresh redraws keep GRPO's weighting of the policy term
+    only: with beta > 0 or ent_coef > 0 the dropped groups take their KL and entropy terms
+    with them, so those regularisers lean towards the prompts with signal."""
     seed: int = 0
     """Seeds rollouts, start states and minibatch shuffles. >= 0."""
 

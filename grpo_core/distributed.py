@@ -227,10 +227,13 @@ class DistributedGRPOTrainer(GRPOTrainer):
     def _clip_gradients(self) -> float:
         if self.shard != "fsdp":
             return super()._clip_gradients()  # DDP: every rank holds the whole synced gradient
+        from .loop import NORM_CHUNK
+
         grads = [p.grad for p in self.params if p.grad is not None]
-        local = sum((_local(g).double() ** 2).sum() for g in grads) if grads else torch.zeros((), dtype=torch.float64)
-        norm = math.sqrt(float(_all_reduce(torch.as_tensor(local, dtype=torch.float64).reshape(1).cpu(),
-                                           dist.ReduceOp.SUM)))
+        chunks = [c for g in grads for c in _local(g).reshape(-1).split(NORM_CHUNK)]  # float64 by chunks
+        norms = torch._foreach_norm(chunks, 2, dtype=torch.float64) if chunks else []
+        local = float(sum(float(n) ** 2 for n in norms))
+        norm = math.sqrt(float(_all_reduce(torch.tensor([local], dtype=torch.float64), dist.ReduceOp.SUM)))
         if not math.isfinite(norm):
             from .loop import NonFiniteLossError
 
@@ -259,8 +262,10 @@ class DistributedGRPOTrainer(GRPOTrainer):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         kw = {"reshard_after_forward": True}
-        if self.precision == "bf16-mixed":
+        if self.precision == "bf16-mixed":  # float32 shards, bf16 gathers and compute, float32 reduction
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        elif self.precision == "bf16-true":  # bf16 shards; the reduction at least in float32
+            kw["mp_policy"] = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         for model in (self.policy, self.reference):
             if model is None:
                 continue

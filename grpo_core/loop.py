@@ -57,6 +57,10 @@ _MEAN_STATS = ("loss", "policy_loss", "kl", "entropy", "clip_frac_low", "clip_fr
                "approx_kl", "grad_norm")
 
 
+NORM_CHUNK = 1 << 22
+"""Entries per float64 cast of the gradient norm (32 MiB of float64 at a time)."""
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised instead of stepping the optimizer on a NaN or infinite loss or gradient."""
 
@@ -377,9 +381,11 @@ class GRPOTrainer:
         if not grads:
             return 0.0
         # float64: a float32 (or bf16) norm overflows once the squares pass 3.4e38, at entries
-        # of about 1e19, although the gradient and its clipped form are finite. One fused kernel
-        # per dtype and device for the per-tensor norms (torch's own clip_grad_norm_ does the same)
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)))
+        # of about 1e19, although the gradient and its clipped form are finite. Cast in chunks of
+        # NORM_CHUNK entries (one fused kernel per chunk list): a float64 copy of a whole large
+        # tensor (an embedding's gradient) would cost twice its memory for the step
+        chunks = [c for g in grads for c in g.reshape(-1).split(NORM_CHUNK)]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(chunks, 2, dtype=torch.float64)))
         if not torch.isfinite(norm):
             raise NonFiniteLossError(f"iteration {self.iteration}: gradient norm is {float(norm)}")
         if self.config.max_grad_norm > 0:

@@ -969,15 +969,11 @@ class VLMRun(TrainingRun):
 
 
     def _final_state(self, full):
-        """The policy's state as ``final/`` holds it: in bf16 for the bf16 precisions (the dtype
-        the run computed in; under bf16-mixed the float32 master weights stay in the checkpoint),
-        in float32 for precision 32."""
-        import torch
-
-        state = full if full is not None else self.adapter.policy.state_dict()
-        if self.train["precision"] == "32":
-            return state
-        return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+        """The policy's state as ``final/`` holds it: the weights as trained, float32 under
+        precision 32 and bf16-mixed (the master weights, as Lightning and the HF Trainer save
+        them: autocast computes embeddings and norms in float32, and a bf16 copy would round
+        away what training moved there), bf16 under bf16-true."""
+        return full if full is not None else self.adapter.policy.state_dict()
 
 
 def main(argv: list[str] | None = None) -> int:

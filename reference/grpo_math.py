@@ -36,7 +36,10 @@ Sources (each convention of this module is taken from these, never from ``grpo_c
         k - 1 samples, A_i = r_i - 1/(k - 1) sum over j != i of r_j.
 [VERL]  verl, verl/trainer/ppo/core_algos.py, agg_loss: the seq-mean modes take the mean
         over the sequences with at least one valid token ("exclude fully masked
-        sequences"); token-mean divides by the valid tokens only.
+        sequences") when the count is the local batch's; token-mean divides by the valid
+        tokens only. (verl's newer engine path, pull request 4510, divides by the whole
+        batch size instead, TRL's choice: the peers are split, which is why the choice and
+        its reason are written below.)
 [DAPO]  Yu et al. 2025, "DAPO", sec. 3.3-3.4: the token-level loss divides by the valid
         tokens of the batch, and overlong filtering masks a truncated sample's loss, so a
         masked sample carries no weight in the loss.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -917,3 +918,22 @@ def test_the_compute_context_autocasts_on_the_policys_device_under_bf16_mixed():
     plain = GRPOTrainer(ToyAdapter(dtype=torch.float32), GRPOConfig(group_size=2, groups_per_iteration=2))
     with plain.compute():
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_the_gradient_norm_is_cast_in_chunks(monkeypatch):
+    """A gradient larger than a chunk is normed chunk by chunk (a float64 copy of a whole large
+    tensor would double its memory); the norm is the closed form sqrt(n) for n entries of 1."""
+    import grpo_core.loop as loop_module
+
+    monkeypatch.setattr(loop_module, "NORM_CHUNK", 4)
+    tr = GRPOTrainer(ToyAdapter(dtype=torch.float32), GRPOConfig(group_size=2, groups_per_iteration=2,
+                                                                 max_grad_norm=0.0))
+    sizes = []
+    real = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *a, **kw: sizes.extend(t.numel() for t in ts) or real(ts, *a, **kw))
+    n = 0
+    for p in tr.params:
+        p.grad = torch.ones_like(p)
+        n += p.numel()
+    assert tr._clip_gradients() == pytest.approx(math.sqrt(n), rel=1e-12)
+    assert max(sizes) <= 4 and sum(sizes) == n

@@ -137,8 +137,7 @@ def test_bf16_mixed_first_update_is_fp32s_up_to_flipped_gradient_signs(tiny_dirs
         before = _trainable(tr)
         ro = copy.deepcopy(rollout)
         adv = tr._advantages(ro)
-        with tr.compute():
-            tr._update(ro, adv, None)
+        tr._update(ro, adv, None)  # the trainer opens its own context per forward
         grads = {n: p.grad.detach().clone() for n, p in tr.policy.named_parameters() if p.grad is not None}
         results[precision] = ({n: _trainable(tr)[n] - before[n] for n in before}, grads)
     (u32, g32), (u16, g16) = results["32"], results["bf16-mixed"]
@@ -200,7 +199,8 @@ def test_bf16_true_at_a_small_lr_says_so_at_the_start_and_in_inspect(tiny_dirs, 
 @pytest.mark.slow
 def test_bf16_mixed_checkpoints_hold_fp32_and_resume_exactly(tiny_dirs, tmp_path):
     """4 iterations straight vs 2 + resume 2 under bf16-mixed: the same metrics and weights;
-    the checkpoint holds the float32 master weights, final/ the bf16 model."""
+    the checkpoint and final/ hold the float32 master weights (a bf16 export would round away
+    what training moved in the weights autocast keeps in float32: embeddings, norms)."""
     import json
 
     from grpo_harness.train_vlm import main
@@ -224,7 +224,7 @@ def test_bf16_mixed_checkpoints_hold_fp32_and_resume_exactly(tiny_dirs, tmp_path
     from safetensors.torch import load_file
 
     final = load_file(str(next((straight / "final").glob("*.safetensors"))))
-    assert {v.dtype for v in final.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert {v.dtype for v in final.values() if v.is_floating_point()} == {torch.float32}
     assert json.loads((straight / "config.json").read_text())["train"]["precision"] == "bf16-mixed"
 
 
@@ -477,3 +477,30 @@ def test_tf32_is_offered_and_off_by_default(monkeypatch):
     assert asked == []
     configure_cuda("cuda", deterministic=False, tf32=True)
     assert asked == ["high"]
+
+
+
+@pytest.mark.slow
+def test_every_forward_autocasts_and_no_backward_or_step_does(tiny_dirs):
+    """bf16-mixed, 2 epochs x 2 minibatches with a reference (beta > 0): every forward of the
+    policy and of the reference (rollout, old and reference log-probs, the update's) runs under
+    autocast; every backward and optimizer step outside it (a context held over a step computes
+    with stale bf16 copies of the weights)."""
+    cfg = GRPOConfig(**dict(CFG, grpo_epochs=2, minibatches=2, beta=0.1, update_ref_model_freq=1))
+    tr = GRPOTrainer(_adapter(tiny_dirs, "bf16-mixed"), cfg, precision="bf16-mixed")
+    seen = {"policy": [], "reference": [], "backward": [], "step": []}
+    tr.policy.lm_head.register_forward_pre_hook(lambda m, a: seen["policy"].append(torch.is_autocast_enabled("cpu")))
+    tr.reference.lm_head.register_forward_pre_hook(
+        lambda m, a: seen["reference"].append(torch.is_autocast_enabled("cpu")))
+    tr.policy.lm_head.weight.register_hook(lambda g: seen["backward"].append(torch.is_autocast_enabled("cpu")))
+    step = tr.optimizer.step
+
+    def recorded_step(*a, **kw):
+        seen["step"].append(torch.is_autocast_enabled("cpu"))
+        return step(*a, **kw)
+
+    tr.optimizer.step = recorded_step
+    tr.step()
+    assert seen["policy"] and all(seen["policy"]), seen["policy"]
+    assert seen["reference"] and all(seen["reference"])
+    assert len(seen["step"]) == 4 and not any(seen["step"]) and seen["backward"] and not any(seen["backward"])
