@@ -37,13 +37,19 @@ class Rollout:
     scored: torch.Tensor | None = None
     """0/1 mask of the steps where a reward is given (process supervision), read with
     ``stats_over="sequences"`` only; None: each sequence's last valid step (outcome reward)."""
+    engine_logp: torch.Tensor | None = None
+    """Log-prob of each taken action under the engine that sampled it, when that engine is not
+    the trained policy itself (an inference engine, a copy in another precision): the
+    distribution actually sampled from, temperature and suppressed ids applied. The loop then
+    measures the mismatch with its own old log-probs and applies ``GRPOConfig.engine_correction``.
+    None: the policy sampled (no mismatch to correct)."""
 
     def validate(self, group_size: int, num_groups: int) -> None:
         """Raise ValueError naming the culprit if shapes, mask or rewards are unusable."""
         n = group_size * num_groups
-        for name in ("rewards", "mask", "old_logp"):
+        for name in ("rewards", "mask", "old_logp", "engine_logp"):
             t = getattr(self, name)
-            if t is None and name == "old_logp":
+            if t is None and name in ("old_logp", "engine_logp"):
                 continue
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != n:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -61,6 +67,8 @@ class Rollout:
         check_finite("Rollout.rewards", self.rewards, m)
         if self.old_logp is not None:
             check_finite("Rollout.old_logp", self.old_logp, m)
+        if self.engine_logp is not None:
+            check_finite("Rollout.engine_logp", self.engine_logp, m)
 
 
 @runtime_checkable

@@ -11,7 +11,7 @@ from typing import Any
 
 from .advantages import BASELINES, SCALES, STATS_OVER
 from .kl import FLAT_AT_REFERENCE, KL_ESTIMATORS
-from .losses import AGGS, POLICY_LOSSES, RATIO_LEVELS
+from .losses import AGGS, CORRECTION_LEVELS, CORRECTIONS, POLICY_LOSSES, RATIO_LEVELS
 
 REF_UPDATES = ("hard", "soft")
 REDRAWS = ("fresh", "retry")
@@ -71,6 +71,18 @@ class GRPOConfig:
     response) or "sequence-token" (GSPO-token: the same value, each token's gradient with its
     own advantage). TRL: importance_sampling_level ("token" / "sequence"). GSPO's paper pairs it
     with loss_agg="seq-mean-token-mean" and clip ranges of 3e-4 / 4e-4."""
+    engine_correction: str = "tis"
+    """When the samples come from an engine apart from the trained policy (``Rollout.engine_logp``:
+    an inference engine, a copy in bf16), how the loss corrects for the engine's distribution
+    (``grpo_core.losses.engine_correction``): "tis" (truncated importance sampling, Yao et al.
+    2025: each token's policy loss weighted by min(pi_old / pi_engine, C), a constant; TRL's
+    default for vLLM, and the most robust in a public comparison of the options), "mis" (masked:
+    tokens or sequences with a ratio outside [1/C, C] leave the loss and its normaliser) or "none"
+    (measure only). No effect when the policy itself sampled (no engine log-probs)."""
+    engine_correction_level: str = "token"
+    """"token" or "sequence" (the geometric mean of a sequence's token ratios, for every token)."""
+    engine_correction_threshold: float = 2.0
+    """C of engine_correction, > 1 (Yao et al. and verl's rollout_is_threshold: 2)."""
     beta: float = 0.04
     """KL coefficient; the KL term is added to the loss, beta * agg(kl). >= 0 (0: no reference
     log-probs are computed)."""
@@ -193,6 +205,9 @@ class GRPOConfig:
         _check_choice(self, "stats_over", STATS_OVER)
         _check_choice(self, "loss_agg", AGGS)
         _check_choice(self, "policy_loss", POLICY_LOSSES)
+        _check_choice(self, "engine_correction", CORRECTIONS)
+        _check_choice(self, "engine_correction_level", CORRECTION_LEVELS)
+        _check_float(self, "engine_correction_threshold", 1.0, float("inf"), low_open=True)
         _check_choice(self, "ratio_level", RATIO_LEVELS)
         if self.policy_loss == "cispo" and (self.ratio_level != "token" or self.clip_ratio_c is not None):
             raise ValueError(f"policy_loss='cispo' clips each token's own weight: it takes ratio_level='token' and "

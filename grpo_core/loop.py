@@ -37,6 +37,7 @@ in ``skipped_steps``; nothing of the optimizer runs for it (no step, no decouple
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 from collections import defaultdict
@@ -49,7 +50,7 @@ from .advantages import group_advantages
 from .config import GRPOConfig
 from .determinism import StochasticForwardError, watch_stochastic_modules
 from .kl import FLAT_AT_REFERENCE
-from .losses import DR_GRPO, agg_count, grpo_loss
+from .losses import DR_GRPO, agg_count, engine_correction, grpo_loss
 from .precision import check_precision, compute_context
 from .refmodel import hard_refresh, soft_refresh
 
@@ -97,6 +98,8 @@ class GRPOTrainer:
             raise ValueError(f"loss_agg={DR_GRPO!r} divides by a constant length: set max_len "
                              "(the maximum completion length) in the config; this adapter has none")
         self._forward_checked = False
+        self._token_weight: torch.Tensor | None = None
+        """The iteration's engine-correction weights (TIS), or None."""
         self.best_outcome = -math.inf
         """The best sample outcome seen so far (``dynamic_sampling_redraw="retry"``)."""
         missing = [m for m in ("collect_more", "join_groups") if not callable(getattr(adapter, m, None))]
@@ -122,6 +125,7 @@ class GRPOTrainer:
     def step(self) -> dict[str, float]:
         """Run one full iteration and return its metrics."""
         cfg, it = self.config, self.iteration
+        self._token_weight = None
         rollout = self._collect()
         adv = self._advantages(rollout)
         info = rollout.info
@@ -133,9 +137,14 @@ class GRPOTrainer:
             rollout, adv, sampling = self._dynamic_sampling(rollout, adv)
         self.refresh_reference(it)
         ref_logp = self._batch_logp(self.reference, rollout) if cfg.beta != 0 else None
-        if rollout.old_logp is None and (cfg.grpo_epochs > 1 or cfg.minibatches > 1):
+        engine = rollout.engine_logp is not None
+        if rollout.old_logp is None and (cfg.grpo_epochs > 1 or cfg.minibatches > 1 or engine):
             rollout.old_logp = self._batch_logp(self.policy, rollout)  # no update yet: sampling weights
+        correction = {}
+        if engine:  # another engine sampled: measure the mismatch, correct the loss
+            rollout, correction = self._correct_for_engine(rollout)
         stats = self._update(rollout, adv, ref_logp)
+        stats.update(correction)
         valid = rollout.mask.bool()
         stats["adv_abs_mean"] = float(adv[valid].abs().mean()) if valid.any() else 0.0
         stats["zero_signal_groups"] = float(zero_groups)  # of the first draw
@@ -144,6 +153,18 @@ class GRPOTrainer:
         stats.update(info)
         self.iteration += 1
         return stats
+
+    def _correct_for_engine(self, rollout: Rollout) -> tuple[Rollout, dict[str, float]]:
+        """The rollout the update sees under ``GRPOConfig.engine_correction`` (``losses.
+        engine_correction``): the correction's mask in place of the rollout's (MIS), and its
+        weight kept for the loss (TIS, ``self._token_weight``), and the mismatch metrics."""
+        cfg = self.config
+        weight, keep, stats = engine_correction(rollout.old_logp, rollout.engine_logp, rollout.mask,
+                                                mode=cfg.engine_correction, level=cfg.engine_correction_level,
+                                                threshold=cfg.engine_correction_threshold)
+        self._token_weight = weight
+        corrected = dataclasses.replace(rollout, mask=keep.to(rollout.mask.dtype))
+        return corrected, stats
 
     def refresh_reference(self, iteration: int) -> bool:
         """Refresh the reference if ``iteration`` is a refresh iteration; True if it did."""
@@ -346,6 +367,7 @@ class GRPOTrainer:
             eps_high=cfg.clip_eps_high, agg=cfg.loss_agg, max_len=self.max_len,
             clip_ratio_c=cfg.clip_ratio_c, total=total, ratio_level=cfg.ratio_level,
             policy_loss=cfg.policy_loss,
+            token_weight=None if self._token_weight is None else self._token_weight[rows],
         )
         if not math.isfinite(stats["loss"]):
             raise NonFiniteLossError(f"iteration {self.iteration}: loss is {stats['loss']} "

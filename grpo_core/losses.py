@@ -8,6 +8,8 @@ Shapes: every per-token argument is (N, T) with ``mask`` (N, T) of 0/1.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import as_mask, check_choice, check_same_shape
@@ -17,6 +19,10 @@ AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-tok
 DR_GRPO = "seq-mean-token-sum-norm"
 RATIO_LEVELS = ("token", "sequence", "sequence-token")
 POLICY_LOSSES = ("ppo", "cispo")
+CORRECTIONS = ("none", "tis", "mis")
+CORRECTION_LEVELS = ("token", "sequence")
+IS_LOG_BOUND = 20.0
+"""|log rho| above this is taken as this before exp (verl's safety bound): a weight of e^20."""
 
 
 def agg_loss(values: torch.Tensor, mask: torch.Tensor, *, agg: str, max_len: int | None = None,
@@ -107,6 +113,7 @@ def clipped_policy_loss(
     clip_ratio_c: float | None = None,
     total: float | None = None,
     ratio_level: str = "token",
+    token_weight: torch.Tensor | None = None,
 ):
     """PPO clipped surrogate with an asymmetric clip range ("clip-higher", DAPO).
 
@@ -120,6 +127,7 @@ def clipped_policy_loss(
     token whose ratio ran far above 1 with a negative advantage gives a bounded loss and no
     gradient once ``rho > c``. None (default) turns it off; otherwise a number > 1.
     ``total``: the global count of ``agg_loss`` (micro-batches, ranks).
+    ``token_weight``: a constant weight on each token's loss (``engine_correction``'s TIS).
     ``ratio_level``: ``"token"`` (PPO, GRPO), or a response's ratio (``sequence_log_ratio``):
     ``"sequence"`` (GSPO) or ``"sequence-token"`` (GSPO-token); its clip decision is then the
     response's, the same at every token. GSPO's paper averages over responses
@@ -147,6 +155,8 @@ def clipped_policy_loss(
     ratio = bounded_ratio(log_ratio)
     tok = policy_token_loss(ratio, a, eps_low=eps_low, eps_high=eps_high,
                             clip_ratio_c=clip_ratio_c)
+    if token_weight is not None:  # an importance-sampling correction (engine_correction): a constant
+        tok = tok * token_weight.detach()
     loss = agg_loss(tok, m, agg=agg, max_len=max_len, total=total)
     with torch.no_grad():
         stats = _clip_stats(log_ratio, ratio, a, m, eps_low, eps_high, clip_ratio_c)
@@ -177,7 +187,8 @@ def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, *, level: st
 
 
 def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, *,
-               eps_high: float, agg: str, max_len: int | None = None, total: float | None = None):
+               eps_high: float, agg: str, max_len: int | None = None, total: float | None = None,
+               token_weight: torch.Tensor | None = None):
     """CISPO (MiniMax 2025, "MiniMax-M1", sec. 3.1): ``loss_t = -sg(w_t) A_t logp_t`` with the
     importance weight ``w_t = min(rho_t, 1 + eps_high)`` held constant (detached), aggregated by
     ``agg`` (the paper: token-mean). No lower bound on w (the paper sets none); every token keeps
@@ -198,6 +209,8 @@ def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, ma
     w = torch.clamp(ratio, max=1.0 + eps_high).detach()
     a = torch.where(m, adv.detach(), zero)
     tok = -(w * a * torch.where(m, logp, zero))
+    if token_weight is not None:  # an importance-sampling correction (engine_correction): a constant
+        tok = tok * token_weight.detach()
     loss = agg_loss(tok, m, agg=agg, max_len=max_len, total=total)
     with torch.no_grad():
         stats = _clip_stats(log_ratio, ratio, a, m, 1.0, eps_high, None)
@@ -205,6 +218,71 @@ def cispo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, ma
         stats["clip_frac_high"] = float((m & (ratio > 1.0 + eps_high)).sum()) / n_valid
         stats["clip_frac_low"] = 0.0
     return loss, stats
+
+
+def engine_correction(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, *, mode: str,
+                      level: str, threshold: float):
+    """Importance-sampling correction for samples drawn by an engine whose log-probs differ from
+    the trainer's (an inference engine in another precision, with other kernels).
+
+    Shapes: old_logp, engine_logp, mask (N, T) -> weight (N, T) or None, mask (N, T) bool, stats.
+
+    ``rho_t = exp(old_logp_t - engine_logp_t)``, the trainer's sampling-time probability of the
+    token over the engine's (``|log rho|`` bounded by ``IS_LOG_BOUND``). ``level="sequence"``:
+    every token of a row takes the row's geometric mean, ``exp(mean over its valid tokens of
+    log rho_t)`` (the sequence ratio of the IS literature, length-normalised as GSPO's).
+    ``mode``:
+
+    - ``"tis"``, truncated importance sampling (Yao et al. 2025, "Your efficient RL framework
+      secretly brings you off-policy RL training"): a weight ``min(rho, C)`` on each token's
+      policy loss, held constant (detached: it corrects the sampling distribution, it is not
+      optimised); the mask is unchanged.
+    - ``"mis"``, masked importance sampling (the Ling team's IcePop; the Qwen team's sequence
+      masking): tokens (``level="token"``) or whole rows (``"sequence"``) whose ratio leaves
+      ``[1/C, C]`` leave the mask, so they leave the loss and its normaliser too (counting them
+      in the denominator was slime issue 657); no weight.
+    - ``"none"``: the mask as it is, no weight; only the stats.
+
+    stats: ``mismatch_kl`` (mean over valid tokens of ``rho - 1 - log rho``, k3 of KL(engine ||
+    trainer) for tokens the engine sampled), ``is_ratio_min`` / ``is_ratio_mean`` /
+    ``is_ratio_max`` (token ratios), ``is_truncated_frac`` (tokens whose weight was cut to C),
+    ``is_masked_frac`` and ``is_masked_seq_frac`` (tokens and rows masked out).
+    """
+    check_same_shape(old_logp=old_logp, engine_logp=engine_logp, mask=mask)
+    check_choice("mode", mode, CORRECTIONS)
+    check_choice("level", level, CORRECTION_LEVELS)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 1:
+        raise ValueError(f"threshold must be a number > 1 (the ratio's bound C), got {threshold!r}")
+    m = mask.bool()
+    zero = torch.zeros_like(old_logp)
+    log_rho = torch.where(m, (old_logp - engine_logp).detach(), zero).clamp(-IS_LOG_BOUND, IS_LOG_BOUND)
+    if level == "sequence":
+        seq = log_rho.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # (N, 1): its own row
+        used = torch.where(m, seq.expand_as(log_rho), zero)
+    else:
+        used = log_rho
+    rho = torch.exp(used)
+    weight, keep = None, m
+    if mode == "tis":
+        weight = torch.where(m, torch.clamp(rho, max=float(threshold)), zero)
+    elif mode == "mis":
+        inside = (used >= -math.log(threshold)) & (used <= math.log(threshold))
+        keep = m & inside
+    with torch.no_grad():
+        n = max(int(m.sum()), 1)
+        tok = torch.exp(log_rho)
+        valid = tok[m]
+        rows = m.any(-1)
+        stats = {
+            "mismatch_kl": float(torch.where(m, tok - 1 - log_rho, zero).sum()) / n,
+            "is_ratio_min": float(valid.min()) if valid.numel() else 1.0,
+            "is_ratio_mean": float(valid.mean()) if valid.numel() else 1.0,
+            "is_ratio_max": float(valid.max()) if valid.numel() else 1.0,
+            "is_truncated_frac": float((m & (rho > threshold)).sum()) / n if mode == "tis" else 0.0,
+            "is_masked_frac": float((m & ~keep).sum()) / n,
+            "is_masked_seq_frac": (float((rows & ~keep.any(-1)).sum()) / max(int(rows.sum()), 1)),
+        }
+    return weight, keep, stats
 
 
 LOG_RATIO_MAX = 50.0
@@ -301,6 +379,7 @@ def grpo_loss(
     total: float | None = None,
     ratio_level: str = "token",
     policy_loss: str = "ppo",
+    token_weight: torch.Tensor | None = None,
 ):
     """``loss = policy_loss + beta * agg(kl) - ent_coef * agg(entropy)``.
 
@@ -316,7 +395,9 @@ def grpo_loss(
 
     ``policy_loss``: ``"ppo"`` (``clipped_policy_loss``, with ``ratio_level`` and the dual clip)
     or ``"cispo"`` (``cispo_loss``: ``eps_high`` bounds the weight, ``eps_low`` and
-    ``clip_ratio_c`` are not used; token-level ratios only).
+    ``clip_ratio_c`` are not used; token-level ratios only). ``token_weight``: a constant
+    weight on the policy term's tokens (``engine_correction``'s TIS; the KL and entropy terms
+    are not weighted).
     """
     check_choice("policy_loss", policy_loss, POLICY_LOSSES)
     if policy_loss == "cispo" and (ratio_level != "token" or clip_ratio_c is not None):
@@ -327,11 +408,11 @@ def grpo_loss(
     check_choice("kl_estimator", kl_estimator, tuple(KL_ESTIMATORS))
     if policy_loss == "cispo":
         pg, stats = cispo_loss(logp, old_logp, adv, mask, eps_high=eps_high, agg=agg, max_len=max_len,
-                               total=total)
+                               total=total, token_weight=token_weight)
     else:
         pg, stats = clipped_policy_loss(
             logp, old_logp, adv, mask, eps_low=eps_low, eps_high=eps_high, agg=agg, max_len=max_len,
-            clip_ratio_c=clip_ratio_c, total=total, ratio_level=ratio_level,
+            clip_ratio_c=clip_ratio_c, total=total, ratio_level=ratio_level, token_weight=token_weight,
         )
     loss = pg
     stats["policy_loss"] = float(pg.detach())

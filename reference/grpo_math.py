@@ -419,14 +419,15 @@ def aggregate(values, agg, max_len=None):
 
 def grpo_loss(
     logp, old_logp, ref_logp, adv, entropy, *,
-    beta, ent_coef, kl_estimator, eps_low, eps_high, agg, max_len=None,
+    beta, ent_coef, kl_estimator, eps_low, eps_high, agg, max_len=None, token_weights=None,
 ):
     """Full GRPO loss over ragged samples -> tokens, with its exact gradient.
 
     (L1)  loss = agg(policy_t) + beta * agg(kl_t) - ent_coef * agg(entropy_t)
 
     policy_t is (P3), kl_t is the chosen estimator (K1)-(K4), ``entropy`` is
-    a constant input.  Because every aggregation is linear (A0),
+    a constant input.  ``token_weights`` (ragged, optional): a constant factor on each
+    token's policy term and its derivative ([TIS]).  Because every aggregation is linear (A0),
 
     (L2)  d loss / d logp_it = w_it * (d policy_it + beta * d kl_it).
 
@@ -451,6 +452,8 @@ def grpo_loss(
         for t in range(lengths[i]):
             lp, olp, rlp, a = logp[i][t], old_logp[i][t], ref_logp[i][t], adv[i][t]
             p, dp = clipped_token_loss(lp, olp, a, eps_low, eps_high)
+            if token_weights is not None:
+                p, dp = p * token_weights[i][t], dp * token_weights[i][t]
             k, dk = kl_fn(lp, rlp, olp), kl_dfn(lp, rlp, olp)
             pol_i.append(p)
             kl_i.append(k)
@@ -619,3 +622,49 @@ def aggregate_with_gradient(values, d, agg, max_len=None):
         n = len(ws)
         grad.append([math.fsum(ws[t] * ds[t][u] for t in range(n)) for u in range(n)])
     return loss, grad
+
+
+# ---------------------------------------------------------------------------
+# Importance-sampling corrections for an engine that sampled the tokens
+# ---------------------------------------------------------------------------
+#
+# [TIS]   Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL
+#         Training": the policy gradient of tokens sampled by the engine, reweighted by the
+#         truncated importance ratio min(pi_old(y_t) / pi_engine(y_t), C), a constant.
+# [MIS]   The Ling team's IcePop (2025) and the Qwen team's analysis of the mismatch (2025):
+#         tokens, or whole sequences, whose ratio leaves [1/C, C] are masked out of the update.
+#         A sequence's ratio is the geometric mean of its token ratios (length-normalised).
+# The ratio's log is bounded by 20 before exp (verl's safety bound), as in the core.
+
+IS_LOG_BOUND_REF = 20.0
+
+
+def is_log_ratios(old_logp_seq, engine_logp_seq, level):
+    """log rho of every token of one response: its own, or (``level="sequence"``) the mean
+    over the response of the token log-ratios, each bounded by +-20 first."""
+    token = [max(-IS_LOG_BOUND_REF, min(IS_LOG_BOUND_REF, o - e)) for o, e in zip(old_logp_seq, engine_logp_seq)]
+    if level == "token" or not token:
+        return token
+    mean = math.fsum(token) / len(token)
+    return [mean] * len(token)
+
+
+def tis_weights(old_logp_seq, engine_logp_seq, level, threshold):
+    """[TIS] min(rho, C) of every token of one response."""
+    return [min(math.exp(x), threshold) for x in is_log_ratios(old_logp_seq, engine_logp_seq, level)]
+
+
+def mis_keep(old_logp_seq, engine_logp_seq, level, threshold):
+    """[MIS] whether each token of one response stays: its ratio within [1/C, C]."""
+    bound = math.log(threshold)
+    return [-bound <= x <= bound for x in is_log_ratios(old_logp_seq, engine_logp_seq, level)]
+
+
+def mismatch_kl(old_logp, engine_logp):
+    """Mean over every token of rho - 1 - log rho (k3 of KL(engine || trainer), tokens drawn from
+    the engine); ragged batch."""
+    terms = []
+    for olp, elp in zip(old_logp, engine_logp):
+        for x in is_log_ratios(olp, elp, "token"):
+            terms.append(math.expm1(x) - x)
+    return math.fsum(terms) / len(terms) if terms else 0.0
