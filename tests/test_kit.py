@@ -144,6 +144,20 @@ def test_builtins_wrap_without_touching_core():
     assert torch.equal(BUILTINS["k3"](x, y), kl_k3(x, y))
 
 
+def test_issue_27_builtins_declare_their_forms():
+    """GSPO, GSPO-token, CISPO and RLOO wrap the core's functions with the claims that name
+    their form; the kit measures each (test_builtins_pass_their_declared_claims)."""
+    want = {"gspo_loss": ("loss", {"ratio_level": "sequence", "policy_loss": "ppo"}),
+            "gspo_token_loss": ("loss", {"ratio_level": "sequence-token", "policy_loss": "ppo"}),
+            "cispo_loss": ("loss", {"ratio_level": "token", "policy_loss": "cispo"}),
+            "rloo_advantage": ("advantage", {"leave_one_out": True, "std_scaled": True})}
+    for name, (kind, claims) in want.items():
+        assert BUILTIN_KINDS[name] == kind
+        assert claims.items() <= get_claims(BUILTINS[name]).items(), name
+    for name in ("policy_loss", "policy_loss_dual_clip"):
+        assert get_claims(BUILTINS[name])["ratio_level"] == "token"
+
+
 # ---------------------------------------------------------------------------------------------
 # Wrong estimators fail the row that names the bug (the CLI tests repeat this end to end)
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +171,9 @@ WRONG = [
     ("adv_leak_across_groups", "advantage", {"zero_mean", "groups_independent"}),
     ("returns_off_by_one", "returns", {"recursion", "gamma_zero", "oracle"}),
     ("returns_padding_leak", "returns", {"padding_invariance"}),
+    ("adv_loo_std_of_others", "advantage", {"bounded_advantage"}),
+    ("gspo_wrong_axis", "loss", {"row_equivariance"}),
+    ("cispo_undetached", "loss", {"weight"}),
 ]
 
 

@@ -20,6 +20,7 @@ from grpo_core.testing.kit import (
     parse_expect,
 )
 from tests import trainer_estimators as te
+from tests import wrong_estimators as wrong
 
 F64 = torch.float64
 
@@ -92,6 +93,74 @@ def test_a_large_fitted_eps_counts_only_when_declared():
 def test_a_wrong_eps_claim_fails_the_eps_row_only():
     rows = check_estimator(te.trl_group_advantage, "advantage", claims={"eps": 1e-6})
     assert {r.name for r in rows if r.failed} == {"eps"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Leave-one-out baseline (RLOO) and bounded advantages (issue 27)
+# ---------------------------------------------------------------------------------------------
+
+
+def loo_estimator(eps: float, correction: int, scaled: bool = True):
+    """The leave-one-out baseline literally (Kool et al. 2019): x minus the mean of the other
+    G - 1 scores of its group, over the group's std + eps (``scaled``) or as it is."""
+    def adv(scores):
+        g = scores.shape[-1]
+        out = scores - (scores.sum(-1, keepdim=True) - scores) / (g - 1)
+        if scaled:
+            out = out / (scores.std(-1, keepdim=True, correction=correction) + eps)
+        return out
+
+    return adv
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-8, 1e-4])
+@pytest.mark.parametrize("correction,conv", [(1, "n-1"), (0, "n")])
+def test_fit_recovers_a_leave_one_out_baseline(eps, correction, conv):
+    """x - mean(others) = G/(G - 1) (x - mean): the fit finds the factor G/(G - 1) as the
+    baseline, the std convention and the eps as for the mean baseline."""
+    fit = fit_std_eps(Context(fn=loo_estimator(eps, correction), kind="advantage"))
+    assert fit["conv"] == conv and fit["baseline"] == "leave-one-out"
+    assert abs(fit["eps"] - eps) <= 1e-13 + 1e-9 * eps
+    mean = fit_std_eps(Context(fn=std_eps_estimator(eps, correction), kind="advantage"))
+    assert mean["conv"] == conv and mean["baseline"] == "mean"
+
+
+def test_a_leave_one_out_claim_is_measured():
+    rows = rows_of(loo_estimator(1e-4, 1), "advantage", std_scaled=True, bessel=True, eps=1e-4,
+                   leave_one_out=True, singleton="unsupported")
+    for name in ("unit_scale", "bessel", "eps", "affine_invariance", "leave_one_out",
+                 "bounded_advantage"):
+        assert rows[name].passed, format_table(list(rows.values()))
+    assert rows["leave_one_out"].value == "leave-one-out"
+    unscaled = rows_of(loo_estimator(0.0, 1, scaled=False), "advantage", std_scaled=False,
+                       leave_one_out=True, singleton="unsupported")
+    assert unscaled["leave_one_out"].passed and unscaled["unit_scale"].passed
+    # the mean baseline is not leave-one-out, scaled or not
+    for fn in (te.trl_group_advantage, te.dr_grpo_advantage):
+        row = rows_of(fn, "advantage", leave_one_out=True)["leave_one_out"]
+        assert row.failed and row.value == "mean"
+    assert rows_of(te.dr_grpo_advantage, "advantage")["leave_one_out"].kind == "info"
+
+
+@pytest.mark.parametrize("fn,eps,loo", [(te.rloo_std_advantage, 1e-6, True),
+                                        (te.trl_group_advantage, 1e-4, False)])
+def test_bounded_advantage_by_samuelson(fn, eps, loo):
+    """One outlier among G - 1 equal scores, at distance 1: the group's Bessel std is 1/sqrt(G),
+    so the outlier gets sqrt(G) / (1 + sqrt(G) eps) (leave-one-out) or (G - 1)/G of it (mean),
+    below sqrt(G); the worst is at the largest G the row tries (16)."""
+    row = rows_of(fn, "advantage")["bounded_advantage"]
+    want = 4.0 / (1 + 4.0 * eps) * (1.0 if loo else 15 / 16)
+    assert row.passed and row.value == pytest.approx(want, rel=1e-9)
+
+
+def test_a_leave_one_out_std_blows_up_and_is_named():
+    """NeMo-RL issue 1518: the std of the other G - 1 scores is 0 for the outlier, whose
+    advantage is then its distance / eps: 1 / 1e-6 at distance 1."""
+    rows = rows_of(wrong.adv_loo_std_of_others, "advantage")
+    row = rows["bounded_advantage"]
+    assert row.failed and "leave-one-out blow-up" in row.explanation
+    assert row.value == pytest.approx(1.0 / 1e-6, rel=1e-9)
+    assert rows["leave_one_out"].failed  # claimed, but not of the form
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +293,14 @@ def test_grad_neither_is_a_claim_that_can_pass():
 # ---------------------------------------------------------------------------------------------
 # Claim parsing
 # ---------------------------------------------------------------------------------------------
+
+
+def test_parse_expect_issue_27_claims():
+    got = parse_expect("ratio_level=sequence-token,policy_loss=cispo,leave_one_out")
+    assert got == {"ratio_level": "sequence-token", "policy_loss": "cispo", "leave_one_out": True}
+    for bad in ("ratio_level=seq", "policy_loss=grpo", "leave_one_out=maybe", "ratio_level"):
+        with pytest.raises(EstimatorUsageError):
+            parse_expect(bad)
 
 
 def test_parse_expect_new_claims():

@@ -71,6 +71,9 @@ WRONG = [
     ("adv_leak_across_groups", "advantage", ["groups_independent", "zero_mean"]),
     ("returns_off_by_one", "returns", ["recursion"]),
     ("returns_padding_leak", "returns", ["padding_invariance"]),
+    ("adv_loo_std_of_others", "advantage", ["bounded_advantage"]),
+    ("gspo_wrong_axis", "loss", ["row_equivariance"]),
+    ("cispo_undetached", "loss", ["weight"]),
 ]
 
 
@@ -97,7 +100,8 @@ def test_correct_estimator_exits_0(name, kind):
 # k1 and k3 take the same path as k2 here (all six are checked in-process in test_kit.py);
 # k3 runs below with an overriding --expect.
 BUILTIN_NAMES = ["k2", "k3_is", "group_advantages", "discounted_returns",
-                 "policy_loss_dual_clip"]
+                 "policy_loss_dual_clip", "gspo_loss", "gspo_token_loss", "cispo_loss",
+                 "rloo_advantage"]
 
 
 @pytest.mark.parametrize("name", BUILTIN_NAMES)

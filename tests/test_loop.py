@@ -937,3 +937,21 @@ def test_the_gradient_norm_is_cast_in_chunks(monkeypatch):
         n += p.numel()
     assert tr._clip_gradients() == pytest.approx(math.sqrt(n), rel=1e-12)
     assert max(sizes) <= 4 and sum(sizes) == n
+
+
+def test_cispo_reaches_the_loss_through_the_loop():
+    """policy_loss="cispo" with one epoch and one minibatch (ratio 1, weight 1): the loop's policy
+    loss is -sum(A * logp) / tokens, by hand from the rollout, where PPO's is -sum(A) / tokens."""
+    cfg = dict(group_size=3, groups_per_iteration=2, grpo_epochs=1, minibatches=1, beta=0.0, lr=1e-3,
+               stats_over="sequences", gamma=1.0)
+    ad = ToyAdapter()
+    ro = ad.collect(num_groups=2, group_size=3, iteration=0)
+    tr = GRPOTrainer(ad, GRPOConfig(**cfg, policy_loss="cispo"))
+    adv = tr._advantages(ro)
+    logp, _ = ad.logp_and_entropy(ad.policy, ro, torch.arange(6))
+    m = ro.mask.bool()
+    want_cispo = float(-(adv * logp.detach())[m].sum() / m.sum())
+    want_ppo = float(-adv[m].sum() / m.sum())
+    got = tr.step()["policy_loss"]
+    assert got == pytest.approx(want_cispo, rel=1e-10)
+    assert abs(want_cispo - want_ppo) > 1e-3

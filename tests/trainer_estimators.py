@@ -89,6 +89,32 @@ def dr_grpo_advantage(scores):
     return scores - scores.mean(-1, keepdim=True)
 
 
+@declares(std_scaled=False, leave_one_out=True, singleton="raw")
+def verl_rloo_advantage(scores):
+    """verl ``compute_rloo_outcome_advantage``: each outcome score minus the mean of the other
+    G - 1 scores of its group, written as G/(G - 1) (s - group mean); no std. A group of one
+    has no other sample and keeps its score (its mean is taken as 0 and nothing is rescaled)."""
+    g = scores.shape[-1]
+    if g == 1:
+        return scores.clone()
+    return (scores - scores.mean(-1, keepdim=True)) * (g / (g - 1))
+
+
+@declares(std_scaled=True, bessel=True, eps=1e-6, leave_one_out=True, singleton="zero")
+def rloo_std_advantage(scores):
+    """RLOO scaled by the group's std (the core's ``baseline="leave-one-out"``, ``scale="group"``):
+    the literal leave-one-out baseline, s - (sum of the others) / (G - 1), over the Bessel std
+    of the whole group + 1e-6; a group of one, or of equal scores, gets 0."""
+    g = scores.shape[-1]
+    if g == 1:
+        return torch.zeros_like(scores)
+    others = (scores.sum(-1, keepdim=True) - scores) / (g - 1)
+    std = scores.std(-1, keepdim=True)
+    tied = scores.amax(-1, keepdim=True) == scores.amin(-1, keepdim=True)
+    out = (scores - others) / (std + 1e-6)
+    return torch.where(tied, torch.zeros_like(out), out)
+
+
 # ---------------------------------------------------------------------------------------------
 # KL: fn(logp, ref_logp) -> per token
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +187,52 @@ def trl_dr_grpo_loss(logp, old_logp, adv, mask):
     return (tok * mask).sum() / (tok.size(0) * 48)
 
 
+def _masked_row_mean(x, mask):
+    """Per row, the mean of ``x`` over the valid tokens (a row with none: 0)."""
+    return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+@declares(eps_low=3e-4, eps_high=4e-4, agg="grpo", clip_ratio_c=None, ratio_level="sequence",
+          policy_loss="ppo")
+def trl_gspo_loss(logp, old_logp, adv, mask):
+    """TRL GRPOTrainer with ``importance_sampling_level="sequence"`` (GSPO), ``loss_type="grpo"``,
+    epsilon 3e-4 / epsilon_high 4e-4 (the GSPO paper's range): the response's log-ratio is the
+    masked mean of its tokens' log-ratios, kept as an (N, 1) column; its exp is clipped once
+    and broadcast over the row's tokens."""
+    log_s = _masked_row_mean(logp - old_logp, mask).unsqueeze(-1)
+    s = torch.exp(log_s)
+    tok = -torch.minimum(s * adv, s.clamp(1 - 3e-4, 1 + 4e-4) * adv)
+    return _masked_row_mean(tok, mask).mean()
+
+
+@declares(eps_low=3e-4, eps_high=4e-4, agg="seq-mean-token-mean", clip_ratio_c=None,
+          ratio_level="sequence-token", policy_loss="ppo")
+def verl_gspo_loss(logp, old_logp, adv, mask):
+    """verl ``policy_loss.loss_mode="gspo"``: GSPO-token, the ratio's value the response's
+    (masked mean log-ratio, detached) and its gradient the token's own
+    (``logp - sg(logp) + sg(log s)``), the log-ratio capped at 10 before exp, clip range 3e-4 /
+    4e-4; the loss averaged per response, then over the responses that have a valid token."""
+    log_s = _masked_row_mean(logp - old_logp, mask).detach().unsqueeze(-1)
+    log_st = (logp - logp.detach() + log_s).clamp(max=10.0)
+    st = torch.exp(log_st)
+    tok = torch.maximum(-adv * st, -adv * st.clamp(1 - 3e-4, 1 + 4e-4))
+    rows = mask.sum(-1) > 0
+    return _masked_row_mean(tok, mask)[rows].sum() / rows.sum().clamp(min=1)
+
+
+@declares(eps_high=0.2, agg="token-mean", clip_ratio_c=None, ratio_level="token",
+          policy_loss="cispo")
+def verl_cispo_loss(logp, old_logp, adv, mask):
+    """verl ``policy_loss.loss_mode="cispo"`` (MiniMax-M1's CISPO): the token's ratio (log-ratio
+    clamped to [-20, 20]) clamped to [1 - clip_ratio_low, 1 + clip_ratio_high] with
+    clip_ratio_low 10 (no lower bound for a positive ratio) and clip_ratio_high 0.2, detached, as
+    the weight of -A logp; token-mean (masked sum / (mask sum + 1e-8))."""
+    ratio = torch.exp((logp - old_logp).clamp(-20.0, 20.0))
+    weight = ratio.clamp(1 - 10.0, 1 + 0.2).detach()
+    tok = -adv * weight * logp
+    return (tok * mask).sum() / (mask.sum() + 1e-8)
+
+
 # ---------------------------------------------------------------------------------------------
 # The regression table: (label, function name, kind, claims overriding the declared ones,
 # expected exit status, expected failed rows exactly)
@@ -213,4 +285,35 @@ REGRESSION = [
     ("TRL dr_grpo loss, true claims", "trl_dr_grpo_loss", "loss", {}, 1, {"finite_extreme"}),
     ("TRL dr_grpo loss, false max_len=64", "trl_dr_grpo_loss", "loss", {"max_len": 64}, 1,
      {"aggregation", "finite_extreme"}),
+    ("verl RLOO advantage, true claims", "verl_rloo_advantage", "advantage", {}, 0, set()),
+    ("verl RLOO advantage, false leave_one_out=false", "verl_rloo_advantage", "advantage",
+     {"leave_one_out": False}, 1, {"leave_one_out"}),
+    ("verl RLOO advantage, false std_scaled", "verl_rloo_advantage", "advantage",
+     {"std_scaled": True}, 1, {"unit_scale", "affine_invariance"}),
+    ("RLOO over the group std, true claims", "rloo_std_advantage", "advantage", {}, 0, set()),
+    ("RLOO over the group std, leave_one_out not declared", "rloo_std_advantage", "advantage",
+     {"leave_one_out": "undeclared"}, 0, set()),
+    ("RLOO over the group std, false leave_one_out=false", "rloo_std_advantage", "advantage",
+     {"leave_one_out": False}, 1, {"leave_one_out"}),
+    ("TRL grpo advantage, false leave_one_out", "trl_group_advantage", "advantage",
+     {"leave_one_out": True}, 1, {"leave_one_out"}),
+    ("TRL GSPO loss, true claims", "trl_gspo_loss", "loss", {}, 0, set()),
+    ("TRL GSPO loss, false ratio_level=token", "trl_gspo_loss", "loss",
+     {"ratio_level": "token"}, 1, {"ratio_level"}),
+    ("TRL GSPO loss, false ratio_level=sequence-token", "trl_gspo_loss", "loss",
+     {"ratio_level": "sequence-token"}, 1, {"ratio_level"}),
+    ("TRL GSPO loss, false eps_high=0.28", "trl_gspo_loss", "loss", {"eps_high": 0.28}, 1,
+     {"eps_high"}),
+    ("verl GSPO-token loss, true claims", "verl_gspo_loss", "loss", {}, 0, set()),
+    ("verl GSPO-token loss, false ratio_level=sequence", "verl_gspo_loss", "loss",
+     {"ratio_level": "sequence"}, 1, {"ratio_level"}),
+    ("verl CISPO loss, true claims", "verl_cispo_loss", "loss", {}, 0, set()),
+    ("verl CISPO loss, false policy_loss=ppo", "verl_cispo_loss", "loss",
+     {"policy_loss": "ppo"}, 1, {"policy_loss"}),
+    ("verl CISPO loss, false eps_high=0.28", "verl_cispo_loss", "loss", {"eps_high": 0.28}, 1,
+     {"eps_high"}),
+    ("verl policy loss, false policy_loss=cispo", "verl_policy_loss", "loss",
+     {"policy_loss": "cispo"}, 1, {"policy_loss", "weight"}),
+    ("verl policy loss, false ratio_level=sequence", "verl_policy_loss", "loss",
+     {"ratio_level": "sequence"}, 1, {"ratio_level"}),
 ]

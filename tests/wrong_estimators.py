@@ -92,6 +92,20 @@ def adv_leak_across_groups(scores):
     return torch.where(tied, torch.zeros_like(out), out)
 
 
+@declares(std_scaled=True, bessel=True, eps=1e-6, leave_one_out=True, singleton="unsupported")
+def adv_loo_std_of_others(scores):
+    """RLOO whose denominator is the std of the *other* G - 1 scores (NeMo-RL issue 1518): where
+    those are equal it is 0, and the one differing sample gets (its distance) / 1e-6."""
+    g = scores.shape[-1]
+    out = torch.empty_like(scores)
+    for i in range(g):
+        rest = torch.cat([scores[..., :i], scores[..., i + 1:]], -1)
+        mean = rest.mean(-1)
+        std = ((rest - mean[..., None]) ** 2).sum(-1).div(max(g - 2, 1)).sqrt()
+        out[..., i] = (scores[..., i] - mean) / (std + 1e-6)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Returns: fn(rewards (N, T), mask (N, T), gamma) -> (N, T)
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +198,29 @@ def loss_clip_sides_swapped(logp, old_logp, adv, mask):
     """eps_low and eps_high swapped: the ratio is clipped to [1 - 0.28, 1 + 0.2]."""
     ratio = torch.exp((logp - old_logp).clamp(max=20.0))
     return _token_mean(_ppo_tokens(ratio, adv, low=0.28, high=0.2), mask)
+
+
+@declares(eps_low=0.1, eps_high=0.1, agg="seq-mean-token-mean", clip_ratio_c=None,
+          ratio_level="sequence", policy_loss="ppo")
+def gspo_wrong_axis(logp, old_logp, adv, mask):
+    """GSPO with the (N,) sequence log-ratio broadcast against (N, T) without a trailing axis
+    (EasyR1 issue 596): token t of every response takes response t's ratio. It runs only when
+    N == T; there it gives a loss without complaint."""
+    n = mask.sum(-1).clamp(min=1)
+    log_s = ((logp - old_logp) * mask).sum(-1) / n  # (N,)
+    s = torch.exp(log_s).expand_as(logp)  # (N,) -> (1, N) -> (N, T): the wrong axis
+    tok = -torch.minimum(s * adv, s.clamp(0.9, 1.1) * adv)
+    rows = mask.sum(-1) > 0
+    return ((tok * mask).sum(-1) / n)[rows].sum() / rows.sum().clamp(min=1)
+
+
+@declares(eps_high=0.2, agg="token-mean", clip_ratio_c=None, ratio_level="token",
+          policy_loss="cispo")
+def cispo_undetached(logp, old_logp, adv, mask):
+    """CISPO whose weight min(ratio, 1.2) is not detached: below the bound the weight's own
+    gradient adds -ratio A logp, so a token's gradient is -ratio A (1 + logp), not -ratio A."""
+    weight = torch.exp((logp - old_logp).clamp(max=20.0)).clamp(max=1.2)
+    return _token_mean(-weight * adv * logp, mask)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,16 @@ relative off.
 Claims: ``std_scaled`` and ``bessel`` (bools), ``eps`` (the number added to the std; checked
 against the fit), ``singleton`` (what a group of one sample gets: ``zero``; ``raw``, the score
 divided by ``1 + eps`` as with mean 0 and std 1 (verl); or ``unsupported``, the estimator is
-never called with groups of one (TRL requires at least two generations)).
+never called with groups of one (TRL requires at least two generations)), ``leave_one_out``
+(bool: the baseline is the mean of the other G - 1 scores, RLOO, so the centred score is
+multiplied by ``b_G = G/(G - 1)``; fitted like the std, ``b_G (x - mean)/(c_G std + eps)``, or
+``b_G (x - mean)`` with no std; the std of a leave-one-out form is the whole group's).
+
+Bounded advantages (``bounded_advantage``, required): one score apart from G - 1 equal ones,
+by 1, 1e-3 and 1e-9, must get ``|A| <= sqrt(G)`` (Samuelson's inequality: ``|x - mean| <= (G -
+1)/sqrt(G) s``; ``G/sqrt(G - 1)`` for a fitted population std with a leave-one-out baseline).
+A std of the other G - 1 scores (NeMo-RL issue 1518) is 0 there and gives distance / eps; the
+row names it "leave-one-out blow-up".
 
 Ties are graded: the ``ties_float64`` and ``ties_float32`` rows feed all-equal groups of
 reward-scale values (|x| <= 10, group sizes 2 to 64) and report the worst advantage and its
@@ -71,6 +80,11 @@ TIE_SIZES = (2, 3, 5, 6, 7, 12, 16, 64)
 TIE_LEFTOVER = 16.0  # amplification factor up to which a tie's advantage is a rounding leftover
 TIE_NOISE_MAX = 1e-2  # worst |A| on all-equal groups: 1% of a unit-scale advantage
 SMALL_SPREADS = (1.0, 1e-2, 1e-4, 1e-6)
+MEAN, LOO = "mean", "leave-one-out"
+BASELINES = (MEAN, LOO)
+OUTLIER_SPREADS = (1.0, 1e-3, 1e-9)  # one score this far from G - 1 equal ones
+OUTLIER_SIZES = (2, 4, 8, 16)
+BOUND_RTOL = 1e-9  # |A| <= the Samuelson bound up to this relative room
 
 
 def _scores(ctx: Context, salt: int, b: int = 5, g: int = 8, dtype=F64) -> torch.Tensor:
@@ -103,24 +117,54 @@ def _spread_groups(ctx: Context, salt: int, spreads, g: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def fit_std_eps(ctx: Context) -> dict:
-    """Fit the form ``(x - mean) / (c_G std + eps)`` (cached on ``ctx``).
+def baseline_factor(baseline: str | None, g: int) -> float:
+    """The factor ``b_G`` of a baseline on the centred scores: 1 for the group mean, ``G/(G - 1)``
+    for the leave-one-out mean (``x - (S - x)/(G - 1) = G/(G - 1) (x - mean)``)."""
+    return g / (g - 1) if baseline == LOO and g > 1 else 1.0
 
-    Per group size ``G`` the factor ``c_G`` and the eps come from the groups of the largest
-    and the smallest spread; every other group must then agree to :data:`FIT_ULPS` float64
-    ulps, and the eps must be the same for every size. A convention fits when every
-    ``|c_G - 1|`` is within :data:`F32_REL` (a factor rounded to float32).
+
+def _fit_one(groups, conv: str, baseline: str) -> tuple[float, float, float, dict, float]:
+    """(eps, worst disagreement in tolerances, worst |c_G - 1|, factors, largest tolerance) of
+    the form ``b_G (x - mean) / (c_G std_conv + eps)``, b_G the baseline's factor."""
+    eps, tol, factor = [], [], {}
+    for g, x, d, t in groups:
+        b = baseline_factor(baseline, g)
+        d, t = d * b, t * b  # d b_G = c_G std + eps
+        sd = _std(x, conv)[:, 0]
+        lo, hi = int(sd.argmin()), int(sd.argmax())
+        c = float((d[hi] - d[lo]) / (sd[hi] - sd[lo]))
+        factor[g] = c
+        eps += (d - c * sd).tolist()
+        tol += t.tolist()
+    ref = eps[min(range(len(eps)), key=lambda i: tol[i])]
+    worst = max(abs(e - ref) / t for e, t in zip(eps, tol))
+    off = max(abs(c - 1.0) for c in factor.values())
+    worst, off = (math.inf if math.isnan(v) else v for v in (worst, off))
+    return ref, worst, off, factor, max(tol)
+
+
+def fit_std_eps(ctx: Context) -> dict:
+    """Fit the form ``b_G (x - mean) / (c_G std + eps)`` (cached on ``ctx``).
+
+    ``b_G`` is the baseline's factor (:func:`baseline_factor`): 1 for the group mean, ``G/(G -
+    1)`` for the leave-one-out mean; the mean is tried first. Per group size ``G`` the factor
+    ``c_G`` and the eps come from the groups of the largest and the smallest spread; every other
+    group must then agree to :data:`FIT_ULPS` float64 ulps, and the eps must be the same for
+    every size. A convention fits when every ``|c_G - 1|`` is within :data:`F32_REL` (a factor
+    rounded to float32).
 
     Returns a dict: ``conv`` ("n-1", "n" or None when no constant eps fits), ``eps`` (the
     fitted eps, from the group with the smallest spread, where it is most precise),
-    ``factor`` (``{G: c_G}`` of the fitted convention, empty without a fit), ``spread`` (per
-    convention, the largest disagreement of two groups' eps in units of the tolerance),
-    ``factor_off`` (per convention, the largest ``|c_G - 1|``), ``proportional`` (each group's
-    advantages are its centred scores times one number).
+    ``baseline`` ("mean" or "leave-one-out" with the fit; None without), ``factor`` (``{G:
+    c_G}`` of the fitted convention, empty without a fit), ``spread`` (per convention, the
+    largest disagreement of two groups' eps in units of the tolerance), ``factor_off`` (per
+    convention, the largest ``|c_G - 1|``), ``proportional`` (each group's advantages are its
+    centred scores times one number), ``unscaled`` (the baseline of an advantage with no std,
+    ``b_G (x - mean)`` to float64 rounding, else None).
     """
     if "fit" in ctx.cache:
         return ctx.cache["fit"]
-    groups, proportional = [], True
+    groups, plain, proportional = [], [], True
     for k, g in enumerate(FIT_SIZES):
         x = _spread_groups(ctx, 60 + k, FIT_SPREADS, g)
         a = _adv(ctx, x).detach().to(F64)
@@ -130,25 +174,24 @@ def fit_std_eps(ctx: Context) -> dict:
         ok = bool((resid <= 1e-9).all()) and bool(torch.isfinite(d).all())
         proportional = proportional and ok
         groups.append((g, x, d, FIT_ULPS * 2.0**-52 * (d.abs() + x.abs().amax(-1))))
-    out = {"conv": None, "eps": None, "factor": {}, "spread": {}, "factor_off": {},
-           "proportional": proportional}
-    for conv in ("n-1", "n"):
-        eps, tol, factor = [], [], {}
-        for g, x, d, t in groups:
-            sd = _std(x, conv)[:, 0]
-            lo, hi = int(sd.argmin()), int(sd.argmax())
-            c = float((d[hi] - d[lo]) / (sd[hi] - sd[lo]))
-            factor[g] = c
-            eps += (d - c * sd).tolist()
-            tol += t.tolist()
-        ref = eps[min(range(len(eps)), key=lambda i: tol[i])]
-        worst = max(abs(e - ref) / t for e, t in zip(eps, tol))
-        off = max(abs(c - 1.0) for c in factor.values())
-        worst, off = (math.inf if math.isnan(v) else v for v in (worst, off))
-        out["spread"][conv], out["factor_off"][conv] = worst, off
-        if (proportional and worst <= 1.0 and off <= F32_REL and ref >= -max(tol)
+        # the same rounding, relative to d, when there is no std (d = 1 / b_G)
+        plain.append(FIT_ULPS * 2.0**-52 * (1 + x.abs().amax(-1) / r.abs().amax(-1)))
+    out = {"conv": None, "eps": None, "baseline": None, "factor": {}, "spread": {},
+           "factor_off": {}, "proportional": proportional, "unscaled": None}
+    fits = {(b, conv): _fit_one(groups, conv, b) for b in BASELINES for conv in ("n-1", "n")}
+    for (b, conv), (ref, worst, off, factor, tol) in fits.items():
+        if (proportional and worst <= 1.0 and off <= F32_REL and ref >= -tol
                 and out["conv"] is None):
-            out["conv"], out["eps"], out["factor"] = conv, max(ref, 0.0), factor
+            out.update(conv=conv, eps=max(ref, 0.0), factor=factor, baseline=b)
+    shown = out["baseline"] or MEAN
+    for conv in ("n-1", "n"):
+        out["spread"][conv], out["factor_off"][conv] = fits[(shown, conv)][1:3]
+    if proportional:  # no std: d = 1 / b_G for every group, to float64 rounding
+        for b in BASELINES:
+            if all(bool(((d * baseline_factor(b, g) - 1).abs() <= tol).all())
+                   for (g, _, d, _), tol in zip(groups, plain)):
+                out["unscaled"] = b
+                break
     ctx.cache["fit"] = out
     return out
 
@@ -156,6 +199,11 @@ def fit_std_eps(ctx: Context) -> dict:
 def std_factor(fit: dict, g: int) -> float:
     """The fitted factor ``c_G`` on the std for groups of size ``g`` (1 when not fitted)."""
     return fit["factor"].get(g, 1.0)
+
+
+def measured_baseline(fit: dict) -> str | None:
+    """The baseline of the fitted form, std-scaled or not (None: neither form fits)."""
+    return fit["baseline"] if fit["conv"] is not None else fit["unscaled"]
 
 
 def _eps_used(ctx: Context, fit: dict) -> tuple[float, str]:
@@ -173,7 +221,8 @@ def _fit_text(fit: dict) -> str:
         why = "not proportional to the centred scores" if not fit["proportional"] else \
             "d - std is not constant over spreads 1e-3..1e2"
         return f"not of the form (x - mean)/(std + eps): {why}"
-    text = f"of the form (x - mean)/(std_({fit['conv']}) + eps), fitted eps={fit['eps']:.3g}"
+    form = "G/(G - 1) (x - mean)" if fit["baseline"] == LOO else "(x - mean)"
+    text = f"of the form {form}/(std_({fit['conv']}) + eps), fitted eps={fit['eps']:.3g}"
     off = fit["factor_off"][fit["conv"]]
     if off > EXACT_FACTOR:
         text += f", std factor rounded to float32 (off 1 by up to {off:.2g})"
@@ -222,16 +271,19 @@ def adv_zero_mean(ctx: Context) -> CheckResult:
 
 
 def _scale_devs(ctx: Context, eps: float, fit: dict | None = None) -> dict[str, float]:
-    """Per convention: max |std_c(A) - s_c / (c_G s_c + eps)| on groups of std about 3, with
-    ``c_G`` the fitted factor of that convention (1 without a fit)."""
+    """Per convention: max |std_c(A) - b_G s_c / (c_G s_c + eps)| on groups of std about 3, with
+    ``c_G`` and ``b_G`` the fitted factor and baseline of that convention (1 without a fit)."""
     devs = {"n-1": 0.0, "n": 0.0}
     for g in (2, 3, 8, 16):
         x = _scores(ctx, 24, 4, g)
         a = _adv(ctx, x).detach().to(F64)
         for conv in devs:
             s = _std(x, conv)
-            c = std_factor(fit, g) if fit is not None and fit["conv"] == conv else 1.0
-            devs[conv] = max(devs[conv], float((_std(a, conv) - s / (c * s + eps)).abs().max()))
+            fitted = fit is not None and fit["conv"] == conv
+            c = std_factor(fit, g) if fitted else 1.0
+            b = baseline_factor(fit["baseline"], g) if fitted else 1.0
+            devs[conv] = max(devs[conv],
+                             float((_std(a, conv) - b * s / (c * s + eps)).abs().max()))
     return devs
 
 
@@ -251,7 +303,8 @@ def _scale_verdict(ctx: Context) -> tuple[bool, str, float, str]:
     large = "eps" not in ctx.claims and eps > EPS_UNDECLARED_MAX
     holds = devs[conv] <= EXACT_TOL and not large
     cs = "c s" if fit["factor_off"][conv] > EXACT_FACTOR else "s"
-    text = (f"{_fit_text(fit)}; |std_({conv})(A) - s/({cs} + eps)| = {devs[conv]:.3g} "
+    b = "G/(G - 1) " if fit["baseline"] == LOO else ""
+    text = (f"{_fit_text(fit)}; |std_({conv})(A) - {b}s/({cs} + eps)| = {devs[conv]:.3g} "
             f"(bound {EXACT_TOL:g})")
     if large:
         text += f"; a fitted eps above {EPS_UNDECLARED_MAX:g} counts only when declared (eps=...)"
@@ -556,6 +609,77 @@ def adv_extreme(ctx: Context) -> CheckResult:
                        "finite for scores of magnitude 1e30 and 1e-30 (float32 and float64)")
 
 
+def adv_leave_one_out(ctx: Context) -> CheckResult:
+    """The baseline: the group mean, or the mean of the other G - 1 scores (RLOO: Kool et al.
+    2019, Ahmadian et al. 2024), which is ``G/(G - 1)`` times the centred score. Read off the fit
+    (the std-scaled form ``b_G (x - mean)/(std + eps)``, or ``b_G (x - mean)`` with no std)."""
+    fit = fit_std_eps(ctx)
+    got = measured_baseline(fit)
+    scaled = "over the std" if fit["conv"] is not None else "with no std"
+    if got == LOO:
+        text = (f"leave-one-out: x minus the mean of the other G - 1 scores, G/(G - 1) (x - mean) "
+                f"{scaled}")
+    elif got == MEAN:
+        text = f"the group mean: (x - mean) {scaled}, not G/(G - 1) times it"
+    else:
+        text = (f"{_fit_text(fit)}, nor b_G (x - mean) with no std, for b_G = 1 (mean) or "
+                "G/(G - 1) (leave-one-out)")
+    text += "; fitted on groups of spread 1e-3..1e2, G = 2, 3, 8, 16"
+    return CheckResult("leave_one_out", _judge(ctx, "leave_one_out", got == LOO),
+                       got or "neither", "leave-one-out" if ctx.claims.get("leave_one_out", True)
+                       else "mean", f"{text}; {_claim_text(ctx, 'leave_one_out')}",
+                       ctx.row_kind("leave_one_out"))
+
+
+def _outlier_bound(fit: dict, g: int) -> float:
+    """Samuelson's inequality, |x - mean| <= (G - 1)/sqrt(G) s (Bessel std), times the
+    baseline's factor, at most sqrt(G) (leave-one-out, Bessel); a population std allows G/sqrt(G
+    - 1) (leave-one-out) or sqrt(G - 1)."""
+    if fit["conv"] == "n":
+        return g / math.sqrt(g - 1) if fit["baseline"] == LOO else math.sqrt(g - 1)
+    return math.sqrt(g)
+
+
+def adv_bounded(ctx: Context) -> CheckResult:
+    """One score ``spread`` above G - 1 equal ones (spreads 1, 1e-3, 1e-9; G = 2..16): a
+    std-scaled advantage stays within Samuelson's bound, |A| <= sqrt(G). A std of the other
+    G - 1 scores (NeMo-RL issue 1518) is 0 there, and the outlier gets spread / eps."""
+    fit = fit_std_eps(ctx)
+    worst, at, cases, over = 0.0, None, [], []
+    for g in OUTLIER_SIZES:
+        x = torch.zeros(len(OUTLIER_SPREADS), g, dtype=F64)
+        x[:, -1] = torch.tensor(OUTLIER_SPREADS, dtype=F64)
+        a = _adv(ctx, x).detach().to(F64)
+        bound = _outlier_bound(fit, g)
+        for k, spread in enumerate(OUTLIER_SPREADS):
+            top = float(a[k].abs().nan_to_num(math.inf).max())
+            outlier = float(a[k, -1].abs().nan_to_num(math.inf))
+            cases.append({"G": g, "spread": spread, "max_abs": top, "outlier": outlier,
+                          "bound": bound})
+            if not top <= bound * (1 + BOUND_RTOL):
+                over.append(cases[-1])
+            if top > worst or at is None:
+                worst, at = max(worst, top), cases[-1]
+    if not over:
+        return CheckResult("bounded_advantage", True, worst, "sqrt(G)",
+                           f"one score apart from G - 1 equal ones (spreads 1, 1e-3, 1e-9; G = "
+                           f"2..16): |A| <= {at['max_abs']:.4g} within Samuelson's bound "
+                           f"({at['bound']:.4g} at G={at['G']})", details={"cases": cases})
+    first = over[0]
+    per_spread = [c["outlier"] / c["spread"] for c in cases
+                  if c["G"] == first["G"] and c["spread"] >= 1e-3]
+    blow_up = (len(per_spread) == 2 and all(math.isfinite(v) for v in per_spread)
+               and abs(per_spread[0] - per_spread[1]) <= 1e-3 * per_spread[0])
+    text = (f"|A| = {first['max_abs']:.4g} at G={first['G']}, spread {first['spread']:g}, beyond "
+            f"Samuelson's bound {first['bound']:.4g} (sqrt(G) for a std-scaled advantage)")
+    if blow_up:
+        text = (f"leave-one-out blow-up: the outlier's advantage is its distance times "
+                f"{per_spread[0]:.4g} at spreads 1 and 1e-3 (distance / eps): its denominator "
+                f"is the std of the other G - 1 scores, 0 here (NeMo-RL issue 1518); {text}")
+    return CheckResult("bounded_advantage", False, worst, "sqrt(G)", text,
+                       details={"cases": cases})
+
+
 ADV_ROWS = (
     ("shape_dtype", "required", adv_shape_dtype),
     ("no_inplace", "required", adv_no_inplace),
@@ -569,6 +693,8 @@ ADV_ROWS = (
     ("affine_invariance", "std_scaled", adv_affine_invariance),
     ("permutation_equivariance", "required", adv_permutation),
     ("groups_independent", "required", adv_groups_independent),
+    ("leave_one_out", "leave_one_out", adv_leave_one_out),
+    ("bounded_advantage", "required", adv_bounded),
     ("group_size_one", "singleton", adv_group_size_one),
     ("float32_rounding", "info", adv_float32_rounding),
     ("ties_float64", "required", adv_ties_float64),

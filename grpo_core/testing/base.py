@@ -34,6 +34,12 @@ SINGLETONS = ("zero", "raw", "unsupported")
 # aggregations a loss may declare (``agg=``); loss_checks.AGG_MODELS defines each one
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
              "seq-mean-token-sum-norm", "grpo")
+# whose ratio a loss clips (``ratio_level=``): the token's, the response's (GSPO), or the
+# response's value with the token's own gradient (GSPO-token); loss_checks measures it
+RATIO_LEVELS = ("token", "sequence", "sequence-token")
+# what the ratio does in a loss (``policy_loss=``): PPO's clipped surrogate, or CISPO's detached
+# clipped weight on -A logp
+POLICY_LOSSES = ("ppo", "cispo")
 
 
 @dataclass(frozen=True)
@@ -69,10 +75,11 @@ CLAIM_KEYS: dict[str, dict[str, Any]] = {
     "kl": {"unbiased": bool, "nonnegative": bool, "grad": GRAD_CLASSES,
            "clamp": Number(0.0, inclusive=False)},
     "advantage": {"std_scaled": bool, "bessel": bool, "eps": Number(0.0),
-                  "singleton": SINGLETONS},
+                  "singleton": SINGLETONS, "leave_one_out": bool},
     "returns": {},
     "loss": {"eps_low": Number(0.0, high=1.0), "eps_high": Number(0.0), "agg": LOSS_AGGS,
-             "max_len": Number(1, integer=True), "clip_ratio_c": Number(1.0, False, none_ok=True)},
+             "max_len": Number(1, integer=True), "clip_ratio_c": Number(1.0, False, none_ok=True),
+             "ratio_level": RATIO_LEVELS, "policy_loss": POLICY_LOSSES},
 }
 
 DEFAULT_SAMPLES = 20_000  # samples per categorical pair (KL unbiasedness)

@@ -29,10 +29,11 @@ Claims (:func:`declares`, or the ``claims`` argument, which overrides them):
 - kl: ``unbiased``, ``nonnegative`` (bools); ``grad`` (``kl_policy_ref`` | ``kl_ref_policy`` |
   ``zero`` | ``neither``: which gradient the estimator follows as a loss term; clamped k3 and
   ``|logp - ref_logp|`` follow neither); ``clamp`` (a number C: values clamped to [-C, C]).
-- advantage: ``std_scaled``, ``bessel`` (bools); ``eps`` (added to the std);
-  ``singleton`` (``zero`` | ``raw`` | ``unsupported``). Meanings in :mod:`.adv_checks`.
-- loss: ``eps_low``, ``eps_high``, ``agg``, ``max_len``, ``clip_ratio_c``; meanings in
-  :mod:`.loss_checks`.
+- advantage: ``std_scaled``, ``bessel``, ``leave_one_out`` (bools); ``eps`` (added to the
+  std); ``singleton`` (``zero`` | ``raw`` | ``unsupported``). Meanings in :mod:`.adv_checks`.
+- loss: ``eps_low``, ``eps_high``, ``agg``, ``max_len``, ``clip_ratio_c``, ``ratio_level``
+  (``token`` | ``sequence`` | ``sequence-token``), ``policy_loss`` (``ppo`` | ``cispo``);
+  meanings in :mod:`.loss_checks`.
 
 A claimed property that the measurement contradicts fails; an unclaimed one is measured and
 shown as an info row.
@@ -58,6 +59,7 @@ from .. import (
     kl_k3,
     kl_k3_is,
 )
+from ..losses import cispo_loss
 from .base import (
     CLAIM_KEYS,
     DEFAULT_SAMPLES,
@@ -210,11 +212,31 @@ def _basic_inputs(kind: str, arity: int):
     return (rewards, mask, 0.9), (3, 6)
 
 
+def _basic_call(fn: Callable, kind: str, args):
+    out = fn(*args)
+    if kind == "loss" and isinstance(out, (tuple, list)) and out:
+        out = out[0]  # (loss, stats, ...): the loss comes first
+    return out
+
+
+def _square_loss_inputs():
+    """The basic loss inputs on a 5 x 5 batch (N = T): a loss that broadcasts a per-row vector
+    along T runs only there, and is then checked row by row (``row_equivariance`` names it)."""
+    (logp, old, adv, mask), _ = _basic_inputs("loss", 4)
+
+    def pad(x, fill):
+        return torch.cat([x, torch.full((3, 5), fill, dtype=x.dtype)])
+
+    return pad(logp, -0.5), pad(old, -0.5), pad(adv, 0.3), pad(mask, 1.0)
+
+
 def validate_estimator(fn: Callable, kind: str) -> int:
     """Check that ``fn`` can be checked as a ``kind`` estimator; returns its arity.
 
     Raises :class:`EstimatorUsageError` (one line) when ``kind`` is unknown, ``fn`` is not
-    callable, its signature does not fit, or a basic call raises or returns no tensor.
+    callable, its signature does not fit, or a basic call raises or returns no tensor. A loss
+    whose basic call raises but which runs on a square batch (N = T) is accepted: its rows fail
+    where it raises, and ``row_equivariance`` says why.
     """
     if kind not in KINDS:
         raise EstimatorUsageError(f"kind={kind!r} is not valid; choose one of {', '.join(KINDS)}")
@@ -226,13 +248,16 @@ def validate_estimator(fn: Callable, kind: str) -> int:
         raise EstimatorUsageError(str(e)) from None
     args, _ = _basic_inputs(kind, arity)
     try:
-        out = fn(*args)
-        if kind == "loss" and isinstance(out, (tuple, list)) and out:
-            out = out[0]  # (loss, stats, ...): the loss comes first
+        out = _basic_call(fn, kind, args)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise EstimatorUsageError(
-            f"a basic call raised {type(e).__name__}: {msg}"[:300]) from None
+        try:  # a loss that runs on square batches only: a broadcast bug the rows name
+            out = _basic_call(fn, kind, _square_loss_inputs()) if kind == "loss" else None
+        except Exception:
+            out = None
+        if out is None:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise EstimatorUsageError(
+                f"a basic call raised {type(e).__name__}: {msg}"[:300]) from None
     if not isinstance(out, torch.Tensor):
         raise EstimatorUsageError(f"a basic call returned {type(out).__name__}, "
                                   "expected a torch.Tensor")
@@ -322,6 +347,35 @@ def builtin_policy_loss_dual_clip(logp, old_logp, adv, mask):
                                agg="seq-mean-token-sum-norm", max_len=48, clip_ratio_c=3.0)[0]
 
 
+def builtin_gspo_loss(logp, old_logp, adv, mask):
+    """``grpo_core.clipped_policy_loss`` with ``ratio_level="sequence"`` (GSPO): the paper's
+    clip range 3e-4 / 4e-4 and its average over responses (seq-mean-token-mean)."""
+    return clipped_policy_loss(logp, old_logp, adv, mask, eps_low=3e-4, eps_high=4e-4,
+                               agg="seq-mean-token-mean", ratio_level="sequence")[0]
+
+
+def builtin_gspo_token_loss(logp, old_logp, adv, mask):
+    """``grpo_core.clipped_policy_loss`` with ``ratio_level="sequence-token"`` (GSPO-token),
+    clip range 3e-4 / 4e-4, seq-mean-token-mean."""
+    return clipped_policy_loss(logp, old_logp, adv, mask, eps_low=3e-4, eps_high=4e-4,
+                               agg="seq-mean-token-mean", ratio_level="sequence-token")[0]
+
+
+def builtin_cispo_loss(logp, old_logp, adv, mask):
+    """``grpo_core.losses.cispo_loss``: the weight min(ratio, 1.28) detached, token-mean."""
+    return cispo_loss(logp, old_logp, adv, mask, eps_high=0.28, agg="token-mean")[0]
+
+
+def builtin_rloo_advantage(scores: torch.Tensor) -> torch.Tensor:
+    """``grpo_core.group_advantages`` with ``baseline="leave-one-out"`` on (B, G) scores
+    (scale="group", stats_over="sequences"): G/(G - 1) (x - mean) / (std + 1e-8)."""
+    b, g = scores.shape
+    flat = scores.reshape(b * g, 1)
+    out = group_advantages(flat, torch.ones_like(flat), g, gamma=1.0, scale="group",
+                           stats_over="sequences", baseline="leave-one-out")
+    return out.reshape(b, g)
+
+
 BUILTINS: dict[str, Callable] = {
     "k1": declares(unbiased=True, nonnegative=False, grad="zero")(_wrapped(kl_k1, "k1")),
     "k2": declares(unbiased=False, nonnegative=True, grad="kl_policy_ref")(_wrapped(kl_k2, "k2")),
@@ -331,10 +385,21 @@ BUILTINS: dict[str, Callable] = {
     "group_advantages": declares(std_scaled=True, bessel=True, eps=1e-8, singleton="zero")(
         builtin_group_advantages),
     "discounted_returns": _wrapped(discounted_returns, "discounted_returns"),
-    "policy_loss": declares(eps_low=0.2, eps_high=0.28, agg="token-mean", clip_ratio_c=None)(
-        builtin_policy_loss),
+    "policy_loss": declares(eps_low=0.2, eps_high=0.28, agg="token-mean", clip_ratio_c=None,
+                            ratio_level="token", policy_loss="ppo")(builtin_policy_loss),
     "policy_loss_dual_clip": declares(eps_low=0.2, eps_high=0.2, agg="seq-mean-token-sum-norm",
-                                      max_len=48, clip_ratio_c=3.0)(builtin_policy_loss_dual_clip),
+                                      max_len=48, clip_ratio_c=3.0, ratio_level="token",
+                                      policy_loss="ppo")(builtin_policy_loss_dual_clip),
+    "gspo_loss": declares(eps_low=3e-4, eps_high=4e-4, agg="seq-mean-token-mean",
+                          clip_ratio_c=None, ratio_level="sequence", policy_loss="ppo")(
+        builtin_gspo_loss),
+    "gspo_token_loss": declares(eps_low=3e-4, eps_high=4e-4, agg="seq-mean-token-mean",
+                                clip_ratio_c=None, ratio_level="sequence-token",
+                                policy_loss="ppo")(builtin_gspo_token_loss),
+    "cispo_loss": declares(eps_high=0.28, agg="token-mean", clip_ratio_c=None,
+                           ratio_level="token", policy_loss="cispo")(builtin_cispo_loss),
+    "rloo_advantage": declares(std_scaled=True, bessel=True, eps=1e-8, singleton="zero",
+                               leave_one_out=True)(builtin_rloo_advantage),
 }
 BUILTIN_KINDS: dict[str, str] = {
     "k1": "kl",
@@ -345,6 +410,10 @@ BUILTIN_KINDS: dict[str, str] = {
     "discounted_returns": "returns",
     "policy_loss": "loss",
     "policy_loss_dual_clip": "loss",
+    "gspo_loss": "loss",
+    "gspo_token_loss": "loss",
+    "cispo_loss": "loss",
+    "rloo_advantage": "advantage",
 }
 
 
