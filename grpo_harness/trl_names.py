@@ -50,6 +50,12 @@ def hint(key: str, value: Any = None) -> str | None:
         flag = FLAGS[key]
         return (f"TRL's {key} is the train vlm option {flag} here, not a GRPOConfig key "
                 f"({flag} {_text(value) if given else 'VALUE'})")
+    if key == "importance_sampling_level":
+        level = {"sequence": "sequence", "token": "token"}.get(value if isinstance(value, str) else "", None)
+        return (f"TRL's importance_sampling_level is ratio_level here"
+                + (f" (--set ratio_level={level})" if level else " (token, sequence = GSPO, sequence-token = GSPO-token)"))
+    if key == "loss_type" and isinstance(value, str) and value.lower() == "cispo":
+        return "TRL's loss_type=cispo is --set policy_loss=cispo here (loss_agg stays token-mean)"
     if key == "loss_type":
         key_value = value.lower() if isinstance(value, str) else value
         if key_value in LOSS_TYPES:

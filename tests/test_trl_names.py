@@ -67,3 +67,12 @@ def test_a_trl_name_in_ablate_vary_is_answered_with_ours(tmp_path, capsys):
     err = one_line(capsys, main(["ablate", "cartpole", "--out", str(tmp_path / "a"), "--vary", "num_iterations=1,4",
                                  "--seeds", "0"]))
     assert "TRL's num_iterations is grpo_epochs here" in err, err
+
+
+def test_gspo_and_cispo_names_are_mapped():
+    from grpo_harness.trl_names import hint
+
+    assert hint("importance_sampling_level", "sequence") == ("TRL's importance_sampling_level is ratio_level here "
+                                                             "(--set ratio_level=sequence)")
+    assert hint("loss_type", "cispo") == "TRL's loss_type=cispo is --set policy_loss=cispo here (loss_agg stays token-mean)"
+    assert "sequence-token = GSPO-token" in hint("importance_sampling_level")
