@@ -399,7 +399,8 @@ def check_loss_and_kl_gradient(adapter, policy, reference, params, config, rollo
 def check_kit(config, *, kit_samples: int | None = None) -> list[CheckResult]:
     """Rows (e): the kit on the configured KL estimator, the advantage and returns builtins."""
     out = []
-    for row_name, key in ((KIT_KL, config.kl_estimator), (KIT_ADV, "group_advantages"),
+    advantage = "rloo_advantage" if getattr(config, "baseline", "mean") == "leave-one-out" else "group_advantages"
+    for row_name, key in ((KIT_KL, config.kl_estimator), (KIT_ADV, advantage),
                           (KIT_RET, "discounted_returns")):
         try:
             kw = {} if kit_samples is None else {"samples": kit_samples}
