@@ -672,9 +672,9 @@ def _clip_grid(ctx: Context, edges: list[float]):
     return logp, mask, ratio, adv
 
 
-def _region_result(ok: bool, off: float, leak: float, text: str) -> CheckResult:
+def _region_result(ok: bool, off: float, leak: float, text: str, others: str = "as expected") -> CheckResult:
     if ok:
-        text += " with zero gradient, the others as expected; the loss matches"
+        text += f" with zero gradient, the others {others}; the loss matches"
     else:
         text += (f"; gradient in the clipped region up to {leak:.3g} of w ratio |A| "
                  f"(bound {ZERO_GRAD:g}), value or free gradient off by {off:.3g} "
@@ -780,13 +780,7 @@ def loss_clip_region(ctx: Context) -> CheckResult:
     params = f"eps_low={eps_low:.4g}, eps_high={eps_high:.4g}, c={_num(c)}"
     text = (f"{int(mask.sum())} tokens with ratios 0.3..12, both signs of A ({params}): "
             f"{n_zero} clipped")
-    if ok:
-        text += " with zero gradient, the others -w ratio A; the loss matches"
-    else:
-        text += (f"; gradient in the clipped region up to {leak:.3g} of w ratio |A| "
-                 f"(bound {ZERO_GRAD:g}), value or free gradient off by {off:.3g} "
-                 f"(bound {LOSS_RTOL:g})")
-    return CheckResult("clip_region", ok, max(off, leak), LOSS_RTOL, text)
+    return _region_result(ok, off, leak, text, others="-w ratio A")
 
 
 def loss_ratio_level(ctx: Context) -> CheckResult:
