@@ -90,12 +90,13 @@ def build(junit: Path, out: Path) -> dict:
     for c in cases:
         by_module[".".join(c["module"].split(".")[:2])][c["outcome"]] += 1
     fragments = _fragments(out / "fragments")
+    catalogue = bug_catalogue_section(fragments.pop(CATALOGUE_FRAGMENT, None), cases)
     examples = sum(v.get("examples", 0) for k, v in fragments.items() if k.startswith("hypothesis"))
     estimators, plot = _estimator_section(out)
     profiles = sorted({v["profile"] for k, v in fragments.items() if k.startswith("hypothesis") and "profile" in v})
     report = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": _versions(),
               "seed": ESTIMATOR_SEED, "hypothesis_profile": ", ".join(profiles) or "unknown",
-              "builtin_estimators": estimators, "kl_plot": plot,
+              "builtin_estimators": estimators, "kl_plot": plot, "bug_catalogue": catalogue,
               "counts": dict(counts), "total": len(cases), "hypothesis_examples": examples,
               "modules": {m: dict(c) for m, c in sorted(by_module.items())},
               "failures": [c for c in cases if c["outcome"] in ("failed", "error")],
@@ -130,6 +131,8 @@ def to_markdown(report: dict) -> str:
                          f"{_short(r['bound'])} | {r['explanation']} |")
     if report["kl_plot"]:
         lines += ["", f"![bias and std of k1/k2/k3]({report['kl_plot']})"]
+    if report.get("bug_catalogue"):
+        lines += ["", *bug_catalogue_markdown(report["bug_catalogue"])]
     for name, section in report["sections"].items():
         lines += ["", f"## {name}", ""]
         if isinstance(section, dict) and "markdown" in section:
@@ -138,6 +141,63 @@ def to_markdown(report: dict) -> str:
             lines += ["```json", json.dumps(section, indent=2, default=str)[:4000], "```"]
     lines += ["", "## Versions", ""] + [f"- {k}: {v}" for k, v in report["versions"].items()]
     return "\n".join(lines) + "\n"
+
+
+CATALOGUE_FRAGMENT = "bug-catalogue"
+"""The fragment ``tests/_report_plugin.py`` writes from ``tests/bug_catalogue.py`` (issue 28)."""
+
+
+def _junit_key(nodeid: str) -> tuple[str, str]:
+    """(classname, name) of a pytest node id in the JUnit XML: ``tests/test_x.py::Cls::test_y[p]``
+    -> ``("tests.test_x.Cls", "test_y[p]")``."""
+    parts = nodeid.split("::")
+    module = parts[0].removesuffix(".py").replace("/", ".")
+    return ".".join([module, *parts[1:-1]]), parts[-1]
+
+
+def bug_catalogue_section(fragment: dict | None, cases: list[dict]) -> dict | None:
+    """The catalogue's entries, each with the outcome of its test in this run ("passed",
+    "failed", "error", "skipped", "not run"; None for an entry not caught, which has no test),
+    and the counts. None without the fragment (the catalogue's tests were not collected)."""
+    if not fragment:
+        return None
+    outcomes = {(c["module"], c["name"]): c["outcome"] for c in cases}
+    entries = []
+    for entry in fragment.get("entries", []):
+        test = entry.get("test")
+        outcome = outcomes.get(_junit_key(test), "not run") if test else None
+        entries.append({**entry, "outcome": outcome})
+    caught = [e for e in entries if e.get("caught")]
+    return {"entries": entries, "total": len(entries), "caught": len(caught),
+            "passed": sum(e["outcome"] == "passed" for e in caught),
+            "run": sum(e["outcome"] not in (None, "not run") for e in entries)}
+
+
+_OUTCOME_WORDS = {"passed": "passed", "failed": "**FAILED**", "error": "**ERROR**", "skipped": "skipped",
+                  "not run": "not run"}
+
+
+def bug_catalogue_markdown(section: dict) -> list[str]:
+    """The "Bug catalogue" section of verify.md: one row per entry, with its check, the kind of
+    check and the outcome of its test in this run."""
+    n, caught = section["total"], section["caught"]
+    lines = ["## Bug catalogue: the field's GRPO bugs (issue 28)", "",
+             f"Each bug is reproduced as a broken variant (`tests/bug_catalogue.py`, tests in "
+             f"`tests/test_bug_catalogue.py`); its test asserts that the named check fails on it and "
+             f"passes on the correct code. **The harness catches {caught} of {n}** "
+             f"({n - caught} not caught, each with the reason); in this run {section['passed']} of "
+             f"{caught} catalogue tests passed.", "",
+             "| reference | bug class | level | check that catches it | kind | test: this run | note |",
+             "|---|---|---|---|---|---|---|"]
+    for e in section["entries"]:
+        run = "-"
+        if e["outcome"] is not None:
+            name = e["test"].split("::")[-1]
+            run = f"`{name}`: {_OUTCOME_WORDS.get(e['outcome'], e['outcome'])}"
+        note = "; ".join(x for x in (e.get("note", ""), e.get("source", "")) if x)
+        cells = [e["reference"], e["bug_class"], e["level"], e["check"], e["kind"], run, note]
+        lines.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    return lines
 
 
 _CLAIM = re.compile(r"claimed (\w+)=(\S+)\s*$")
