@@ -88,7 +88,8 @@ class Adapter(Protocol):
     #   prompt or start state of each listed group of ``rollout``, in that order;
     # ``join_groups(parts: list[tuple[Rollout, list[int]]]) -> Rollout``: one rollout made of
     #   the listed groups of each part, in order (group g of a part is its rows g*G .. g*G+G-1),
-    #   padded to the longest T; ``info`` may be the first part's.
+    #   padded to the longest T (``engine_logp`` too, when the parts carry it); ``info`` may be
+    #   the first part's.
     # Optional, needed by a data-parallel run (``grpo_core.distributed``): ``collect`` taking the
     # keywords ``first_group`` and ``total_groups``: the rollout holds groups first_group ..
     # first_group + num_groups - 1 of the iteration's total_groups (start state or prompt, and

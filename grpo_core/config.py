@@ -63,8 +63,9 @@ class GRPOConfig:
     """The policy term: "ppo" (the clipped surrogate above) or "cispo" (MiniMax 2025,
     "MiniMax-M1": each token's loss is -w A logp with w = min(ratio, 1 + clip_eps_high) detached;
     no lower bound, as in the paper; clip_eps_low and clip_ratio_c do not apply; every token keeps
-    a gradient). See grpo_core.losses.cispo_loss. TRL: loss_type="cispo"; verl:
-    policy_loss.loss_mode="cispo"."""
+    a gradient). See grpo_core.losses.cispo_loss. TRL: loss_type="cispo", whose epsilon_high is
+    the cap itself (so TRL's epsilon_high=5 is clip_eps_high=4 here); verl:
+    policy_loss.loss_mode="cispo" with clip_ratio_high as here."""
     ratio_level: str = "token"
     """Which importance ratio the PPO surrogate clips: "token" (PPO, GRPO), "sequence" (GSPO,
     Zheng et al. 2025: the geometric mean of the response's token ratios, one clip decision per
@@ -75,12 +76,15 @@ class GRPOConfig:
     """When the samples come from an engine apart from the trained policy (``Rollout.engine_logp``:
     an inference engine, a copy in bf16), how the loss corrects for the engine's distribution
     (``grpo_core.losses.engine_correction``): "tis" (truncated importance sampling, Yao et al.
-    2025: each token's policy loss weighted by min(pi_old / pi_engine, C), a constant; TRL's
-    default for vLLM, and the most robust in a public comparison of the options), "mis" (masked:
+    2025: each token's policy loss weighted by min(pi_old / pi_engine, C), a constant; token-level
+    TIS was TRL's first default for vLLM and held up best in a public comparison of the options
+    on long generations), "mis" (masked:
     tokens or sequences with a ratio outside [1/C, C] leave the loss and its normaliser) or "none"
     (measure only). No effect when the policy itself sampled (no engine log-probs)."""
     engine_correction_level: str = "token"
-    """"token" or "sequence" (the geometric mean of a sequence's token ratios, for every token)."""
+    """"token" or "geometric" (verl's name: the geometric mean of a sequence's token ratios, for
+    every token; much closer to 1 than the sequence's product of ratios, so it wants a threshold
+    near 1: verl suggests 1.0002-1.001)."""
     engine_correction_threshold: float = 2.0
     """C of engine_correction, > 1 (Yao et al. and verl's rollout_is_threshold: 2)."""
     beta: float = 0.04
@@ -95,8 +99,11 @@ class GRPOConfig:
     """What a value is measured against within its group: "mean" (GRPO: the group's mean) or
     "leave-one-out" (RLOO, Ahmadian et al. 2024: the mean of the group's other values, which
     makes the advantage n/(n - 1) times GRPO's, n the pooled values; divided by the group's std
-    when scale="group", bounded by sqrt(n); see grpo_core.advantages). TRL has no such option
-    (its RLOOTrainer is separate); verl: adv_estimator="rloo"."""
+    when scale="group", where each pooled value's |A| is bounded by sqrt(n); see
+    grpo_core.advantages). The RLOO of the papers and of verl (adv_estimator="rloo") has no std:
+    scale="none" with stats_over="sequences"; with scale="group" it is GRPO's advantage times a
+    constant n/(n - 1), nearly the same update under Adam. With stats_over="steps" the pool is
+    every step's return, so one step is left out, not one sample."""
     stats_over: str = "steps"
     """Group statistics over every valid step's return, "steps" (the plan's CartPole GRPO), or
     over one outcome per sample, the sum of its rewards, "sequences" (GRPO's outcome

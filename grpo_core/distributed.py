@@ -248,10 +248,13 @@ class DistributedGRPOTrainer(GRPOTrainer):
         stats = super().step()
         if self.world == 1:
             return stats
-        valid = _all_reduce(torch.tensor([stats["adv_abs_mean"] * self._local_valid, self._local_valid,
-                                          stats["zero_signal_groups"]], dtype=torch.float64), dist.ReduceOp.SUM)
+        n = self._adv_valid
+        valid = _all_reduce(torch.tensor([stats["adv_abs_mean"] * n, n, stats["zero_signal_groups"]],
+                                         dtype=torch.float64), dist.ReduceOp.SUM)
         stats["adv_abs_mean"] = float(valid[0] / valid[1]) if valid[1] > 0 else 0.0
         stats["zero_signal_groups"] = float(valid[2])
+        if "mismatch_kl" in stats:  # an engine correction's stats: shares of this rank's tokens and rows
+            stats.update(reduce_correction_stats(stats, *self._correction_counts))
         infos: list = [None] * self.world
         dist.all_gather_object(infos, {k: stats[k] for k in self._info_keys})
         stats.update(reduce_info(infos))
@@ -422,6 +425,24 @@ def reduce_minibatch_stats(stats: dict[str, float], tokens: int) -> dict[str, fl
     count = total[-1]
     out.update({k: total[len(summed) + i] / count if count else 0.0 for i, k in enumerate(shares)})
     out["ratio_min"], out["ratio_max"] = (ends[0], -ends[1]) if count else (1.0, 1.0)
+    return out
+
+
+_CORRECTION_TOKEN_SHARES = ("mismatch_kl", "is_ratio_mean", "is_truncated_frac", "is_masked_frac")
+
+
+def reduce_correction_stats(stats: dict[str, float], tokens: int, rows: int) -> dict[str, float]:
+    """An engine correction's stats over every rank (``losses.engine_correction``): token shares
+    weighted by the ranks' valid tokens, the masked-row share by their rows with a token, the
+    ratio range over the ranks that hold tokens."""
+    vals = [stats[k] * tokens for k in _CORRECTION_TOKEN_SHARES] + [stats["is_masked_seq_frac"] * rows, tokens, rows]
+    total = _all_reduce(torch.tensor(vals, dtype=torch.float64), dist.ReduceOp.SUM).tolist()
+    n_tok, n_rows = total[-2], total[-1]
+    out = {k: total[i] / n_tok if n_tok else 0.0 for i, k in enumerate(_CORRECTION_TOKEN_SHARES)}
+    out["is_masked_seq_frac"] = total[len(_CORRECTION_TOKEN_SHARES)] / n_rows if n_rows else 0.0
+    lo, hi = (stats["is_ratio_min"], stats["is_ratio_max"]) if tokens else (math.inf, -math.inf)
+    ends = _all_reduce(torch.tensor([lo, -hi], dtype=torch.float64), dist.ReduceOp.MIN).tolist()
+    out["is_ratio_min"], out["is_ratio_max"] = (ends[0], -ends[1]) if n_tok else (1.0, 1.0)
     return out
 
 

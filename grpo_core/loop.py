@@ -139,13 +139,20 @@ class GRPOTrainer:
         ref_logp = self._batch_logp(self.reference, rollout) if cfg.beta != 0 else None
         engine = rollout.engine_logp is not None
         if rollout.old_logp is None and (cfg.grpo_epochs > 1 or cfg.minibatches > 1 or engine):
-            rollout.old_logp = self._batch_logp(self.policy, rollout)  # no update yet: sampling weights
+            with watch_stochastic_modules(self.policy) as active:
+                rollout.old_logp = self._batch_logp(self.policy, rollout)  # no update yet: sampling weights
+            if active:
+                raise StochasticForwardError(
+                    f"the policy's forward is random ({', '.join(active)}), so the old log-probs the loop "
+                    "recomputes are not those of the distribution that sampled (verl issue 4708): set that "
+                    "dropout to 0 or put the policy in eval mode, or collect old_logp in the adapter")
         correction = {}
         if engine:  # another engine sampled: measure the mismatch, correct the loss
             rollout, correction = self._correct_for_engine(rollout)
         stats = self._update(rollout, adv, ref_logp)
         stats.update(correction)
         valid = rollout.mask.bool()
+        self._adv_valid = int(valid.sum())  # after an engine correction's mask: what adv_abs_mean averages
         stats["adv_abs_mean"] = float(adv[valid].abs().mean()) if valid.any() else 0.0
         stats["zero_signal_groups"] = float(zero_groups)  # of the first draw
         stats.update(sampling)
@@ -163,6 +170,8 @@ class GRPOTrainer:
                                                 mode=cfg.engine_correction, level=cfg.engine_correction_level,
                                                 threshold=cfg.engine_correction_threshold)
         self._token_weight = weight
+        m = rollout.mask.bool()
+        self._correction_counts = (int(m.sum()), int(m.any(-1).sum()))  # what the stats are shares of
         corrected = dataclasses.replace(rollout, mask=keep.to(rollout.mask.dtype))
         return corrected, stats
 
@@ -226,7 +235,7 @@ class GRPOTrainer:
                  "groups_trained": float(b - room)}
         if room == b or (len(parts) == 1 and room == 0):
             return rollout, adv, stats
-        joined = self.adapter.join_groups([(part, gs) for part, gs in picks if gs])
+        joined = self._join([(part, gs) for part, gs in picks if gs])
         joined.validate(g, b - room)
         return joined, self._advantages(joined), stats
 
@@ -258,9 +267,18 @@ class GRPOTrainer:
                  "groups_retried": float(retried)}
         if trained == 0 or len(signal) == b:  # nothing with signal, or the first draw all signal
             return rollout, adv, stats
-        joined = self.adapter.join_groups([(part, gs) for part, gs in [(rollout, signal)] + found if gs])
+        joined = self._join([(part, gs) for part, gs in [(rollout, signal)] + found if gs])
         joined.validate(g, trained)
         return joined, self._advantages(joined), stats
+
+    def _join(self, parts: list[tuple[Rollout, list[int]]]) -> Rollout:
+        """``adapter.join_groups(parts)``, refusing a join that lost the parts' engine log-probs
+        (the correction would silently be skipped)."""
+        joined = self.adapter.join_groups(parts)
+        if any(p.engine_logp is not None for p, _ in parts) and joined.engine_logp is None:
+            raise ValueError(f"{type(self.adapter).__name__}.join_groups dropped Rollout.engine_logp: the joined "
+                             "rollout must carry the parts' engine log-probs (engine_correction needs them)")
+        return joined
 
     def _see_outcomes(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """``_sample_outcomes(rollout)``, after raising ``best_outcome`` to their best."""

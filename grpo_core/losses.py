@@ -20,7 +20,7 @@ DR_GRPO = "seq-mean-token-sum-norm"
 RATIO_LEVELS = ("token", "sequence", "sequence-token")
 POLICY_LOSSES = ("ppo", "cispo")
 CORRECTIONS = ("none", "tis", "mis")
-CORRECTION_LEVELS = ("token", "sequence")
+CORRECTION_LEVELS = ("token", "geometric")
 IS_LOG_BOUND = 20.0
 """|log rho| above this is taken as this before exp (verl's safety bound): a weight of e^20."""
 
@@ -130,8 +130,11 @@ def clipped_policy_loss(
     ``token_weight``: a constant weight on each token's loss (``engine_correction``'s TIS).
     ``ratio_level``: ``"token"`` (PPO, GRPO), or a response's ratio (``sequence_log_ratio``):
     ``"sequence"`` (GSPO) or ``"sequence-token"`` (GSPO-token); its clip decision is then the
-    response's, the same at every token. GSPO's paper averages over responses
-    (``agg="seq-mean-token-mean"``) with clip ranges of about 3e-4 / 4e-4.
+    response's, the same at every token whose advantage has the same sign (with per-token
+    advantages of both signs in a row, some tokens clip and others do not, and under "sequence"
+    the unclipped ones still move every token through the shared ratio). GSPO's paper averages
+    over responses (``agg="seq-mean-token-mean"``) with clip ranges of about 3e-4 / 4e-4.
+    ``approx_kl`` stays the token ratios' k3.
 
     Shapes: logp, old_logp, adv, mask (N, T) -> scalar, stats.
 
@@ -148,7 +151,7 @@ def clipped_policy_loss(
     check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     m = as_mask(mask, logp)
     zero = torch.zeros_like(logp)
-    log_ratio = torch.where(m, logp - old_logp.detach(), zero)
+    log_ratio = token_log_ratio = torch.where(m, logp - old_logp.detach(), zero)
     if ratio_level != "token":
         log_ratio = sequence_log_ratio(log_ratio, m, level=ratio_level)
     a = torch.where(m, adv.detach(), zero)
@@ -160,6 +163,9 @@ def clipped_policy_loss(
     loss = agg_loss(tok, m, agg=agg, max_len=max_len, total=total)
     with torch.no_grad():
         stats = _clip_stats(log_ratio, ratio, a, m, eps_low, eps_high, clip_ratio_c)
+        if ratio_level != "token":  # approx_kl stays the tokens' k3 (as verl reports it for GSPO)
+            lr = token_log_ratio.clamp(max=LOG_RATIO_MAX)
+            stats["approx_kl"] = float(torch.where(m, torch.expm1(lr) - lr, zero).sum()) / max(int(m.sum()), 1)
     return loss, stats
 
 
@@ -228,9 +234,13 @@ def engine_correction(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: t
     Shapes: old_logp, engine_logp, mask (N, T) -> weight (N, T) or None, mask (N, T) bool, stats.
 
     ``rho_t = exp(old_logp_t - engine_logp_t)``, the trainer's sampling-time probability of the
-    token over the engine's (``|log rho|`` bounded by ``IS_LOG_BOUND``). ``level="sequence"``:
-    every token of a row takes the row's geometric mean, ``exp(mean over its valid tokens of
-    log rho_t)`` (the sequence ratio of the IS literature, length-normalised as GSPO's).
+    token over the engine's (``|log rho|`` bounded by ``IS_LOG_BOUND``). ``level="geometric"``
+    (verl's name): every token of a row takes the row's geometric mean, ``exp(mean over its
+    valid tokens of log rho_t)``, bounded after the mean (so one catastrophic token is not
+    clipped before it counts). It is length-normalised like GSPO's ratio, and much closer to 1
+    than the product of the token ratios (the sequence ratio of TRL's and verl's "sequence"
+    modes, not offered here): verl suggests thresholds of about 1.0002-1.001 for it, where 2 is
+    nearly inert.
     ``mode``:
 
     - ``"tis"``, truncated importance sampling (Yao et al. 2025, "Your efficient RL framework
@@ -238,7 +248,7 @@ def engine_correction(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: t
       policy loss, held constant (detached: it corrects the sampling distribution, it is not
       optimised); the mask is unchanged.
     - ``"mis"``, masked importance sampling (the Ling team's IcePop; the Qwen team's sequence
-      masking): tokens (``level="token"``) or whole rows (``"sequence"``) whose ratio leaves
+      masking): tokens (``level="token"``) or whole rows (``"geometric"``) whose ratio leaves
       ``[1/C, C]`` leave the mask, so they leave the loss and its normaliser too (counting them
       in the denominator was slime issue 657); no weight.
     - ``"none"``: the mask as it is, no weight; only the stats.
@@ -255,9 +265,10 @@ def engine_correction(old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: t
         raise ValueError(f"threshold must be a number > 1 (the ratio's bound C), got {threshold!r}")
     m = mask.bool()
     zero = torch.zeros_like(old_logp)
-    log_rho = torch.where(m, (old_logp - engine_logp).detach(), zero).clamp(-IS_LOG_BOUND, IS_LOG_BOUND)
-    if level == "sequence":
-        seq = log_rho.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)  # (N, 1): its own row
+    raw = torch.where(m, (old_logp - engine_logp).detach(), zero)
+    log_rho = raw.clamp(-IS_LOG_BOUND, IS_LOG_BOUND)
+    if level == "geometric":  # the row's mean, bounded after it is taken; an (N, 1) column: its own row
+        seq = (raw.sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1)).clamp(-IS_LOG_BOUND, IS_LOG_BOUND)
         used = torch.where(m, seq.expand_as(log_rho), zero)
     else:
         used = log_rho

@@ -55,7 +55,9 @@ def hint(key: str, value: Any = None) -> str | None:
         return (f"TRL's importance_sampling_level is ratio_level here"
                 + (f" (--set ratio_level={level})" if level else " (token, sequence = GSPO, sequence-token = GSPO-token)"))
     if key == "loss_type" and isinstance(value, str) and value.lower() == "cispo":
-        return "TRL's loss_type=cispo is --set policy_loss=cispo here (loss_agg stays token-mean)"
+        return ("TRL's loss_type=cispo is --set policy_loss=cispo here (loss_agg stays token-mean); TRL's "
+                "epsilon_high is CISPO's cap itself, here the cap is 1 + clip_eps_high (epsilon_high=5 is "
+                "--set clip_eps_high=4)")
     if key == "loss_type":
         key_value = value.lower() if isinstance(value, str) else value
         if key_value in LOSS_TYPES:

@@ -633,20 +633,24 @@ def aggregate_with_gradient(values, d, agg, max_len=None):
 #         truncated importance ratio min(pi_old(y_t) / pi_engine(y_t), C), a constant.
 # [MIS]   The Ling team's IcePop (2025) and the Qwen team's analysis of the mismatch (2025):
 #         tokens, or whole sequences, whose ratio leaves [1/C, C] are masked out of the update.
-#         A sequence's ratio is the geometric mean of its token ratios (length-normalised).
+#         At the "geometric" level (verl's name) a sequence's ratio is the geometric mean of its
+#         token ratios (length-normalised), bounded after the mean.
 # The ratio's log is bounded by 20 before exp (verl's safety bound), as in the core.
 
 IS_LOG_BOUND_REF = 20.0
 
 
+def _bounded(x):
+    return max(-IS_LOG_BOUND_REF, min(IS_LOG_BOUND_REF, x))
+
+
 def is_log_ratios(old_logp_seq, engine_logp_seq, level):
-    """log rho of every token of one response: its own, or (``level="sequence"``) the mean
-    over the response of the token log-ratios, each bounded by +-20 first."""
-    token = [max(-IS_LOG_BOUND_REF, min(IS_LOG_BOUND_REF, o - e)) for o, e in zip(old_logp_seq, engine_logp_seq)]
-    if level == "token" or not token:
-        return token
-    mean = math.fsum(token) / len(token)
-    return [mean] * len(token)
+    """log rho of every token of one response: its own (bounded by +-20), or (``level=
+    "geometric"``) the mean over the response of the raw token log-ratios, bounded after."""
+    raw = [o - e for o, e in zip(old_logp_seq, engine_logp_seq)]
+    if level == "token" or not raw:
+        return [_bounded(x) for x in raw]
+    return [_bounded(math.fsum(raw) / len(raw))] * len(raw)
 
 
 def tis_weights(old_logp_seq, engine_logp_seq, level, threshold):

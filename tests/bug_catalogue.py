@@ -181,11 +181,9 @@ CATALOGUE: tuple[Bug, ...] = (
     Bug("verl-4708-loop", "verl #4708 (loop path)", "verl-project/verl#4708", READ,
         "old log-probs recomputed by the loop (`_batch_logp`, several epochs) from a policy "
         "left in train mode with dropout",
-        "loop", "-", "not caught",
-        "the loop checks for dropout only on its one-epoch shortcut, and the preflight runs for "
-        "`train vlm` only: a CartPole-style adapter with dropout trains with noisy old log-probs "
-        "(ratios 0.62..2.27 at the first update, measured on the toy). Feasible check: "
-        "`watch_stochastic_modules` around `_batch_logp` (a grpo_core change)"),
+        "loop", "the loop watches the old-log-prob recomputation for dropout and refuses it, naming "
+        "the module (`grpo_core/loop.py`; before, ratios 0.62..2.27 at the first update on the toy)",
+        "property"),
     Bug("verl-3741", "verl #3741", "verl-project/verl#3741", READ,
         "Dr. GRPO aggregation without the division by the number of sequences",
         "kit", "kit loss row `aggregation` (names the 'token-sum / max_len' model)", "property"),

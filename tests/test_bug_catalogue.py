@@ -633,6 +633,20 @@ def demo_verl_4708():
         GRPOTrainer(adapter, cfg).step()
 
 
+def demo_verl_4708_loop():
+    """Two epochs, old log-probs left to the loop, the policy in train mode: refused; in eval
+    mode it trains."""
+    from grpo_core.determinism import StochasticForwardError
+
+    cfg = GRPOConfig(group_size=4, groups_per_iteration=2, grpo_epochs=2, minibatches=1, beta=0.0, lr=1e-2)
+    adapter = _DropoutToy(seed=1)
+    adapter.policy.train()
+    with pytest.raises(StochasticForwardError, match="verl issue 4708"):
+        GRPOTrainer(adapter, cfg).step()
+    adapter.policy.eval()
+    GRPOTrainer(adapter, cfg).step()
+
+
 # =============================================================================================
 # The catalogue's tests
 # =============================================================================================
@@ -655,6 +669,7 @@ DEMOS = {
     "trl-4159": demo_trl_4159,
     "nemo-rl-3297": demo_nemo_rl_3297,
     "verl-4708": demo_verl_4708,
+    "verl-4708-loop": demo_verl_4708_loop,
     "verl-3741": demo_verl_3741,
     "verl-179": demo_verl_179,
     "open-instruct-530": demo_open_instruct_530,

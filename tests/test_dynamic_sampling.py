@@ -556,3 +556,17 @@ def test_vlm_training_with_dynamic_sampling_reports_what_it_did(tiny_dirs):
         assert st["groups_trained"] + st["groups_dropped"] <= 2 * st["sampling_rounds"]
         assert math.isfinite(st["loss"])
     assert any(st["groups_dropped"] > 0 for st in rounds)  # an untrained model scores 0 mostly
+
+
+def test_a_join_that_drops_the_engine_logprobs_is_refused():
+    """Rollouts sampled by another engine carry engine_logp; a join_groups that loses it would
+    let the loop skip the correction without a word."""
+    class Engine(ScriptedAdapter):
+        def _scripted(self, *a, **kw):
+            ro = super()._scripted(*a, **kw)
+            ro.engine_logp = ro.old_logp.clone() if ro.old_logp is not None else torch.zeros_like(ro.rewards)
+            return ro
+
+    ad = Engine({0: [SIG, ZERO, SIG, SIG], 1: [SIG] * B})
+    with pytest.raises(ValueError, match="join_groups dropped Rollout.engine_logp"):
+        GRPOTrainer(ad, config()).step()

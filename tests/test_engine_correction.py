@@ -84,12 +84,12 @@ def oracle(logp, old, engine, refl, adv, *, mode, level, agg, threshold=2.0):
 
 
 @pytest.mark.parametrize("mode", ["tis", "mis"])
-@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("level", ["token", "geometric"])
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("seed", range(4))
 def test_corrections_match_the_oracle_at_every_token(mode, level, agg, seed):
     data = batch(seed)
-    c = 1.25 if level == "sequence" else 2.0  # a sequence's geometric mean strays less: a tighter C
+    c = 1.25 if level == "geometric" else 2.0  # a sequence's geometric mean strays less: a tighter C
     got, grad, stats, m = core(*data, mode=mode, level=level, agg=agg, threshold=c)
     want, want_grad = oracle(*data, mode=mode, level=level, agg=agg, threshold=c)
     assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
@@ -107,7 +107,7 @@ def test_the_batches_actually_exercise_both_corrections():
         return any(0 < f < 1 for f in fracs)
 
     assert part("tis", "token", "is_truncated_frac", 2.0) and part("mis", "token", "is_masked_frac", 2.0)
-    assert part("mis", "sequence", "is_masked_seq_frac", 1.25) and part("tis", "sequence", "is_truncated_frac", 1.25)
+    assert part("mis", "geometric", "is_masked_seq_frac", 1.25) and part("tis", "geometric", "is_truncated_frac", 1.25)
 
 
 def test_none_changes_nothing():
@@ -143,3 +143,15 @@ def test_bad_arguments_are_named():
         engine_correction(z, z, z, mode="clip", level="token", threshold=2.0)
     with pytest.raises(ValueError, match="threshold must be a number > 1"):
         engine_correction(z, z, z, mode="tis", level="token", threshold=1.0)
+
+
+
+def test_the_geometric_mean_is_bounded_after_it_is_taken():
+    """One token 30 nats apart among 99 equal ones: its own log-ratio is bounded to 20, but the
+    row's mean of the raw log-ratios is -0.3 (bounding first would give -0.2)."""
+    old = torch.zeros(1, 100, dtype=F64)
+    engine = torch.zeros(1, 100, dtype=F64)
+    engine[0, 0] = 30.0
+    w, _, _ = engine_correction(old, engine, torch.ones(1, 100), mode="tis", level="geometric", threshold=2.0)
+    assert float(w[0, 5]) == pytest.approx(math.exp(-0.3), rel=1e-12)
+    assert ref.tis_weights([0.0] * 100, [30.0] + [0.0] * 99, "geometric", 2.0)[5] == pytest.approx(math.exp(-0.3))

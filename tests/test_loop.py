@@ -955,3 +955,30 @@ def test_cispo_reaches_the_loss_through_the_loop():
     got = tr.step()["policy_loss"]
     assert got == pytest.approx(want_cispo, rel=1e-10)
     assert abs(want_cispo - want_ppo) > 1e-3
+
+
+class _AlwaysDropout(_DropoutAdapter):
+    """Dropout in every forward in train mode, gradient or not (verl issue 4708: old log-probs
+    computed with the actor in train mode)."""
+
+    def logp_and_entropy(self, model, rollout, rows):
+        logits = model.drop(model.logits)
+        logp_all = torch.log_softmax(logits, -1)
+        tokens = rollout.inputs["tokens"][rows]
+        return logp_all.gather(1, tokens.T).T, -(logp_all.exp() * logp_all).sum(-1).expand(len(rows), -1)
+
+
+def test_old_logp_recomputed_with_dropout_is_refused():
+    """Two epochs, old_logp left to the loop, dropout active in the policy's forward: the loop's
+    recomputation of the old log-probs is refused, naming the module (the bug catalogue listed it
+    as not caught before)."""
+    from grpo_core.determinism import StochasticForwardError
+
+    cfg = GRPOConfig(group_size=4, groups_per_iteration=2, grpo_epochs=2, minibatches=1, beta=0.0, lr=1e-2)
+    adapter = _AlwaysDropout(seed=1)
+    adapter.policy.train()
+    with pytest.raises(StochasticForwardError, match=r"drop \(Dropout, p=0.3\).*verl issue 4708"):
+        GRPOTrainer(adapter, cfg).step()
+    adapter = _AlwaysDropout(seed=1)
+    adapter.policy.eval()  # no dropout: trains
+    assert math.isfinite(GRPOTrainer(adapter, cfg).step()["loss"])

@@ -74,5 +74,6 @@ def test_gspo_and_cispo_names_are_mapped():
 
     assert hint("importance_sampling_level", "sequence") == ("TRL's importance_sampling_level is ratio_level here "
                                                              "(--set ratio_level=sequence)")
-    assert hint("loss_type", "cispo") == "TRL's loss_type=cispo is --set policy_loss=cispo here (loss_agg stays token-mean)"
+    assert hint("loss_type", "cispo").startswith("TRL's loss_type=cispo is --set policy_loss=cispo here")
+    assert "epsilon_high=5 is --set clip_eps_high=4" in hint("loss_type", "cispo")
     assert "sequence-token = GSPO-token" in hint("importance_sampling_level")
