@@ -225,6 +225,51 @@ def test_ranks_initialised_differently_share_rank_zeros_reference():
     assert _rel_gap(ranks[0]["broken"]["params"], one["params"]) > 1e-3
 
 
+# --- an engine's samples: the correction's metrics are the whole batch's (review of issue 26) ------
+
+class _EngineCartPole(CartPoleAdapter):
+    """The policy samples; an "engine" reports log-probs off by noise drawn per group (the same
+    for a group whichever rank holds it)."""
+
+    def collect(self, *, num_groups, group_size, iteration, first_group=0, total_groups=None):
+        ro = super().collect(num_groups=num_groups, group_size=group_size, iteration=iteration,
+                             first_group=first_group, total_groups=total_groups)
+        parts = []
+        for b in range(first_group, first_group + num_groups):
+            gen = torch.Generator().manual_seed(1000 * iteration + b)
+            parts.append(torch.randn(group_size, 500, generator=gen, dtype=F64) * 0.8)  # the time limit: any T
+        ro.engine_logp = ro.old_logp + torch.cat(parts)[:, :ro.mask.shape[1]] * ro.mask
+        return ro
+
+
+ENGINE = dict(group_size=4, groups_per_iteration=2, grpo_epochs=2, minibatches=2, beta=0.0, lr=1e-2, seed=3,
+              engine_correction="mis", engine_correction_threshold=2.0)
+ENGINE_KEYS = ("mismatch_kl", "is_ratio_min", "is_ratio_mean", "is_ratio_max", "is_truncated_frac",
+               "is_masked_frac", "is_masked_seq_frac", "adv_abs_mean", "loss")
+
+
+def _train_engine(cls):
+    tr = cls(_EngineCartPole(seed=3, hidden=16, dtype=F64), GRPOConfig(**ENGINE))
+    return [tr.step() for _ in range(2)]
+
+
+def _on_rank_engine(rank, world):
+    return _train_engine(DistributedGRPOTrainer)
+
+
+@pytest.mark.slow
+def test_engine_correction_metrics_are_the_whole_batchs():
+    """Two ranks report the one-process values of the correction's metrics (token and row shares
+    weighted over ranks, the ratio range over ranks) and of adv_abs_mean after MIS's mask."""
+    ranks = on_ranks(_on_rank_engine, 2)
+    one = _train_engine(GRPOTrainer)
+    assert one[0]["is_masked_frac"] > 0  # MIS acted
+    for r in ranks:
+        for got, want in zip(r, one):
+            for key in ENGINE_KEYS:
+                assert got[key] == pytest.approx(want[key], rel=1e-9, abs=1e-12), key
+
+
 def test_groups_must_divide_among_ranks():
     with pytest.raises(ValueError, match="groups_per_iteration=3 is not divisible by the world size 2"):
         _check_config(GRPOConfig(groups_per_iteration=3), 2, "ddp", object())
