@@ -20,6 +20,11 @@ Conventions (the loop sees only ``Rollout`` tensors):
   The model's own ``generation_config`` is swapped out for the call, so a checkpoint's
   repetition penalty, top-k or temperature cannot leak into sampling. Random
   numbers come from a generator seeded by ``derive_seed(seed, "sample", iteration)``.
+- Engine: ``generate`` samples through ``self.engine`` (``adapters.vlm_engine``), synced with
+  the policy before each rollout: by default the policy itself (``Rollout.engine_logp`` None,
+  the path above unchanged); a separate engine (a bf16 copy) also reports its log-prob of each
+  sampled token, which the rollout carries as ``engine_logp`` (0 under padding) for the loop's
+  mismatch metrics and correction.
 - Work done once per prompt (``encode_once``, the default): ``generate`` gets the B prompts and
   ``num_return_sequences=G`` (transformers encodes the B prompts' images and M-RoPE index
   before expanding the batch), and the training forward runs the vision tower once per call
@@ -63,6 +68,7 @@ from grpo_core.adapter import Rollout
 from grpo_core.logprobs import DEFAULT_CHUNK, selective_logp, selective_logp_and_entropy
 from grpo_core.refmodel import frozen_copy
 
+from .vlm_engine import PolicyEngine, SamplingRequest, inner_model, reset_rope_deltas  # noqa: F401  (re-exported)
 from .vlm_rewards import compute_rewards
 
 
@@ -89,19 +95,6 @@ def _messages_of(item) -> list[dict]:
     return list(prompt)
 
 
-def inner_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module that caches ``rope_deltas`` (``model.model`` for the ...ForConditionalGeneration
-    classes)."""
-    return model.model if hasattr(model, "model") and hasattr(model.model, "rope_deltas") else model
-
-
-def reset_rope_deltas(model: torch.nn.Module) -> None:
-    """Forget the M-RoPE offsets that ``generate`` cached on the model."""
-    inner = inner_model(model)
-    if hasattr(inner, "rope_deltas"):
-        inner.rope_deltas = None
-
-
 def suppressed_token_ids(tokenizer, model_config=None) -> list[int]:
     """Every special / added-special token id except the EOS, plus the image/video pad ids."""
     eos = tokenizer.eos_token_id
@@ -125,7 +118,8 @@ class VLMAdapter:
                  seed: int = 0, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 16,
                  mask_truncated: bool = False, chunk: int = DEFAULT_CHUNK, forward_batch: int = 64,
                  record_generation_logp: bool = False, extend_mm_token_type_ids: bool = True,
-                 old_logp_forward: bool = True, encode_once: bool = True, encode_all_prompts: bool = False):
+                 old_logp_forward: bool = True, encode_once: bool = True, encode_all_prompts: bool = False,
+                 engine=None):
         if not len(dataset):
             raise ValueError("the dataset is empty")
         if not (temperature > 0):
@@ -185,6 +179,10 @@ class VLMAdapter:
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.suppress_ids = suppressed_token_ids(self.tokenizer, getattr(model, "config", None))
+        self.engine = PolicyEngine() if engine is None else engine
+        """What samples the completions (``adapters.vlm_engine``): the policy itself (None, the
+        default), or a separate engine (``CopyEngine``) synced with the policy before every
+        rollout, whose log-probs of its samples the rollout carries (``Rollout.engine_logp``)."""
         self.policy.eval()  # no dropout: sampling and training see the same function
 
     # -- Adapter protocol -------------------------------------------------------------------
@@ -274,7 +272,10 @@ class VLMAdapter:
         values = torch.tensor([0.0 if r is None else r for r in total], dtype=torch.float32)
         rewards[torch.arange(n), last] = torch.where(keep, values, torch.zeros_like(values))
 
-        rollout = Rollout(rewards=rewards, mask=mask, old_logp=None, inputs=inputs)
+        engine_logp = None
+        if gen_out.logp is not None:  # a separate engine sampled: its log-probs, 0 under padding
+            engine_logp = torch.where(attn.bool(), gen_out.logp.float(), torch.zeros((), dtype=torch.float32))
+        rollout = Rollout(rewards=rewards, mask=mask, old_logp=None, inputs=inputs, engine_logp=engine_logp)
         old_ent = None
         if self.old_logp_forward:
             old_logp, old_ent = self.forward_logp(self.policy, rollout, torch.arange(n), want_entropy=True)
@@ -319,12 +320,14 @@ class VLMAdapter:
             inputs["prompt_positions"] = torch.cat(
                 [_pad(r.inputs["prompt_positions"][:, groups], p_len, 0, True) for r, groups, _ in chosen], 1)
         no_old = any(r.old_logp is None for r, _, _ in chosen)
+        no_engine = any(r.engine_logp is None for r, _, _ in chosen)
         scored = [r.scored is not None for r, _, _ in chosen]
         if any(scored) and not all(scored):
             raise ValueError("join_groups: some parts mark their scored steps (Rollout.scored) and others do not")
         return Rollout(rewards=rows(lambda r: r.rewards, t_len, 0.0), mask=rows(lambda r: r.mask, t_len, False),
                        old_logp=None if no_old else rows(lambda r: r.old_logp, t_len, 0.0),
                        scored=rows(lambda r: r.scored, t_len, False) if all(scored) else None,
+                       engine_logp=None if no_engine else rows(lambda r: r.engine_logp, t_len, 0.0),
                        inputs=inputs, info=dict(parts[0][0].info))
 
     def logp_and_entropy(self, model: torch.nn.Module, rollout: Rollout, rows: torch.Tensor):
@@ -360,37 +363,21 @@ class VLMAdapter:
 
     def generate(self, batch: dict, group_size: int, seed: int):
         """Sample ``group_size`` completions per prompt (row ``b * G + i``) with the random
-        stream ``seed``; returns generate's output. ``encode_once``: the B prompts with
+        stream ``seed`` through ``self.engine``, synced with the policy first; returns its
+        ``adapters.vlm_engine.Generation``. ``encode_once``: the B prompts with
         ``num_return_sequences=G``; else the prompts repeated G times."""
-        from transformers import GenerationConfig
-
         b = batch["input_ids"].shape[0]
         g = 1 if self.encode_once else group_size
         pv, grid = self._visual_rows(batch["pixels"], batch["grids"], [r // g for r in range(b * g)])
         rep = lambda t: t.repeat_interleave(g, 0)  # noqa: E731
-        model = self.policy
-        saved = model.generation_config
-        model.generation_config = GenerationConfig(eos_token_id=self.eos_id, pad_token_id=self.pad_id)
-        reset_rope_deltas(model)
-        device = next(model.parameters()).device
-        try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                out = model.generate(
-                    input_ids=rep(batch["input_ids"]).to(device),
-                    attention_mask=rep(batch["attention_mask"]).to(device),
-                    mm_token_type_ids=rep(batch["mm_token_type_ids"]).to(device),
-                    pixel_values=pv.to(device), image_grid_thw=grid.to(device),
-                    num_return_sequences=group_size // g,
-                    do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0,
-                    max_new_tokens=self.max_new_tokens, suppress_tokens=self.suppress_ids,
-                    eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                    return_dict_in_generate=True, output_logits=self.record_generation_logp,
-                    output_scores=self.record_generation_logp)
-        finally:
-            model.generation_config = saved
-            reset_rope_deltas(model)
-        return out
+        request = SamplingRequest(
+            input_ids=rep(batch["input_ids"]), attention_mask=rep(batch["attention_mask"]),
+            mm_token_type_ids=rep(batch["mm_token_type_ids"]), pixel_values=pv, image_grid_thw=grid,
+            num_return_sequences=group_size // g, seed=seed, temperature=self.temperature, top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens, suppress_ids=self.suppress_ids, eos_id=self.eos_id,
+            pad_id=self.pad_id, keep_scores=self.record_generation_logp)
+        self.engine.sync(self.policy)  # the weights of the latest optimizer step
+        return self.engine.generate(request)
 
     def _rollout_inputs(self, batch: dict, gen_out, group_size: int) -> dict:
         p_len = batch["input_ids"].shape[1]

@@ -20,6 +20,16 @@ The checks, on one rollout of ``samples`` completions of the iteration the train
     distribution that was never sampled from. Bounds (``LOGPROB_BOUNDS``): float32,
     max |gap| <= 1e-4 (a correct forward is ~1e-6 on the tiny model). bfloat16 / float16:
     mean |gap| <= 0.05 nats, see ``LOGPROB_BOUNDS``.
+``engine_consistency`` (a'', when the adapter samples with a separate engine)
+    With an engine apart from the policy (``adapters.vlm_engine``: a bf16 copy, an inference
+    server), the log-probs the engine reports for its samples (``Rollout.engine_logp``) against
+    the trainer's forward of the same tokens, on one rollout the engine sampled (synced by the
+    adapter as in training): the mismatch the loop corrects, which must be rounding only. A
+    missed weight sync (the policy moved since the engine's last sync), log-probs without the
+    temperature, or the log-prob of another token than the sampled one are far above it; an
+    engine that can compare its weights with the policy's (``CopyEngine.weight_gap``) must also
+    hold them exactly (cast). Bounds: ``ENGINE_BOUNDS``. The other rows then run on a rollout the
+    policy itself sampled, so that ``logprob_consistency`` checks the training forward alone.
 ``reference_refresh`` (b, when a reference is kept)
     After a hard refresh through the trainer's own refresh path (``adapter.refresh_reference``
     when defined, else ``load_state_dict``) every reference tensor equals the policy's (max
@@ -67,10 +77,15 @@ from grpo_core.testing.kit import BUILTIN_KINDS, BUILTINS, check_estimator, form
 LOGPROB, REFRESH, FINITE, KL_GRAD = "logprob_consistency", "reference_refresh", "finite_loss", "kl_gradient"
 DETERMINISM, ROLLOUT = "deterministic_forward", "rollout"
 KIT_KL, KIT_ADV, KIT_RET = "kit_kl", "kit_advantage", "kit_returns"
+ENGINE = "engine_consistency"
 CHECKS = (LOGPROB, DETERMINISM, REFRESH, FINITE, KL_GRAD, KIT_KL, KIT_ADV, KIT_RET)
 """The checks, in the order of the table. A rollout that cannot be collected (a reward function
 raising, an image that does not decode) gives one failed ``rollout`` row naming the error, and
 the checks that need it are reported as skipped."""
+ENGINE_CHECKS = (ENGINE,)
+"""Checks whose row appears only when the adapter samples with a separate engine (after
+``logprob_consistency`` in the table); ``checks=`` may name them too."""
+_ORDER = (LOGPROB, ENGINE, *CHECKS[1:])
 
 LOGPROB_BOUNDS: dict[torch.dtype, tuple[str, float]] = {
     torch.float64: ("max", 1e-4),
@@ -210,6 +225,101 @@ def check_logprob_consistency(adapter, rollout: Rollout, bound: float | None = N
                  "mm_token_type_ids, images, token alignment, temperature or suppressed ids)")
     return _row(LOGPROB, ok, value, bound, expl,
                 {"dtype": dname, "statistic": stat, "max": worst, "mean": mean, "tokens": int(valid.sum())})
+
+
+# --- (a'') -------------------------------------------------------------------------------------
+
+ENGINE_BOUNDS: dict[torch.dtype, tuple[str, float]] = {
+    torch.float64: ("max", 1e-4),
+    torch.float32: ("max", 1e-4),
+    torch.bfloat16: ("mean", 0.02),
+    torch.float16: ("mean", 0.02),
+}
+"""Statistic of |engine log-prob - trainer log-prob| over the valid completion tokens of one
+rollout the engine sampled, and its bound, by the lower of the engine's dtype and the trainer's
+compute dtype (an engine that does not say its dtype counts as bf16: inference servers sample in
+it). Measured on CPU with ``benchmarks/engine_mismatch.py`` (``CopyEngine`` against a float32
+trainer, 8 completions per rollout, 20 rollouts per setting; results in
+``benchmarks/results/engine_mismatch.json``):
+
+    model (tiny Qwen2-VL / Qwen2.5-VL)     float32 copy: max      bf16 copy: mean (worst rollout) / max
+    random init, T 1, 2 or 16 tokens       4.8e-7                 6.3e-4 - 7.2e-4 (8.8e-4) / 3.1e-3
+    random init, T 0.7, 16 tokens          7.2e-7                 9.7e-4 - 1.0e-3 (1.2e-3) / 4.4e-3
+    trained 150 iterations (reward 0.65)   -                      2.6e-3 - 2.7e-3 (4.0e-3) / 2.3e-2
+    trained 400 iterations (reward 0.99)   7.2e-7                 5.0e-4 - 1.7e-3 (5.8e-3) / 5.0e-2
+
+float32: the max, 1e-4 (as ``logprob_consistency``'s): the same weights and function, cached
+decoding against one full forward. bf16: the mean, 0.02 nats, 3.5x the worst rollout measured
+(the trained model at temperature 0.7 over 16 tokens, past the 2 it was trained to say) and 17x
+the random model's; the max is not bounded (single tokens reach 5e-2). What the row exists to
+catch measures, on the random tiny model (``tests/test_vlm_engine.py``): a sync missed for one
+optimizer step (lr 1e-3 / 1e-2) 0.12 / 0.18, log-probs without the temperature at T 0.7 0.06 -
+0.07 (0.014 at T 0.9: missed there, though the mismatch metric still shows it), the log-prob of
+the token before the sampled one 0.19 - 0.23. The bound comes from the tiny model: a wider and
+deeper one rounds more in bf16 (``LOGPROB_BOUNDS``' measurements), so measure the gap of a real
+model before trusting it (``run_preflight(engine_bound=...)``)."""
+
+
+def engine_bound(engine_dtype: torch.dtype | None, compute_dtype: torch.dtype) -> tuple[str, float]:
+    """(statistic, bound) of ``engine_consistency`` for an engine and a trainer's compute dtype."""
+    half = (torch.bfloat16, torch.float16)
+    dtype = engine_dtype if engine_dtype is not None else torch.bfloat16
+    if compute_dtype in half and dtype not in half:
+        dtype = compute_dtype
+    return ENGINE_BOUNDS.get(dtype, ENGINE_BOUNDS[torch.bfloat16])
+
+
+def separate_engine(adapter):
+    """The adapter's sampling engine when it is not the policy itself, else None."""
+    engine = getattr(adapter, "engine", None)
+    return engine if getattr(engine, "separate", False) else None
+
+
+def check_engine_consistency(adapter, rollout: Rollout, dtype: torch.dtype | None = None,
+                             bound: float | None = None) -> CheckResult:
+    """Row (a''); ``rollout`` sampled by ``adapter.engine`` (a separate one). ``dtype``: the
+    trainer's compute dtype (default: the policy's weights')."""
+    engine = separate_engine(adapter)
+    if engine is None or rollout.engine_logp is None:
+        raise ValueError("engine_consistency needs a rollout sampled by a separate engine (Rollout.engine_logp)")
+    dtype = _model_dtype(adapter.policy) if dtype is None else dtype
+    stat, default = engine_bound(getattr(engine, "dtype", None), dtype)
+    bound = default if bound is None else float(bound)
+    valid = _valid(rollout)
+    rows = torch.arange(rollout.mask.shape[0])
+    train, _ = adapter.forward_logp(adapter.policy, rollout, rows, want_entropy=False)
+    gap = (rollout.engine_logp.float().cpu() - train.detach().float().cpu())[valid].abs()
+    mean = float(gap.mean()) if gap.numel() else 0.0
+    worst = float(gap.max()) if gap.numel() else 0.0
+    value = worst if stat == "max" else mean
+    weights, where = engine.weight_gap(adapter.policy) if callable(getattr(engine, "weight_gap", None)) \
+        else (None, None)
+    ok = math.isfinite(value) and math.isfinite(worst) and value <= bound and weights in (None, 0.0)
+    ename = getattr(engine, "name", type(engine).__name__)
+    expl = (f"engine {ename} vs the trainer ({str(dtype).removeprefix('torch.')}): {stat} |log-prob gap| over "
+            f"{int(valid.sum())} sampled tokens (max {worst:.3g}, mean {mean:.3g}) "
+            f"{'<=' if value <= bound else 'exceeds'} {bound:g}")
+    if weights is not None:
+        expl += f"; weights max |engine - policy| {weights:.3g}" + (f" ({where})" if where else "")
+    if not ok:
+        expl += ("; the engine does not sample the trainer's distribution: a weight sync missed, log-probs "
+                 "without the temperature, or of another token than the sampled one")
+    return _row(ENGINE, ok, value, bound, expl,
+                {"statistic": stat, "max": worst, "mean": mean, "tokens": int(valid.sum()), "weights": weights,
+                 "engine": ename})
+
+
+@contextlib.contextmanager
+def _policy_sampling(adapter):
+    """Within: the adapter samples with the policy itself (its engine set aside and restored)."""
+    from .vlm_engine import PolicyEngine
+
+    saved = adapter.engine
+    adapter.engine = PolicyEngine()
+    try:
+        yield
+    finally:
+        adapter.engine = saved
 
 
 # --- (a') --------------------------------------------------------------------------------------
@@ -438,7 +548,7 @@ def _collect(adapter, iteration: int, num_groups: int, group_size: int, max_new_
 def run_preflight(trainer_or_adapter, config=None, *, samples: int = DEFAULT_SAMPLES,
                   max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS, logprob_bound: float | None = None,
                   checks: Sequence[str] | None = None, iteration: int | None = None,
-                  kit_samples: int | None = None) -> list[CheckResult]:
+                  kit_samples: int | None = None, engine_bound: float | None = None) -> list[CheckResult]:
     """Run the preflight checks (module docstring); one row per check, in ``CHECKS`` order.
 
     ``trainer_or_adapter``: a ``GRPOTrainer`` (its adapter, reference, trainable parameters and
@@ -446,8 +556,10 @@ def run_preflight(trainer_or_adapter, config=None, *, samples: int = DEFAULT_SAM
     when ``config.beta != 0``, and dropped afterwards). ``config``: the GRPOConfig (default: the
     trainer's). ``samples``: completions in the rollout (``min(G, samples)`` per group).
     ``max_new_tokens``: cap on the completion length for the rollout (None: the adapter's).
-    ``logprob_bound``: overrides ``LOGPROB_BOUNDS`` for the model's dtype. ``checks``: run
-    only these (names in ``CHECKS``). A check that raises gives a failed row naming the error.
+    ``logprob_bound``: overrides ``LOGPROB_BOUNDS`` for the model's dtype; ``engine_bound``
+    ``ENGINE_BOUNDS``. ``checks``: run only these (names in ``CHECKS`` and ``ENGINE_CHECKS``;
+    default: all, ``engine_consistency`` when the adapter has a separate engine). A check that
+    raises gives a failed row naming the error.
     """
     from grpo_core.loop import GRPOTrainer
 
@@ -463,15 +575,36 @@ def run_preflight(trainer_or_adapter, config=None, *, samples: int = DEFAULT_SAM
         reference = adapter.make_reference() if config.beta != 0 else None
         params = [p for p in adapter.policy.parameters() if p.requires_grad]
         it = 0 if iteration is None else iteration
-    wanted = tuple(CHECKS if checks is None else checks)
-    unknown = [c for c in wanted if c not in CHECKS]
+    wanted = tuple((*CHECKS, *ENGINE_CHECKS) if checks is None else checks)
+    unknown = [c for c in wanted if c not in CHECKS + ENGINE_CHECKS]
     if unknown:
-        raise ValueError(f"unknown preflight check(s) {unknown}; choose from {', '.join(CHECKS)}")
+        raise ValueError(f"unknown preflight check(s) {unknown}; choose from {', '.join(CHECKS + ENGINE_CHECKS)}")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples!r}")
     policy = adapter.policy
-    return _run_checks(trainer, adapter, policy, reference, params, config, it, wanted, samples,
+    rows = _run_checks(trainer, adapter, policy, reference, params, config, it, wanted, samples,
                        max_new_tokens, logprob_bound, kit_samples)
+    if ENGINE in wanted:
+        row = _engine_row(trainer, adapter, policy, it, samples, config, max_new_tokens, engine_bound,
+                          asked=checks is not None)
+        if row is not None:
+            rows.append(row)
+    return [r for name in (ROLLOUT, *_ORDER) for r in rows if r.name == name]
+
+
+def _engine_row(trainer, adapter, policy, it, samples, config, max_new_tokens, bound, *, asked: bool):
+    """Row (a'') on a rollout of its own, sampled by the adapter's engine; None when the adapter
+    samples with the policy and the row was not asked for by name."""
+    if separate_engine(adapter) is None:
+        return _skip(ENGINE, "the adapter samples with the policy itself") if asked else None
+    g = max(1, min(config.group_size, samples))
+    ctx = trainer.compute() if trainer is not None else contextlib.nullcontext()
+    try:
+        with ctx:
+            rollout = _collect(adapter, it, max(1, samples // g), g, max_new_tokens)
+            return check_engine_consistency(adapter, rollout, _compute_dtype(trainer, policy), bound)
+    except Exception as e:  # noqa: BLE001 - reported as a failed row
+        return _error(ENGINE, e, "the engine's rollout: ")
 
 
 def _run_checks(trainer, adapter, policy, reference, params, config, it, wanted, samples, max_new_tokens,
@@ -491,8 +624,8 @@ def _run_checks(trainer, adapter, policy, reference, params, config, it, wanted,
     needs_rollout = {LOGPROB, DETERMINISM, REFRESH, FINITE, KL_GRAD} & set(wanted)
     rollout = None
     if needs_rollout:
-        try:
-            with ctx():
+        try:  # sampled by the policy itself: the engine has a row of its own
+            with ctx(), _policy_sampling(adapter) if separate_engine(adapter) else contextlib.nullcontext():
                 rollout = _collect(adapter, it, b, g, max_new_tokens)
         except Exception as e:  # noqa: BLE001
             rows[ROLLOUT] = _error(ROLLOUT, e, "could not collect a rollout: ")

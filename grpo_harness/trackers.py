@@ -3,9 +3,10 @@
 ``metrics.jsonl`` is always written (it is the run's own record: resume, ``inspect``, plots and
 ablations read it) under the harness's metric names. The trackers get every numeric value of
 each record under TRL's names where the meaning is the same (``TRL_NAMES``; the README's metrics
-table lists them), prefixed ``train/`` (``eval/`` for greedy evaluations), as TRL's
-TensorBoard and wandb callbacks name them, against the run's x axis (the iteration for ``train
-vlm``, env steps for ``train cartpole``).
+table lists them; verl's for the engine-mismatch metrics that TRL has none for, ``VERL_NAMES``),
+prefixed ``train/`` (``eval/`` for greedy evaluations), as TRL's TensorBoard and wandb callbacks
+name them, against the run's x axis (the iteration for ``train vlm``, env steps for ``train
+cartpole``).
 
 - ``tensorboard`` (default): event files in ``OUT/tb``, purged from the resumed step on resume.
 - ``wandb``: ``wandb.init(project=$WANDB_PROJECT or "grpo-harness", name=<run folder name>,
@@ -45,6 +46,21 @@ TRL_NAMES = {
 }
 """Harness metric -> TRL's name for it (GRPOTrainer's logged metrics). ``reward/<fn>`` maps to
 ``rewards/<fn>/mean``; ``loss``, ``policy_loss`` and ``grad_norm`` already share TRL's names."""
+VERL_NAMES = {
+    "mismatch_kl": "rollout_corr/k3_kl",
+    "is_ratio_min": "rollout_corr/rollout_is_min",
+    "is_ratio_mean": "rollout_corr/rollout_is_mean",
+    "is_ratio_max": "rollout_corr/rollout_is_max",
+    "is_masked_frac": "rollout_corr/rollout_rs_masked_fraction",
+}
+"""The engine-mismatch metrics (``grpo_core.losses.engine_correction``) that TRL logs under no
+name of the same meaning, under verl's (``verl/trainer/ppo/rollout_corr_helper.py``): the k3
+estimate of KL(engine || trainer) over the sampled tokens; the token ratio trainer / engine
+before any truncation (verl's ``rollout_is_*`` at ``rollout_is="token"``); the share of valid
+tokens a masking correction removed. TRL's ``sampling/importance_sampling_ratio/*`` is the ratio
+after its truncation or masking, and ``sampling/sampling_logp_difference/*`` the |log-prob gap|,
+neither computed here; ``is_truncated_frac`` and ``is_masked_seq_frac`` (rows whose every token
+was masked; verl's sequence share counts a row with any masked token) keep their names."""
 
 
 def _is_number(value: Any) -> bool:
@@ -70,7 +86,7 @@ def tracker_tag(key: str) -> str:
     """The tracker name of a metrics.jsonl key: ``reward_mean`` -> ``train/reward``,
     ``reward/fmt`` -> ``train/rewards/fmt/mean``, ``eval_reward_mean`` -> ``eval/reward``,
     anything else ``train/<key>`` (``eval/<key>`` for ``eval_...``)."""
-    name = TRL_NAMES.get(key)
+    name = TRL_NAMES.get(key) or VERL_NAMES.get(key)
     if name is None and key.startswith("reward/"):
         name = f"rewards/{key[len('reward/'):]}/mean"
     if name is not None and name.startswith("eval/"):

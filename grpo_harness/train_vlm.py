@@ -98,6 +98,7 @@ VLM_DEFAULTS: dict[str, dict[str, Any]] = {
         "completions_every": 10,
         "completions_per_group": 4,
         "reward_timeout": 600.0,  # seconds one reward call may take; 0 = no limit
+        "engine": "policy",  # what samples: the policy itself, or copy-bf16 (adapters/vlm_engine.py)
     },
 }
 # The task and the model: defaults of the flags that define them (saved in config.json and
@@ -117,6 +118,8 @@ LR_SCHEDULES = ("linear", "constant")
 PRECISIONS = ("32", "bf16-mixed", "bf16-true")
 """``grpo_core.precision.PRECISIONS``, spelled out so that parsing the command line imports no
 torch (a test holds them equal)."""
+ENGINES = ("policy", "copy-bf16")
+"""``adapters.vlm_engine.ENGINES``, spelled out for the same reason (a test holds them equal)."""
 DTYPE_TO_PRECISION = {"float32": "32", "bfloat16": "bf16-true"}
 """What the retired ``--dtype`` meant, in ``--precision`` names (read from older run folders)."""
 HELP = "a Qwen2-VL / Qwen2.5-VL model (needs the vlm extra)"
@@ -183,6 +186,11 @@ def _add_training_arguments(run) -> None:
                      "bf16-true: bf16 weights and Adam (updates smaller than the weights' bf16 resolution are "
                      "lost; the run says so). Default: 32 on CPU, bf16-mixed on CUDA")
     run.add_argument("--dtype", help=argparse.SUPPRESS)  # retired: refused with what replaced it
+    run.add_argument("--engine", choices=ENGINES,
+                     help="what samples the completions: the policy itself (default), or copy-bf16, a bf16 copy of "
+                     "it synced with the trainer's weights before every rollout, whose log-probs differ from the "
+                     "trainer's by rounding: the loop measures the mismatch (mismatch_kl, is_ratio_*) and corrects "
+                     "it (engine_correction, TIS by default); kept on --resume (adapters/vlm_engine.py)")
     run.add_argument("--completions-every", type=int, metavar="K",
                      help="log sample completions every K iterations, 0 = only at the end (default "
                      f"{d['completions_every']}): completions.jsonl and a table in the progress output")
@@ -603,8 +611,27 @@ class VLMRun(TrainingRun):
             raise UsageError("--family chooses the architecture of the tiny model built when --model is not given; "
                              f"--model {m['model']} brings its own: drop --family")
         check_int(m, "lora_rank", 0)
+        self._check_engine()
         self.model_source = None if m["model"] in (None, TINY_MODEL) else resolve_model_source(m["model"])
         self._default_micro_batch()
+
+    def _check_engine(self) -> None:
+        """``--engine``: a known one; on resume the run's own (a run folder from before the flag
+        sampled with the policy; not in the fingerprint, so that its checkpoints still load)."""
+        engine = self.train["engine"]
+        if engine not in ENGINES:
+            raise UsageError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
+        saved = getattr(self, "_saved_engine", None)
+        if self.resumed and saved is not None and engine != saved:
+            raise UsageError(f"cannot resume: engine={engine!r} differs from the run's {saved!r}")
+        if engine == "policy":
+            return
+        if self.model["lora_rank"]:
+            raise UsageError(f"--engine {engine} with --lora-rank is not supported: the copy would hold the base "
+                             "model and both adapters (drop --engine, or train the full model)")
+        if self.world is not None:
+            raise UsageError(f"--engine {engine} is not supported under torchrun yet (each rank would copy its "
+                             "own replica, or a shard under --fsdp): drop --engine")
 
     def _default_micro_batch(self) -> None:
         """A new run on CUDA whose micro_batch_size nobody set (``--set``, ``--config``) gets the
@@ -720,6 +747,10 @@ class VLMRun(TrainingRun):
         kw = {"reward_weights": self.task["reward_weight"] or None, "seed": self.cfg.seed,
               "temperature": t["temperature"], "top_p": t["top_p"], "max_new_tokens": t["max_new_tokens"],
               "old_logp_forward": False}  # the loop fills old log-probs (one forward less)
+        if t["engine"] != "policy":
+            from adapters.vlm_engine import make_engine
+
+            kw["engine"] = make_engine(t["engine"], model)
         try:
             if self.model["lora_rank"]:
                 try:
@@ -900,9 +931,12 @@ class VLMRun(TrainingRun):
             self._log_completions(record["iteration"])
 
     def upgrade_saved_train(self, saved_train: dict[str, Any]) -> dict[str, Any]:
-        """A run folder from before ``--precision``: its ``dtype`` in today's words."""
+        """A run folder from before ``--precision``: its ``dtype`` in today's words; from before
+        ``--engine``: the policy sampled."""
         if "precision" not in saved_train and "dtype" in saved_train:
             saved_train["precision"] = DTYPE_TO_PRECISION.get(saved_train.pop("dtype"), "32")
+        saved_train.setdefault("engine", "policy")
+        self._saved_engine = saved_train["engine"]
         return saved_train
 
     def start_notes(self) -> list[str]:
@@ -921,6 +955,7 @@ class VLMRun(TrainingRun):
         m = self.model
         model = m["model"] if m["model"] not in (None, TINY_MODEL) else f"tiny random {m['family']} in {self.out / 'model'}"
         lora = f", LoRA rank {m['lora_rank']}" if m["lora_rank"] else ""
+        lora += f", sampled by {self.train['engine']}" if self.train["engine"] != "policy" else ""
         return (f"{self.task['name']} ({model}{lora}) -> {self.out}: {self.cfg.groups_per_iteration} prompts x "
                 f"{self.cfg.group_size} completions per iteration, {self.train['max_iterations']} iterations")
 
