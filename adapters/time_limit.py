@@ -29,9 +29,12 @@ class TimeLimitExceeded(BaseException):
 
 @contextlib.contextmanager
 def time_limit(seconds: float | None, *, slow_after: float | None = None,
-               on_slow: Callable[[float], None] | None = None):
+               on_slow: Callable[[float], None] | None = None, on_lost: Callable[[], None] | None = None):
     """Bound the block to ``seconds`` (None or 0: no bound); ``on_slow(elapsed)`` once after
-    ``slow_after`` seconds (None: never)."""
+    ``slow_after`` seconds (None: never). ``on_lost()`` is called after the block when the block
+    itself took the clock away (replaced the SIGALRM handler, or disarmed the timer, as user code
+    with its own ``signal.alarm`` timeout does): the limit could not apply. A timer the caller had
+    armed before the block is armed again afterwards, for what is left of it."""
     limit = seconds if seconds and seconds > 0 else None
     notice = slow_after if on_slow is not None and slow_after and slow_after > 0 else None
     if notice is not None and limit is not None and notice >= limit:
@@ -58,10 +61,18 @@ def time_limit(seconds: float | None, *, slow_after: float | None = None,
             on_slow(elapsed)
         arm()
 
+    outer_left, outer_every = signal.getitimer(signal.ITIMER_REAL)
     previous = signal.signal(signal.SIGALRM, handler)
+    finished = False
     try:
         arm()
         yield
+        finished = True
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        left, _ = signal.setitimer(signal.ITIMER_REAL, 0)
+        taken = signal.getsignal(signal.SIGALRM) is not handler or (limit is not None and left == 0)
         signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+        if outer_left > 0:  # the caller's own timer, for what is left of it
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-3), outer_every)
+        if taken and finished and on_lost is not None:
+            on_lost()

@@ -139,9 +139,14 @@ def compute_rewards(funcs: Sequence[RewardFn], weights: Sequence[float] | None, 
             bound = f" (limit {limit:g} s, --reward-timeout)" if limit else ""
             say(f"reward function {name!r} is still running after {elapsed:.0f} s on {batch}{bound}")
 
+        def lost(name=name, say=say, limit=limit) -> None:
+            if say is not None and limit:
+                say(f"reward function {name!r} set its own SIGALRM timer (signal.alarm): --reward-timeout "
+                    "could not apply to that call")
+
         try:
             with time_limit(limit, slow_after=_limits.slow_after or SLOW_AFTER_S,
-                            on_slow=slow if say is not None else None):
+                            on_slow=slow if say is not None else None, on_lost=lost):
                 values = fn(prompts=_own_copy(prompts), completions=list(completions),
                             **{key: _own_copy(col) for key, col in columns.items()})
         except TimeLimitExceeded:

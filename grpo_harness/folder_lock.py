@@ -13,6 +13,7 @@ between the ``open`` and the ``flock``) and retries when it is not.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shlex
@@ -35,12 +36,27 @@ def holder_text() -> str:
             f"{command}\n")
 
 
+UNSUPPORTED = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK}
+"""flock's answers on a file system without locks (Lustre without -o flock, some FUSE mounts)."""
+
+
+def _busy(path: Path, holder: str | None, what: str) -> str:
+    who = holder or "another process (it has not said which yet)"
+    return (f"{path.parent} is in use: this {what} is being written by {who}; "
+            "wait for it to end (or stop it), or choose another --out")
+
+
 class FolderLock:
-    """``acquire()`` takes the lock or raises FolderBusy; ``release()`` (also at process end)."""
+    """``acquire()`` takes the lock or raises FolderBusy; ``release()`` (also at process end).
+    On a file system without locks ``acquire()`` returns without one and sets ``unsupported``
+    (the caller says so in one line). On NFS the lock holds within one host only when the mount
+    keeps locks local (``local_lock``, ``nolock``), and a crashed client's lock lasts until the
+    server's lease runs out."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_FILE
         self._fd: int | None = None
+        self.unsupported = False
 
     @property
     def held(self) -> bool:
@@ -58,9 +74,13 @@ class FolderLock:
             except BlockingIOError:
                 holder = _live_holder(fd)
                 os.close(fd)
-                who = holder or "another process (it has not said which yet)"
-                raise FolderBusy(f"{self.path.parent} is in use: this {what} is being written by {who}; "
-                                 "wait for it to end (or stop it), or choose another --out") from None
+                raise FolderBusy(_busy(self.path, holder, what)) from None
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in UNSUPPORTED:
+                    raise
+                self.unsupported = True  # no locks on this file system: one writer cannot be enforced
+                return
             except BaseException:
                 os.close(fd)
                 raise

@@ -347,6 +347,10 @@ class RunFolder:
         except FolderBusy as e:
             self._made = self._before = None
             raise UsageError(str(e)) from None
+        if self._lock.unsupported and not getattr(self, "_said_unlocked", False):
+            self._said_unlocked = True
+            print(f"note: the file system of {self.path} has no file locks: a second process writing this run "
+                  "folder would not be refused", file=sys.stderr, flush=True)
 
     def release(self) -> None:
         self._lock.release()
@@ -1216,6 +1220,11 @@ class TrainingRun:
         line = next((r for r in records if r.get("iteration") == it - 1), None)
         if line is None:
             last = max((r.get("iteration", -1) for r in records if isinstance(r.get("iteration"), int)), default=-1)
+            if last < it - 1:  # the metrics' tail was lost (a crash before it reached the disk): keep the checkpoint
+                self.say(f"{METRICS_FILE} ends at iteration {last}, before the checkpoint's iteration {it - 1}: "
+                         f"the lines of iterations {last + 1}-{it - 1} were lost in a crash; resuming from the "
+                         "checkpoint without them")
+                return
             raise CheckpointError(f"its iteration counter ({it}) disagrees with {METRICS_FILE}, which ends at "
                                   f"iteration {last}")
         mine = (progress.get("last_x"), progress.get("wall_time"))

@@ -128,7 +128,14 @@ class MetricsLog:
                     self._tb.add_scalar(f"{group}/{key}", value, global_step=step)
 
     def flush(self) -> None:
-        """Put every TensorBoard point written so far on disk (before a checkpoint)."""
+        """Put every metrics line and TensorBoard point written so far on disk (before a
+        checkpoint: a crash then cannot leave a checkpoint newer than the metrics it belongs to)."""
+        if self._file is not None and not self._file.closed:
+            self._file.flush()
+            try:
+                os.fsync(self._file.fileno())
+            except OSError:  # a file system without fsync: the flush is what it gets
+                pass
         if self._tb is not None:
             self._tb.flush()
 

@@ -310,7 +310,7 @@ def token_terms(logp, old_logp: float, ref_logp: float, adv: float, cfg: dict, s
         kl = token_ratio * (torch.exp(d) - d - 1.0)
     else:
         raise ValueError(f"unknown kl_estimator {est!r}")
-    return pg, kl, ratio.item(), math.log(ratio.item())
+    return pg, kl, ratio.item(), log_ratio.item()  # the clipped ratio; the token's own log-ratio
 
 
 def _sum(terms: list):
@@ -417,7 +417,7 @@ def minibatch_update(params, reference, optimizer, batch, idx, cfg, norm_len) ->
     n_tok = len(ratios)
     clip_low = sum(1 for r, a in zip(ratios, advs) if a < 0 and r < lo)
     clip_high = sum(1 for r, a in zip(ratios, advs) if a > 0 and r > hi)
-    approx_kl = _mean([(r - 1.0) - lr_ for r, lr_ in zip(ratios, log_ratios)])
+    approx_kl = _mean([math.expm1(lr_) - lr_ for lr_ in log_ratios])  # the tokens' k3, whatever ratio (4) clips
     return {
         "loss": loss.item(),
         "policy_loss": policy_loss.item(),

@@ -83,3 +83,19 @@ def test_no_checkpoint_that_restores_is_one_line_and_drops_nothing(straight_run,
     assert (out / "metrics.jsonl").read_text() == before
     assert (out / "checkpoint.pt").exists() and not (out / "checkpoint.pt.corrupt").exists()
     assert load_ckpt(out)["trainer"]["iteration"] == 4
+
+
+def test_metrics_lost_in_a_crash_keep_the_checkpoint(straight_run, tmp_path, capsys):
+    """A crash can lose metrics.jsonl's last lines while checkpoint.pt (written after iteration 3)
+    survived: the checkpoint is kept and the lost lines are named, not the checkpoint thrown away
+    and its iterations redone."""
+    out = tmp_path / "run"
+    shutil.copytree(straight_run, out)
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:-1]))  # iteration 3's line lost
+    capsys.readouterr()
+    assert train(out, "--resume", "--max-iterations", "5") == 0
+    err = capsys.readouterr().err
+    assert "the lines of iterations 3-3 were lost in a crash" in err, err
+    assert not (out / "checkpoint.pt.corrupt").exists()
+    assert iterations_of(out) == [0, 1, 2, 4]

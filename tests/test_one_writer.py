@@ -150,3 +150,20 @@ def test_a_second_ablation_on_a_live_ablation_folder_is_refused(tmp_path, capsys
     finally:
         os.kill(live.pid, signal.SIGKILL)
         live.join(30)
+
+
+def test_a_file_system_without_locks_is_said_not_a_traceback(tmp_path, monkeypatch):
+    """flock answering ENOSYS (Lustre without -o flock, some FUSE mounts): the lock is skipped and
+    marked, and a live holder on a normal file system is still named."""
+    import errno
+    import fcntl
+
+    from grpo_harness.folder_lock import FolderLock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = FolderLock(tmp_path)
+    lock.acquire()
+    assert lock.unsupported and not lock.held

@@ -210,3 +210,36 @@ def test_train_vlm_mutating_rewards_leave_the_logged_completions_alone(tiny_dirs
     texts = [c["text"] for g in logged for c in g["completions"]]
     assert texts and "XXX" not in texts, texts
     assert not math.isnan(json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["reward_mean"])
+
+
+def test_a_reward_with_its_own_alarm_is_named_and_an_outer_timer_survives():
+    """A reward that uses signal.alarm for its own timeout takes the harness's clock away: the
+    call is named (the limit could not apply) instead of silently running unbounded; and a timer
+    armed around the block (by the caller) is armed again afterwards."""
+    import signal
+
+    from adapters.time_limit import time_limit
+    from adapters.vlm_rewards import compute_rewards, limits
+
+    def own_alarm(prompts, completions, **kw):
+        old = signal.signal(signal.SIGALRM, lambda *a: None)
+        signal.alarm(30)
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        return [0.0] * len(completions)
+
+    said = []
+    with limits(timeout=60, say=said.append):
+        compute_rewards([own_alarm], None, prompts=["p"] * 2, completions=["a", "b"], columns={}, group_size=2)
+    assert len(said) == 1 and "'own_alarm' set its own SIGALRM timer" in said[0]
+
+    signal.signal(signal.SIGALRM, lambda *a: None)
+    signal.setitimer(signal.ITIMER_REAL, 30.0)
+    try:
+        with time_limit(5.0):
+            pass
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 29.0 < left <= 30.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
