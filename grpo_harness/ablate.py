@@ -511,7 +511,7 @@ class Runner:
         self.spec, self.jobs, self.say = spec, jobs, say
         self.stopping = threading.Event()
         self._procs: set[subprocess.Popen] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered when Ctrl-C's handler calls stop() inside stop()
 
     def command(self, job: Job) -> list[str]:
         return [sys.executable, "-m", "grpo_harness.cli", "train", *train_args(self.spec, job),

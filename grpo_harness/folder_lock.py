@@ -46,6 +46,25 @@ def _busy(path: Path, holder: str | None, what: str) -> str:
             "wait for it to end (or stop it), or choose another --out")
 
 
+_HELD: set[int] = set()
+"""Descriptors of the locks this process holds: a forked child (a reward's multiprocessing pool)
+closes its copies, so a folder is not held past its run by a child that outlives it (closing,
+not unlocking: an flock is shared with the parent's descriptor)."""
+
+
+def _close_in_child() -> None:
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
 class FolderLock:
     """``acquire()`` takes the lock or raises FolderBusy; ``release()`` (also at process end).
     On a file system without locks ``acquire()`` returns without one and sets ``unsupported``
@@ -94,6 +113,7 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.write(fd, holder_text().encode())
         self._fd = fd
+        _HELD.add(fd)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -101,6 +121,7 @@ class FolderLock:
                 os.ftruncate(self._fd, 0)  # no holder named any more
             except OSError:
                 pass
+            _HELD.discard(self._fd)
             os.close(self._fd)  # closing the last descriptor releases the flock
             self._fd = None
 

@@ -167,3 +167,28 @@ def test_a_file_system_without_locks_is_said_not_a_traceback(tmp_path, monkeypat
     lock = FolderLock(tmp_path)
     lock.acquire()
     assert lock.unsupported and not lock.held
+
+
+def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path):
+    """A child forked while the lock is held (a reward's multiprocessing pool) closes its copy of
+    the descriptor: once the parent releases, the folder is free although the child lives on."""
+    import os
+    import time
+
+    from grpo_harness.folder_lock import FolderLock
+
+    lock = FolderLock(tmp_path)
+    lock.acquire()
+    pid = os.fork()
+    if pid == 0:  # the child: outlive the parent's release
+        time.sleep(3)
+        os._exit(0)
+    try:
+        lock.release()
+        other = FolderLock(tmp_path)
+        other.acquire()  # would raise FolderBusy while the child held a copy
+        assert other.held
+        other.release()
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
