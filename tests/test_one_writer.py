@@ -179,11 +179,14 @@ def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path):
 
     lock = FolderLock(tmp_path)
     lock.acquire()
+    r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: outlive the parent's release
+    if pid == 0:  # the child (its fork hooks have run when fork returns here): outlive the release
+        os.write(w, b"x")
         time.sleep(3)
         os._exit(0)
     try:
+        os.read(r, 1)
         lock.release()
         other = FolderLock(tmp_path)
         other.acquire()  # would raise FolderBusy while the child held a copy
