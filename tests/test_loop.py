@@ -982,3 +982,44 @@ def test_old_logp_recomputed_with_dropout_is_refused():
     adapter = _AlwaysDropout(seed=1)
     adapter.policy.eval()  # no dropout: trains
     assert math.isfinite(GRPOTrainer(adapter, cfg).step()["loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# an engine's samples: the loop's correction (issue 26), against hand formulas
+# ---------------------------------------------------------------------------------------------
+
+
+class _ToyEngine(ToyAdapter):
+    """The policy samples; the "engine" reports log-probs shifted by a fixed pattern."""
+
+    def collect(self, **kw):
+        ro = super().collect(**kw)
+        n, t = ro.mask.shape
+        shift = torch.linspace(-1.0, 1.0, n * t, dtype=ro.rewards.dtype).reshape(n, t)
+        ro.engine_logp = ro.old_logp - shift
+        ro.old_logp = None  # the trainer's own, as with a real engine
+        return ro
+
+
+@pytest.mark.parametrize("mode", ["tis", "mis", "none"])
+def test_the_loop_corrects_an_engines_samples(mode):
+    """One epoch, one minibatch (ratio 1): the policy loss is -sum(w A)/count over the tokens the
+    correction keeps, w = min(rho, 2) for TIS (1 otherwise), rho = exp(old - engine) = exp(shift);
+    mismatch_kl is the mean of rho - 1 - log rho over the valid tokens."""
+    cfg = GRPOConfig(group_size=3, groups_per_iteration=2, grpo_epochs=1, minibatches=1, beta=0.0, lr=1e-3,
+                     stats_over="sequences", gamma=1.0, engine_correction=mode)
+    ad = _ToyEngine()
+    ro = ad.collect(num_groups=2, group_size=3, iteration=0)
+    tr = GRPOTrainer(ad, cfg)
+    adv = tr._advantages(ro)
+    m = ro.mask.bool()
+    logp, _ = ad.logp_and_entropy(ad.policy, ro, torch.arange(6))
+    log_rho = (logp.detach() - ro.engine_logp)
+    rho = log_rho.exp()
+    keep = m & (log_rho.abs() <= math.log(2.0)) if mode == "mis" else m
+    w = rho.clamp(max=2.0) if mode == "tis" else torch.ones_like(rho)
+    want = float(-(w * adv)[keep].sum() / keep.sum())
+    st = tr.step()
+    assert st["policy_loss"] == pytest.approx(want, rel=1e-10)
+    assert st["mismatch_kl"] == pytest.approx(float((rho - 1 - log_rho)[m].mean()), rel=1e-10)
+    assert (st["is_masked_frac"] > 0) is (mode == "mis") and (st["is_truncated_frac"] > 0) is (mode == "tis")
