@@ -70,7 +70,7 @@ from typing import Any
 
 from .folder_lock import FolderBusy, FolderLock
 from .run import EXIT_USAGE, UsageError, make_config, parse_set
-from .stats import quartiles, signed_rank_test
+from .stats import SignedRank, quartiles, signed_rank_test
 
 ENVS = ("cartpole", "vlm")
 BASE = "base"
@@ -798,7 +798,14 @@ def compare(spec: Spec, v: Variant, mine: dict[int, dict], theirs: dict[int, dic
     seeds = sorted(set(mine) & set(theirs))
     cost = [mine[s][key] - theirs[s][key] for s in seeds]
     final = [mine[s]["final"] - theirs[s]["final"] for s in seeds]
-    tests = {"cost": signed_rank_test(cost), "final": signed_rank_test(final)}
+    # runs without a final evaluation (stopped at the target before one) have no final reward
+    known = all(math.isfinite(d) for d in final)
+    if not known and v.measure == "final":
+        raise UsageError(f"variant {v.name!r} is judged on the final reward, but some of its runs (or its "
+                         "baseline's) have none (stopped before an evaluation): judge it on cost")
+    tests = {"cost": signed_rank_test(cost),
+             "final": signed_rank_test(final) if known else SignedRank(n=0, t_plus=0.0, t_minus=0.0,
+                                                                         p_value=math.nan, positive=0)}
     t = tests[v.measure]
     better = -t.direction if v.measure == "cost" else t.direction  # lower cost / higher final
     if t.n == 0 or t.p_value >= spec.alpha:

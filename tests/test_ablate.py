@@ -408,3 +408,18 @@ def test_tiny_ablation_runs_reports_and_resumes(tmp_path, capsys):
     again = capsys.readouterr().out
     assert again.count("[run ") == 1 and "base seed 1" in again
     assert "resuming at iteration" in (out / "runs" / "base" / "seed-1.log").read_text()
+
+
+def test_runs_without_a_final_reward_are_judged_on_cost():
+    """Runs stopped at the target before any evaluation have no final reward (NaN): the cost
+    verdict is still given (the report crashed on them before), the final one is not, and a
+    variant judged on the final reward is refused in one line."""
+    import math
+
+    spec = ablate.Spec(env="vlm", variants={}, seeds=[0, 1, 2])
+    runs = lambda its: {s: {"iterations": it, "final": math.nan, "reached": True} for s, it in zip(range(3), its)}  # noqa: E731
+    v = ablate.Variant(name="x", expect="worse")
+    got = ablate.compare(spec, v, runs([10, 12, 14]), runs([9, 11, 13]))
+    assert got["later"] == 3 and got["p_cost"] == 0.25 and math.isnan(got["p_final"])
+    with pytest.raises(UsageError, match="judged on the final reward"):
+        ablate.compare(spec, ablate.Variant(name="y", measure="final"), runs([1, 2, 3]), runs([1, 2, 3]))

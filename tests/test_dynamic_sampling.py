@@ -568,5 +568,7 @@ def test_a_join_that_drops_the_engine_logprobs_is_refused():
             return ro
 
     ad = Engine({0: [SIG, ZERO, SIG, SIG], 1: [SIG] * B})
-    with pytest.raises(ValueError, match="join_groups dropped Rollout.engine_logp"):
+    with pytest.raises(ValueError) as err:
         GRPOTrainer(ad, config()).step()
+    assert str(err.value) == ("Engine.join_groups dropped Rollout.engine_logp: the joined rollout must carry the "
+                              "parts' engine log-probs (engine_correction needs them)")

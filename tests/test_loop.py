@@ -977,8 +977,12 @@ def test_old_logp_recomputed_with_dropout_is_refused():
     cfg = GRPOConfig(group_size=4, groups_per_iteration=2, grpo_epochs=2, minibatches=1, beta=0.0, lr=1e-2)
     adapter = _AlwaysDropout(seed=1)
     adapter.policy.train()
-    with pytest.raises(StochasticForwardError, match=r"drop \(Dropout, p=0.3\).*verl issue 4708"):
+    with pytest.raises(StochasticForwardError) as err:
         GRPOTrainer(adapter, cfg).step()
+    assert str(err.value) == (
+        "the policy's forward is random (drop (Dropout, p=0.3)), so the old log-probs the loop recomputes are "
+        "not those of the distribution that sampled (verl issue 4708): set that dropout to 0 or put the policy "
+        "in eval mode, or collect old_logp in the adapter")
     adapter = _AlwaysDropout(seed=1)
     adapter.policy.eval()  # no dropout: trains
     assert math.isfinite(GRPOTrainer(adapter, cfg).step()["loss"])
@@ -1022,4 +1026,8 @@ def test_the_loop_corrects_an_engines_samples(mode):
     st = tr.step()
     assert st["policy_loss"] == pytest.approx(want, rel=1e-10)
     assert st["mismatch_kl"] == pytest.approx(float((rho - 1 - log_rho)[m].mean()), rel=1e-10)
+    # what the ranks weight these by: the valid tokens and rows before the correction, the kept
+    # tokens after it (adv_abs_mean)
+    assert tr._correction_counts == (int(m.sum()), int(m.any(-1).sum())) and int(m.any(-1).sum()) < int(m.sum())
+    assert tr._adv_valid == int(keep.sum())
     assert (st["is_masked_frac"] > 0) is (mode == "mis") and (st["is_truncated_frac"] > 0) is (mode == "tis")
