@@ -1031,3 +1031,24 @@ def test_the_loop_corrects_an_engines_samples(mode):
     assert tr._correction_counts == (int(m.sum()), int(m.any(-1).sum())) and int(m.any(-1).sum()) < int(m.sum())
     assert tr._adv_valid == int(keep.sum())
     assert (st["is_masked_frac"] > 0) is (mode == "mis") and (st["is_truncated_frac"] > 0) is (mode == "tis")
+
+
+class _TwoDropouts(_AlwaysDropout):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.policy.drop2 = torch.nn.Dropout(0.1)
+
+    def logp_and_entropy(self, model, rollout, rows):
+        logp_all = torch.log_softmax(model.drop2(model.drop(model.logits)), -1)
+        tokens = rollout.inputs["tokens"][rows]
+        return logp_all.gather(1, tokens.T).T, -(logp_all.exp() * logp_all).sum(-1).expand(len(rows), -1)
+
+
+def test_every_random_module_is_named():
+    from grpo_core.determinism import StochasticForwardError
+
+    adapter = _TwoDropouts(seed=1)
+    adapter.policy.train()
+    cfg = GRPOConfig(group_size=4, groups_per_iteration=2, grpo_epochs=2, minibatches=1, beta=0.0, lr=1e-2)
+    with pytest.raises(StochasticForwardError, match=r"random \(drop \(Dropout, p=0.3\), drop2 \(Dropout, p=0.1\)\)"):
+        GRPOTrainer(adapter, cfg).step()
