@@ -591,11 +591,7 @@ def demo_nemo_rl_3297():
 
 # --- verl 4708: old log-probs in train mode (dropout on) --------------------------------------
 
-class _DropoutTable(torch.nn.Module):
-    def __init__(self, base: torch.nn.Module, p: float):
-        super().__init__()
-        self.logits = base.logits
-        self.drop = torch.nn.Dropout(p)
+from tests.test_loop import _DropoutTable  # noqa: E402  (the loop tests' policy with dropout on its logits)
 
 
 class _DropoutToy(ToyAdapter):
