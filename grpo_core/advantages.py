@@ -62,8 +62,9 @@ def group_advantages(
       pool, not a leave-one-out std). So it is the mean baseline's advantage times ``n/(n - 1)``;
       with ``scale="group"`` each normalised pooled value is bounded: ``|x - m| <= (n - 1)/sqrt(n)
       s`` (Samuelson's inequality) gives ``|x - b| / s' <= sqrt(n)``, whatever the spread (an
-      outcome advantage is one such value; under process supervision a token sums several) (a std of the other n - 1 values
-      alone can be 0 while x differs: advantages of 1/eps, NeMo-RL issue 1518).
+      outcome advantage is one such value; under process supervision a token sums several).
+      A std of the other n - 1 values alone can be 0 while x differs: advantages of 1/eps
+      (NeMo-RL issue 1518).
     - A group whose pool has fewer than two values, or all values equal, has no signal: every
       one of its steps gets exactly 0, for every gamma (never NaN, never eps-amplified noise).
       A sample with no valid step is left out of its group's pool.

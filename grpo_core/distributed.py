@@ -71,7 +71,7 @@ import torch.distributed as dist
 from .adapter import Adapter, Rollout
 from .advantages import group_advantages
 from .config import GRPOConfig
-from .loop import GRPOTrainer
+from .loop import GRPOTrainer, chunk_norms
 
 SHARDS = ("ddp", "fsdp")
 _SUMMED = ("loss", "policy_loss", "kl", "entropy")
@@ -227,13 +227,10 @@ class DistributedGRPOTrainer(GRPOTrainer):
     def _clip_gradients(self) -> float:
         if self.shard != "fsdp":
             return super()._clip_gradients()  # DDP: every rank holds the whole synced gradient
-        from .loop import NORM_CHUNK
-
         grads = [p.grad for p in self.params if p.grad is not None]
-        chunks = [c for g in grads for c in _local(g).reshape(-1).split(NORM_CHUNK)]  # float64 by chunks
-        norms = torch._foreach_norm(chunks, 2, dtype=torch.float64) if chunks else []
-        local = float(sum(float(n) ** 2 for n in norms))
-        norm = math.sqrt(float(_all_reduce(torch.tensor([local], dtype=torch.float64), dist.ReduceOp.SUM)))
+        # this rank's shards' squared norm, summed on the device (one host sync, not one per chunk)
+        local = chunk_norms([_local(g) for g in grads]).square().sum() if grads else torch.zeros((), dtype=torch.float64)
+        norm = math.sqrt(float(_all_reduce(local.reshape(1).cpu(), dist.ReduceOp.SUM)))
         if not math.isfinite(norm):
             from .loop import NonFiniteLossError
 

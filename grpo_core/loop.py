@@ -420,19 +420,14 @@ class GRPOTrainer:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return 0.0
-        # float64: a float32 (or bf16) norm overflows once the squares pass 3.4e38, at entries
-        # of about 1e19, although the gradient and its clipped form are finite. Cast in chunks of
-        # NORM_CHUNK entries (one fused kernel per chunk list): a float64 copy of a whole large
-        # tensor (an embedding's gradient) would cost twice its memory for the step
-        chunks = [c for g in grads for c in g.reshape(-1).split(NORM_CHUNK)]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(chunks, 2, dtype=torch.float64)))
-        if not torch.isfinite(norm):
-            raise NonFiniteLossError(f"iteration {self.iteration}: gradient norm is {float(norm)}")
+        norm = float(torch.linalg.vector_norm(chunk_norms(grads)))  # one host sync
+        if not math.isfinite(norm):
+            raise NonFiniteLossError(f"iteration {self.iteration}: gradient norm is {norm}")
         if self.config.max_grad_norm > 0:
-            coef = self.config.max_grad_norm / (float(norm) + 1e-6)
+            coef = self.config.max_grad_norm / (norm + 1e-6)
             if coef < 1:
                 torch._foreach_mul_(grads, coef)
-        return float(norm)
+        return norm
 
     def state_dict(self) -> dict:
         ref = None if self.reference is None else self.reference.state_dict()
@@ -471,6 +466,18 @@ def _group_outcomes(outcome: torch.Tensor, valid: torch.Tensor, group_size: int)
     for o, v in zip(outcome.view(-1, group_size), valid.view(-1, group_size)):
         out.append(float(o[v].double().mean()) if v.any() else math.nan)
     return out
+
+
+def chunk_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norms of ``grads`` cut into chunks of ``NORM_CHUNK`` entries, in float64, stacked
+    (their vector norm is the gradient's). float64: a float32 (or bf16) norm overflows once the
+    squares pass 3.4e38, at entries of about 1e19, although the gradient and its clipped form are
+    finite. By chunks (one fused kernel per chunk list): a float64 copy of a whole large tensor
+    (an embedding's gradient) would cost twice its memory for the step.
+
+    Shapes: a list of tensors of any shapes -> (chunks,) float64."""
+    chunks = [c for g in grads for c in g.reshape(-1).split(NORM_CHUNK)]
+    return torch.stack(torch._foreach_norm(chunks, 2, dtype=torch.float64))
 
 
 def _below(value: float, best: float) -> bool:
