@@ -582,10 +582,12 @@ LOGIT_MEMORY_SHARE = 1 / 8
 
 
 def _block_tokens(rows: int, new_tokens: int, chunk: int) -> int:
-    """Tokens of the largest block ``grpo_core.logprobs`` works on at once (its ``_blocks``)."""
-    if chunk >= new_tokens:
-        return min(rows, max(1, chunk // max(new_tokens, 1))) * new_tokens
-    return chunk
+    """Tokens of the largest block ``grpo_core.logprobs`` works on at once: its first block
+    (``_blocks`` tiles the grid with equal blocks, the last one possibly smaller)."""
+    from grpo_core.logprobs import _blocks
+
+    first = next(_blocks(rows, new_tokens, chunk), None)
+    return 0 if first is None else (first[0].stop - first[0].start) * (first[1].stop - first[1].start)
 
 
 def logprob_peak_bytes(rows: int, new_tokens: int, vocab: int, itemsize: int, chunk: int = DEFAULT_CHUNK) -> int:
